@@ -1,0 +1,236 @@
+"""The abstract storage backend.
+
+A backend implements six primitives: :meth:`~StorageBackend.save`,
+:meth:`~StorageBackend.load`, :meth:`~StorageBackend.kind`,
+:meth:`~StorageBackend.list_dir`, :meth:`~StorageBackend.ensure_directory` and
+:meth:`~StorageBackend.delete`. Everything else (``exists``, ``list_files``,
+batches, ``copy``, ``move``, ...) has a default built on them, which a backend
+may override when it can do better.
+
+The semantics are those of a POSIX file system and hold on every backend;
+:mod:`polystore.testing` checks them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from .exceptions import MetadataNotFoundError, os_error
+from .paths import as_str, join_listing
+
+__all__ = ["Kind", "StorageBackend"]
+
+Kind = Literal["file", "dir"]
+
+
+def _normalize_extensions(extensions: Iterable[str] | None) -> frozenset[str] | None:
+    if extensions is None:
+        return None
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    out = set()
+    for ext in extensions:
+        if not isinstance(ext, str):
+            raise TypeError(f"extensions must be strings, got {ext!r}")
+        ext = ext.lower()
+        out.add(ext if ext.startswith(".") else "." + ext)
+    return frozenset(out)
+
+
+class StorageBackend(ABC):
+    """Base class of every backend. Paths are ``str`` or ``os.PathLike[str]``."""
+
+    #: short name used in messages and by :class:`~polystore.BackendRegistry`
+    name: str = ""
+
+    # -- primitives -------------------------------------------------------
+    @abstractmethod
+    def save(
+        self,
+        data: Any,
+        path: Any,
+        *,
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Store ``data`` at ``path``, replacing an existing file atomically.
+
+        Missing parent directories are created. The format follows the
+        extension of ``path``.
+
+        Raises:
+            FileExistsError: the file exists and ``overwrite`` is false.
+            IsADirectoryError: ``path`` is a directory.
+            NotADirectoryError: a parent of ``path`` is a file.
+            UnsupportedFormatError: no format handles the extension or the value.
+        """
+
+    @abstractmethod
+    def load(self, path: Any, **kwargs: Any) -> Any:
+        """Return the value stored at ``path``.
+
+        Raises:
+            FileNotFoundError: nothing is stored at ``path``.
+            IsADirectoryError: ``path`` is a directory.
+        """
+
+    @abstractmethod
+    def kind(self, path: Any) -> Kind | None:
+        """``"file"``, ``"dir"``, or ``None`` when nothing is at ``path``."""
+
+    @abstractmethod
+    def list_dir(self, path: Any) -> list[str]:
+        """Sorted names (not paths) of the entries directly inside ``path``.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            NotADirectoryError: ``path`` is a file.
+        """
+
+    @abstractmethod
+    def ensure_directory(self, path: Any) -> str:
+        """Create ``path`` and its parents if missing; return ``path`` as ``str``.
+
+        Raises:
+            NotADirectoryError: ``path`` or one of its parents is a file.
+        """
+
+    @abstractmethod
+    def delete(self, path: Any, recursive: bool = False) -> None:
+        """Remove a file, or a directory (non-empty ones need ``recursive=True``).
+
+        Raises:
+            FileNotFoundError: nothing is at ``path``.
+            OSError: the directory is not empty and ``recursive`` is false.
+        """
+
+    # -- derived operations ---------------------------------------------
+    def exists(self, path: Any) -> bool:
+        """Whether anything (file or directory) is at ``path``."""
+        return self.kind(path) is not None
+
+    def is_file(self, path: Any) -> bool:
+        """Whether ``path`` is a file."""
+        return self.kind(path) == "file"
+
+    def is_dir(self, path: Any) -> bool:
+        """Whether ``path`` is a directory."""
+        return self.kind(path) == "dir"
+
+    def list_files(
+        self,
+        directory: Any,
+        pattern: str | None = None,
+        extensions: Iterable[str] | None = None,
+        recursive: bool = False,
+    ) -> list[str]:
+        """Sorted paths of the files in ``directory``.
+
+        Each result is ``directory`` (as given) joined with the file's path
+        relative to it, so a result can be passed straight back to ``load``.
+        ``pattern`` is matched with :func:`fnmatch.fnmatchcase` against the file
+        name; ``extensions`` are compared case-insensitively, with the dot.
+
+        Raises:
+            FileNotFoundError: ``directory`` does not exist.
+            NotADirectoryError: ``directory`` is a file.
+        """
+        text = as_str(directory, "directory")
+        exts = _normalize_extensions(extensions)
+        if pattern is not None and not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
+        rels = [
+            rel
+            for rel in self._walk_files(text, recursive)
+            if self._match(posixpath.basename(rel), pattern, exts)
+        ]
+        return join_listing(text, rels)
+
+    def _walk_files(self, directory: str, recursive: bool) -> Iterable[str]:
+        """Relative POSIX paths of the files under ``directory``."""
+        kind = self.kind(directory)
+        if kind is None:
+            raise os_error(FileNotFoundError, directory)
+        if kind == "file":
+            raise os_error(NotADirectoryError, directory)
+        stack = [""]
+        while stack:
+            rel_dir = stack.pop()
+            full_dir = posixpath.join(directory, rel_dir) if rel_dir else directory
+            for name in self.list_dir(full_dir):
+                rel = posixpath.join(rel_dir, name) if rel_dir else name
+                child_kind = self.kind(posixpath.join(directory, rel))
+                if child_kind == "file":
+                    yield rel
+                elif child_kind == "dir" and recursive:
+                    stack.append(rel)
+
+    @staticmethod
+    def _match(name: str, pattern: str | None, exts: frozenset[str] | None) -> bool:
+        if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
+            return False
+        if exts is not None and posixpath.splitext(name)[1].lower() not in exts:
+            return False
+        return True
+
+    def save_batch(self, data_list: Sequence[Any], paths: Sequence[Any], **kwargs: Any) -> None:
+        """Save each item of ``data_list`` at the matching path.
+
+        Raises:
+            ValueError: the two sequences differ in length (nothing is saved).
+        """
+        data_list, paths = list(data_list), list(paths)
+        if len(data_list) != len(paths):
+            raise ValueError(
+                f"save_batch needs one path per item: got {len(data_list)} items "
+                f"and {len(paths)} paths"
+            )
+        for path in paths:
+            as_str(path)
+        for data, path in zip(data_list, paths):
+            self.save(data, path, **kwargs)
+
+    def load_batch(self, paths: Sequence[Any], **kwargs: Any) -> list[Any]:
+        """Load each path, in order."""
+        return [self.load(path, **kwargs) for path in paths]
+
+    def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+        """Copy the file ``src`` to ``dst`` (directories are not copied)."""
+        if self.kind(src) == "dir":
+            raise os_error(IsADirectoryError, as_str(src))
+        meta = self._metadata_or_none(src)
+        self.save(self.load(src, allow_pickle=True), dst, overwrite=overwrite,
+                  metadata=meta, allow_pickle=True, **kwargs)
+
+    def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+        """Move the file ``src`` to ``dst``."""
+        self.copy(src, dst, overwrite=overwrite, **kwargs)
+        self.delete(src)
+
+    def _metadata_or_none(self, path: Any) -> dict[str, Any] | None:
+        try:
+            return self.load_metadata(path)
+        except MetadataNotFoundError:
+            return None
+
+    def load_metadata(self, path: Any) -> dict[str, Any]:
+        """The metadata saved with ``path``.
+
+        Raises:
+            MetadataNotFoundError: ``path`` has none (a ``FileNotFoundError``).
+        """
+        raise MetadataNotFoundError(as_str(path))
+
+    def close(self) -> None:
+        """Release what the backend holds. The default holds nothing."""
+
+    def __enter__(self) -> StorageBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

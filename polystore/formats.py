@@ -1,0 +1,298 @@
+"""File formats, chosen by a path's extension.
+
+A :class:`Format` knows three things about one kind of value: how to check and
+copy it (:meth:`Format.normalize`, used by every backend before storing), how to
+write it to a binary stream and how to read it back. In-memory backends keep
+the normalised value, so a value loads back as the same type from every
+backend: a tuple saved as ``.json`` loads as a list everywhere, as it would
+from a file.
+
+Backends take a :class:`FormatRegistry`; :func:`default_formats` returns a fresh
+copy of the built-in one, which a user may extend and hand to a backend.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import numpy as np
+
+from .exceptions import UnsupportedFormatError
+from .paths import split_ext
+
+__all__ = [
+    "BytesFormat",
+    "Format",
+    "FormatRegistry",
+    "JsonFormat",
+    "NpyFormat",
+    "NpzFormat",
+    "TextFormat",
+    "TiffFormat",
+    "default_formats",
+]
+
+
+def _refuse_pickle(path: str) -> UnsupportedFormatError:
+    return UnsupportedFormatError(
+        path,
+        reason="object arrays are stored with pickle, which polystore never runs by "
+        "default; pass allow_pickle=True if you trust the data",
+    )
+
+
+class Format:
+    """One kind of stored value. Subclasses set ``name`` and ``extensions``."""
+
+    name: str = ""
+    extensions: tuple[str, ...] = ()
+
+    def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
+        """Check ``data`` and return a private copy of it in its loaded form."""
+        raise NotImplementedError
+
+    def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
+        """Write a normalised value to a binary stream."""
+        raise NotImplementedError
+
+    def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
+        """Read a value back from a binary stream."""
+        raise NotImplementedError
+
+    def check_load(self, value: Any, path: str, **kwargs: Any) -> None:
+        """Refuse to hand out a stored value the caller did not allow (default: accept)."""
+
+    def to_bytes(self, value: Any, **kwargs: Any) -> bytes:
+        buf = io.BytesIO()
+        self.write(buf, value, **kwargs)
+        return buf.getvalue()
+
+    def from_bytes(self, data: bytes, path: str, **kwargs: Any) -> Any:
+        return self.read(io.BytesIO(data), path, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class NpyFormat(Format):
+    """A single numpy array (``.npy``). Object arrays need ``allow_pickle=True``."""
+
+    name = "npy"
+    extensions = (".npy",)
+
+    def normalize(self, data: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
+        arr = np.array(data, copy=True, order="C")
+        if arr.dtype.hasobject and not allow_pickle:
+            raise _refuse_pickle(path)
+        return arr
+
+    def write(self, stream: IO[bytes], value: Any, allow_pickle: bool = False, **kwargs: Any) -> None:
+        np.save(stream, value, allow_pickle=allow_pickle)
+
+    def read(self, stream: IO[bytes], path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
+        try:
+            return np.load(stream, allow_pickle=allow_pickle)
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):
+                raise _refuse_pickle(path) from exc
+            raise
+
+    def check_load(self, value: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> None:
+        if isinstance(value, np.ndarray) and value.dtype.hasobject and not allow_pickle:
+            raise _refuse_pickle(path)
+
+
+class NpzFormat(Format):
+    """A mapping of names to arrays (``.npz``); loads as a ``dict``."""
+
+    name = "npz"
+    extensions = (".npz",)
+
+    def normalize(self, data: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise UnsupportedFormatError(
+                path, reason=f".npz stores a mapping of names to arrays, got {type(data).__name__}"
+            )
+        out: dict[str, np.ndarray] = {}
+        for key, item in data.items():
+            if not isinstance(key, str):
+                raise UnsupportedFormatError(path, reason=f".npz keys must be str, got {key!r}")
+            arr = np.array(item, copy=True, order="C")
+            if arr.dtype.hasobject and not allow_pickle:
+                raise _refuse_pickle(path)
+            out[key] = arr
+        return out
+
+    def write(
+        self, stream: IO[bytes], value: Any, compressed: bool = False, allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        saver = np.savez_compressed if compressed else np.savez
+        saver(stream, allow_pickle=allow_pickle, **value)
+
+    def read(self, stream: IO[bytes], path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
+        try:
+            with np.load(stream, allow_pickle=allow_pickle) as archive:
+                return {key: archive[key] for key in archive.files}
+        except ValueError as exc:
+            if "allow_pickle" in str(exc):
+                raise _refuse_pickle(path) from exc
+            raise
+
+    def check_load(self, value: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> None:
+        if not allow_pickle and any(a.dtype.hasobject for a in value.values()):
+            raise _refuse_pickle(path)
+
+
+class JsonFormat(Format):
+    """Any JSON-serialisable value (``.json``); loads as JSON decodes it."""
+
+    name = "json"
+    extensions = (".json",)
+
+    def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
+        try:
+            return json.loads(json.dumps(data, allow_nan=True))
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedFormatError(path, reason=f"value is not JSON-serialisable: {exc}") from exc
+
+    def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
+        stream.write(json.dumps(value, indent=kwargs.get("indent")).encode("utf-8"))
+
+    def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
+        return json.loads(stream.read().decode("utf-8"))
+
+
+class TextFormat(Format):
+    """A ``str``, stored as UTF-8 (``.txt``)."""
+
+    name = "txt"
+    extensions = (".txt",)
+
+    def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
+        if not isinstance(data, str):
+            raise UnsupportedFormatError(path, reason=f".txt stores str, got {type(data).__name__}")
+        return data
+
+    def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
+        stream.write(value.encode("utf-8"))
+
+    def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
+        return stream.read().decode("utf-8")
+
+
+class BytesFormat(Format):
+    """Raw bytes (``.bin``, ``.raw``); any bytes-like value, loads as ``bytes``."""
+
+    name = "bytes"
+    extensions = (".bin", ".raw")
+
+    def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
+        if isinstance(data, str) or not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UnsupportedFormatError(
+                path, reason=f"raw files store bytes-like values, got {type(data).__name__}"
+            )
+        return bytes(data)
+
+    def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
+        stream.write(value)
+
+    def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
+        return stream.read()
+
+
+class TiffFormat(Format):
+    """A numpy array as TIFF (``.tif``, ``.tiff``); needs the optional tifffile."""
+
+    name = "tiff"
+    extensions = (".tif", ".tiff")
+
+    @staticmethod
+    def _tifffile(path: str) -> Any:
+        try:
+            import tifffile
+        except ImportError as exc:
+            raise UnsupportedFormatError(
+                path, reason="TIFF needs tifffile: pip install 'polystore[tiff]'"
+            ) from exc
+        return tifffile
+
+    def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
+        self._tifffile(path)
+        arr = np.array(data, copy=True, order="C")
+        if arr.dtype.hasobject:
+            raise UnsupportedFormatError(path, reason="TIFF cannot store object arrays")
+        return arr
+
+    def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
+        self._tifffile("<stream>").imwrite(stream, value)
+
+    def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
+        return self._tifffile(path).imread(stream)
+
+
+class FormatRegistry(Mapping[str, Format]):
+    """Extension -> :class:`Format`. Extensions are lower-case, with the dot."""
+
+    def __init__(self, formats: tuple[Format, ...] = ()) -> None:
+        self._by_ext: dict[str, Format] = {}
+        for fmt in formats:
+            self.register(fmt)
+
+    def register(self, fmt: Format, *, replace: bool = False) -> None:
+        """Add ``fmt`` for each of its extensions; an existing one needs ``replace=True``."""
+        if not isinstance(fmt, Format):
+            raise TypeError(f"expected a Format instance, got {type(fmt).__name__}")
+        for ext in fmt.extensions:
+            if not ext.startswith(".") or ext != ext.lower():
+                raise ValueError(f"extensions are lower-case and start with a dot, got {ext!r}")
+            if ext in self._by_ext and not replace:
+                raise ValueError(
+                    f"extension {ext!r} is already handled by {self._by_ext[ext]!r}; "
+                    "pass replace=True to override it"
+                )
+        for ext in fmt.extensions:
+            self._by_ext[ext] = fmt
+
+    def for_path(self, path: str) -> Format:
+        """The format of ``path``, by its extension."""
+        ext = split_ext(path)
+        try:
+            return self._by_ext[ext]
+        except KeyError:
+            reason = "no extension" if not ext else f"unknown extension {ext!r}"
+            raise UnsupportedFormatError(path, self._by_ext, reason) from None
+
+    def copy(self) -> FormatRegistry:
+        new = FormatRegistry()
+        new._by_ext = dict(self._by_ext)
+        return new
+
+    def __getitem__(self, ext: str) -> Format:
+        return self._by_ext[ext]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._by_ext))
+
+    def __len__(self) -> int:
+        return len(self._by_ext)
+
+    def __repr__(self) -> str:
+        return f"FormatRegistry({', '.join(self)})"
+
+
+_BUILTIN = (NpyFormat(), NpzFormat(), JsonFormat(), TextFormat(), BytesFormat(), TiffFormat())
+
+
+def default_formats() -> FormatRegistry:
+    """A new registry holding the built-in formats."""
+    return FormatRegistry(_BUILTIN)

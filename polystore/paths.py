@@ -1,0 +1,83 @@
+"""Path handling shared by the backends.
+
+Backends accept ``str`` and :class:`os.PathLike` paths. In-memory backends map
+them onto a virtual POSIX tree rooted at ``/``: ``a/b`` and ``/a/b`` name the
+same entry, ``.`` and empty components vanish, and ``..`` is resolved lexically
+without ever climbing above ``/``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterable
+from typing import TypeAlias
+
+__all__ = ["PathArg", "as_str", "join_listing", "split_ext", "virtual", "virtual_parents"]
+
+PathArg: TypeAlias = "str | os.PathLike[str]"
+
+
+def as_str(path: object, what: str = "path") -> str:
+    """Return ``path`` as ``str``; refuse anything that is not a path.
+
+    Raises:
+        TypeError: ``path`` is neither ``str`` nor ``os.PathLike[str]``.
+        ValueError: ``path`` is empty or contains a NUL character.
+    """
+    if isinstance(path, str):
+        text = path
+    elif isinstance(path, os.PathLike):
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise TypeError(f"{what} must be str or os.PathLike[str], got bytes path {text!r}")
+    else:
+        raise TypeError(f"{what} must be str or os.PathLike, got {type(path).__name__}: {path!r}")
+    if not text:
+        raise ValueError(f"{what} must not be empty")
+    if "\x00" in text:
+        raise ValueError(f"{what} must not contain NUL characters: {text!r}")
+    return text
+
+
+def virtual(path: object) -> str:
+    """Normalise ``path`` to an absolute virtual POSIX path (``/`` is the root)."""
+    text = as_str(path).replace("\\", "/") if os.sep == "\\" else as_str(path)
+    parts: list[str] = []
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def virtual_parents(vpath: str) -> list[str]:
+    """Ancestors of a virtual path, nearest last, without ``/`` itself."""
+    out: list[str] = []
+    parent = posixpath.dirname(vpath)
+    while parent not in ("/", ""):
+        out.append(parent)
+        parent = posixpath.dirname(parent)
+    out.reverse()
+    return out
+
+
+def split_ext(path: str) -> str:
+    """Lower-case extension of the last component, with the dot (``""`` if none)."""
+    return os.path.splitext(path)[1].lower()
+
+
+def join_listing(directory: str, relatives: Iterable[str]) -> list[str]:
+    """Join relative POSIX names onto ``directory`` as the caller spelled it, sorted.
+
+    Every backend builds ``list_files`` results this way, so the same call
+    answers with the same strings on every backend.
+    """
+    base = directory if directory in ("/", "") else directory.rstrip("/")
+    if base == "":
+        base = "."
+    return sorted(posixpath.join(base, rel) for rel in relatives)
