@@ -97,7 +97,8 @@ class StorageBackend(ABC):
         """Create ``path`` and its parents if missing; return ``path`` as ``str``.
 
         Raises:
-            NotADirectoryError: ``path`` or one of its parents is a file.
+            FileExistsError: a file is at ``path``.
+            NotADirectoryError: one of the parents of ``path`` is a file.
         """
 
     @abstractmethod

@@ -33,6 +33,7 @@ __all__ = [
     "TextFormat",
     "TiffFormat",
     "default_formats",
+    "normalize_metadata",
 ]
 
 
@@ -296,3 +297,21 @@ _BUILTIN = (NpyFormat(), NpzFormat(), JsonFormat(), TextFormat(), BytesFormat(),
 def default_formats() -> FormatRegistry:
     """A new registry holding the built-in formats."""
     return FormatRegistry(_BUILTIN)
+
+
+def normalize_metadata(metadata: Any, path: str) -> dict[str, Any] | None:
+    """Check that ``metadata`` is a JSON-serialisable dict; return a private copy.
+
+    Every backend calls this before writing anything, so bad metadata never
+    leaves a half-saved file behind.
+
+    Raises:
+        TypeError: ``metadata`` is not a dict.
+        UnsupportedFormatError: it cannot be written as JSON.
+    """
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    normalized: dict[str, Any] = JsonFormat().normalize(metadata, path)
+    return normalized

@@ -1,0 +1,169 @@
+"""The one entry point: :class:`FileManager` routes each call to a named backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .base import StorageBackend
+from .exceptions import BackendNotFoundError
+
+__all__ = ["FileManager"]
+
+
+class FileManager:
+    """Routes ``save``, ``load``, listing and path queries to named backends.
+
+    Args:
+        registry: a :class:`~polystore.BackendRegistry`, or any mapping of
+            names to :class:`~polystore.StorageBackend` instances.
+
+    Every method takes the backend's name as ``backend``; extra keyword
+    arguments go to that backend unchanged. A ``FileManager`` is cheap: make
+    one per process and thread (see :class:`~polystore.FileManagerFactory`)
+    and share the registry instead.
+    """
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Mapping[str, StorageBackend]) -> None:
+        if registry is None:
+            raise TypeError(
+                "FileManager needs a registry: pass polystore.BackendRegistry() or a dict "
+                "of backend names to backend instances"
+            )
+        if not isinstance(registry, Mapping):
+            raise TypeError(
+                f"registry must be a BackendRegistry or a mapping of names to backends, "
+                f"got {type(registry).__name__}"
+            )
+        self._registry = registry
+
+    @property
+    def registry(self) -> Mapping[str, StorageBackend]:
+        """The registry this manager routes to."""
+        return self._registry
+
+    def get_backend(self, backend: str) -> StorageBackend:
+        """The backend registered as ``backend``.
+
+        Raises:
+            BackendNotFoundError: no backend has that name (also a ``KeyError``).
+            TypeError: ``backend`` is not a string, or the entry is not a backend.
+        """
+        try:
+            found = self._registry[backend]
+        except BackendNotFoundError:
+            raise
+        except KeyError:
+            raise BackendNotFoundError(backend, self._registry) from None
+        except TypeError:
+            if not isinstance(backend, str):
+                raise TypeError(
+                    f"backend must be a name (str), got {type(backend).__name__}"
+                ) from None
+            raise
+        if not isinstance(found, StorageBackend):
+            raise TypeError(
+                f"registry entry {backend!r} is a {type(found).__name__}, not a StorageBackend"
+            )
+        return found
+
+    # -- data -----------------------------------------------------------------
+    def save(self, data: Any, output_path: Any, backend: str, **kwargs: Any) -> None:
+        """Store ``data`` at ``output_path``; the extension picks the format.
+
+        Common keywords: ``overwrite=False`` refuses to replace a file,
+        ``metadata={...}`` stores a JSON-serialisable dict beside it.
+        """
+        self.get_backend(backend).save(data, output_path, **kwargs)
+
+    def load(self, file_path: Any, backend: str, **kwargs: Any) -> Any:
+        """Return what is stored at ``file_path``."""
+        return self.get_backend(backend).load(file_path, **kwargs)
+
+    def save_batch(
+        self, data_list: Sequence[Any], output_paths: Sequence[Any], backend: str, **kwargs: Any
+    ) -> None:
+        """Save ``data_list[i]`` at ``output_paths[i]`` for every ``i``.
+
+        Raises:
+            ValueError: the two sequences differ in length; nothing is saved.
+        """
+        self.get_backend(backend).save_batch(data_list, output_paths, **kwargs)
+
+    def load_batch(self, file_paths: Sequence[Any], backend: str, **kwargs: Any) -> list[Any]:
+        """Load every path, returning the values in the same order."""
+        return self.get_backend(backend).load_batch(file_paths, **kwargs)
+
+    def load_metadata(self, path: Any, backend: str) -> dict[str, Any]:
+        """The metadata saved with ``path`` (``MetadataNotFoundError`` if none)."""
+        return self.get_backend(backend).load_metadata(path)
+
+    # -- directories ------------------------------------------------------------
+    def list_files(
+        self,
+        directory: Any,
+        backend: str,
+        pattern: str | None = None,
+        extensions: Iterable[str] | None = None,
+        recursive: bool = False,
+    ) -> list[str]:
+        """Sorted paths of the files in ``directory``, optionally filtered.
+
+        ``pattern`` is a shell pattern matched against the file name and
+        ``extensions`` a set such as ``{".npy", ".npz"}`` (case-insensitive).
+        """
+        return self.get_backend(backend).list_files(
+            directory, pattern=pattern, extensions=extensions, recursive=recursive
+        )
+
+    def list_dir(self, directory: Any, backend: str) -> list[str]:
+        """Sorted names of the files and directories directly in ``directory``."""
+        return self.get_backend(backend).list_dir(directory)
+
+    def ensure_directory(self, directory: Any, backend: str) -> str:
+        """Create ``directory`` and its parents when missing; return it as ``str``."""
+        return self.get_backend(backend).ensure_directory(directory)
+
+    def exists(self, path: Any, backend: str) -> bool:
+        """Whether a file or directory is at ``path``."""
+        return self.get_backend(backend).exists(path)
+
+    def is_file(self, path: Any, backend: str) -> bool:
+        """Whether ``path`` is a file."""
+        return self.get_backend(backend).is_file(path)
+
+    def is_dir(self, path: Any, backend: str) -> bool:
+        """Whether ``path`` is a directory."""
+        return self.get_backend(backend).is_dir(path)
+
+    def delete(self, path: Any, backend: str, recursive: bool = False) -> None:
+        """Remove a file, or a directory (``recursive=True`` when it is not empty)."""
+        self.get_backend(backend).delete(path, recursive=recursive)
+
+    def copy(
+        self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
+    ) -> None:
+        """Copy the file ``src`` to ``dst``, on the same backend or onto ``dst_backend``."""
+        source = self.get_backend(backend)
+        if dst_backend is None or dst_backend == backend:
+            source.copy(src, dst, **kwargs)
+            return
+        target = self.get_backend(dst_backend)
+        meta = source._metadata_or_none(src)
+        target.save(source.load(src, allow_pickle=True), dst, metadata=meta,
+                    allow_pickle=True, **kwargs)
+
+    def move(
+        self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
+    ) -> None:
+        """Move the file ``src`` to ``dst``, on the same backend or onto ``dst_backend``."""
+        if dst_backend is None or dst_backend == backend:
+            self.get_backend(backend).move(src, dst, **kwargs)
+            return
+        self.copy(src, dst, backend, dst_backend=dst_backend, **kwargs)
+        self.get_backend(backend).delete(src)
+
+    def __repr__(self) -> str:
+        return f"FileManager({self._registry!r})"

@@ -1,0 +1,354 @@
+"""In-memory backend, local or shared between processes.
+
+Layout of the mapping (a plain ``dict`` or a ``multiprocessing.Manager().dict()``):
+
+* ``"/a/b.npy"`` -> the stored value (already normalised by its format), or a
+  :class:`ShmRef` when the array lives in a shared-memory store;
+* ``"/a/"`` -> ``None``: the directory ``/a`` (a trailing slash marks directories);
+* ``"#meta:/a/b.npy"`` -> the metadata dict saved with ``/a/b.npy``.
+
+Directory structure and payloads live under different keys, so ``exists``,
+``list_dir`` and ``list_files`` only ever move keys across a process boundary,
+never the stored arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import os
+import posixpath
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .base import Kind, StorageBackend, _normalize_extensions
+from .exceptions import MetadataNotFoundError, NotShareableError, SandboxError, os_error
+from .formats import FormatRegistry, default_formats, normalize_metadata
+from .paths import as_str, join_listing, virtual, virtual_parents
+
+if TYPE_CHECKING:
+    from .shmstore import SharedArrayStore
+
+__all__ = ["MemoryBackend", "ShmRef"]
+
+_META = "#meta:"
+#: arrays at least this large go through a shared-memory store when one is attached
+DEFAULT_SHM_THRESHOLD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """Descriptor of an array held in a :class:`~polystore.SharedArrayStore`."""
+
+    store: str
+    key: str
+
+
+def _is_local(mapping: MutableMapping[str, Any]) -> bool:
+    return isinstance(mapping, dict)
+
+
+def _frozen(value: Any) -> Any:
+    """A value safe to hand out: arrays read-only, containers copied."""
+    if isinstance(value, np.ndarray):
+        if value.flags.writeable:
+            value = value.view()
+            value.flags.writeable = False
+        return value
+    if isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
+        return {k: _frozen(v) for k, v in value.items()}
+    if isinstance(value, (list, dict)):
+        return copy.deepcopy(value)
+    return value
+
+
+class MemoryBackend(StorageBackend):
+    """Stores normalised values in a mapping under a virtual POSIX tree.
+
+    Args:
+        shared_dict: the mapping to use. ``None`` makes a private ``dict``; a
+            ``multiprocessing.Manager().dict()`` shares the files with every
+            process that receives this backend (or the same proxy).
+        formats: the formats to accept; defaults to :func:`~polystore.formats.default_formats`.
+        store: where large arrays go when the mapping is shared. ``"auto"``
+            (the default) creates a :class:`~polystore.SharedArrayStore` owned by
+            this process when ``shared_dict`` is not a plain ``dict``; ``None``
+            sends every value through the mapping itself.
+        shm_threshold: arrays of at least this many bytes use the store.
+
+    Arrays load as read-only arrays, without a copy where the storage allows
+    it; call ``.copy()`` for a writable one. A backend over a plain ``dict``
+    belongs to one process: pickling it raises :class:`NotShareableError`
+    instead of handing a worker an empty copy.
+    """
+
+    name = "memory"
+
+    def __init__(
+        self,
+        shared_dict: MutableMapping[str, Any] | None = None,
+        *,
+        formats: FormatRegistry | None = None,
+        store: SharedArrayStore | str | None = "auto",
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+    ) -> None:
+        if shared_dict is not None and not isinstance(shared_dict, MutableMapping):
+            if not all(hasattr(shared_dict, m) for m in ("keys", "__getitem__", "__setitem__")):
+                raise TypeError(
+                    f"shared_dict must be a mutable mapping, got {type(shared_dict).__name__}"
+                )
+        self._data: MutableMapping[str, Any] = {} if shared_dict is None else shared_dict
+        self.formats = formats if formats is not None else default_formats()
+        self.shm_threshold = int(shm_threshold)
+        self._owns_store = False
+        if store == "auto":
+            store = None
+            if not _is_local(self._data):
+                from .shmstore import SharedArrayStore
+
+                store = SharedArrayStore()
+                self._owns_store = True
+        elif store is not None and isinstance(store, str):
+            raise ValueError(f"store must be a SharedArrayStore, 'auto' or None, got {store!r}")
+        self.store: SharedArrayStore | None = store
+        self._attached: dict[str, SharedArrayStore] = {}
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes can see this backend's files."""
+        return not _is_local(self._data)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if not self.shared:
+            raise NotShareableError(
+                "MemoryBackend over a plain dict lives in one process and cannot be sent "
+                "to another; build it with shared_dict=multiprocessing.Manager().dict() "
+                "or use polystore.shared_registry()"
+            )
+        return (
+            _rebuild,
+            (self._data, self.formats, self.store, self.shm_threshold),
+        )
+
+    # -- helpers ------------------------------------------------------------
+    @staticmethod
+    def _vpath(path: Any) -> str:
+        return virtual(as_str(path))
+
+    def _kind_of(self, vpath: str) -> Kind | None:
+        if vpath == "/":
+            return "dir"
+        if vpath in self._data:
+            return "file"
+        if vpath + "/" in self._data:
+            return "dir"
+        return None
+
+    def _check_parents(self, vpath: str, create: bool) -> list[str]:
+        """Refuse a file among the ancestors; return the directory keys to create."""
+        missing = []
+        for parent in virtual_parents(vpath):
+            if parent in self._data:
+                raise os_error(NotADirectoryError, vpath, f"{parent!r} is a file")
+            if create and parent + "/" not in self._data:
+                missing.append(parent + "/")
+        return missing
+
+    def _drop_payload(self, value: Any) -> None:
+        if isinstance(value, ShmRef):
+            store = self._store_for(value.store)
+            if value.key in store:
+                store.delete(value.key)
+
+    def _store_for(self, name: str) -> SharedArrayStore:
+        if self.store is not None and self.store.name == name:
+            return self.store
+        found = self._attached.get(name)
+        if found is None:
+            from .shmstore import SharedArrayStore
+
+            found = self._attached[name] = SharedArrayStore.attach(name)
+        return found
+
+    # -- primitives ---------------------------------------------------------
+    def save(
+        self,
+        data: Any,
+        path: Any,
+        *,
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        text = as_str(path)
+        vpath = virtual(text)
+        fmt = self.formats.for_path(text)
+        value = fmt.normalize(data, text, **kwargs)
+        meta = normalize_metadata(metadata, text)
+        if vpath == "/" or vpath + "/" in self._data:
+            raise os_error(IsADirectoryError, text)
+        new_dirs = self._check_parents(vpath, create=True)
+        old = self._data.get(vpath, _MISSING) if self.store is not None else _MISSING
+        if not overwrite and (old is not _MISSING or vpath in self._data):
+            raise os_error(FileExistsError, text)
+        if (
+            self.store is not None
+            and isinstance(value, np.ndarray)
+            and value.nbytes >= self.shm_threshold
+        ):
+            self.store.put(vpath, value)
+            value = ShmRef(self.store.name, vpath)
+        updates: dict[str, Any] = dict.fromkeys(new_dirs)
+        updates[vpath] = value
+        self._data.update(updates)
+        if meta is None:
+            self._data.pop(_META + vpath, None)
+        else:
+            self._data[_META + vpath] = meta
+        if isinstance(old, ShmRef) and old != value:
+            self._drop_payload(old)
+
+    def load(self, path: Any, **kwargs: Any) -> Any:
+        text = as_str(path)
+        vpath = virtual(text)
+        fmt = self.formats.for_path(text)
+        try:
+            value = self._data[vpath]
+        except KeyError:
+            kind = self._kind_of(vpath)
+            raise os_error(IsADirectoryError if kind == "dir" else FileNotFoundError, text) from None
+        if isinstance(value, ShmRef):
+            value = self._store_for(value.store).get(value.key)
+        fmt.check_load(value, text, **kwargs)
+        return _frozen(value)
+
+    def kind(self, path: Any) -> Kind | None:
+        return self._kind_of(self._vpath(path))
+
+    def _children(self, vpath: str) -> Iterable[tuple[str, bool]]:
+        """(name, is_dir) of the direct children of a directory, unsorted."""
+        prefix = "/" if vpath == "/" else vpath + "/"
+        for key in list(self._data.keys()):
+            if not key.startswith(prefix) or key == prefix:
+                continue
+            rest = key[len(prefix):]
+            if "/" not in rest:
+                yield rest, False
+            elif rest.index("/") == len(rest) - 1:
+                yield rest[:-1], True
+
+    def _require_dir(self, text: str, vpath: str) -> None:
+        kind = self._kind_of(vpath)
+        if kind is None:
+            raise os_error(FileNotFoundError, text)
+        if kind == "file":
+            raise os_error(NotADirectoryError, text)
+
+    def list_dir(self, path: Any) -> list[str]:
+        text = as_str(path)
+        vpath = virtual(text)
+        self._require_dir(text, vpath)
+        return sorted(name for name, _ in self._children(vpath))
+
+    def list_files(
+        self,
+        directory: Any,
+        pattern: str | None = None,
+        extensions: Iterable[str] | None = None,
+        recursive: bool = False,
+    ) -> list[str]:
+        # One pass over the keys (one round trip for a Manager dict) instead of
+        # the base class's walk, which asks once per entry.
+        text = as_str(directory, "directory")
+        vpath = virtual(text)
+        self._require_dir(text, vpath)
+        exts = _normalize_extensions(extensions)
+        if pattern is not None and not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
+        prefix = "/" if vpath == "/" else vpath + "/"
+        rels = []
+        for key in list(self._data.keys()):
+            if not key.startswith(prefix) or key.endswith("/"):
+                continue
+            rel = key[len(prefix):]
+            if (recursive or "/" not in rel) and self._match(
+                posixpath.basename(rel), pattern, exts
+            ):
+                rels.append(rel)
+        return join_listing(text, rels)
+
+    def ensure_directory(self, path: Any) -> str:
+        text = as_str(path)
+        vpath = virtual(text)
+        if vpath != "/":
+            if vpath in self._data:
+                raise os_error(FileExistsError, text, "a file is in the way")
+            missing = self._check_parents(vpath, create=True)
+            if vpath + "/" not in self._data:
+                missing.append(vpath + "/")
+            if missing:
+                self._data.update(dict.fromkeys(missing))
+        return text
+
+    def delete(self, path: Any, recursive: bool = False) -> None:
+        text = as_str(path)
+        vpath = virtual(text)
+        kind = self._kind_of(vpath)
+        if kind is None:
+            raise os_error(FileNotFoundError, text)
+        if kind == "file":
+            value = self._data.pop(vpath, None)
+            self._data.pop(_META + vpath, None)
+            self._drop_payload(value)
+            return
+        if vpath == "/":
+            raise SandboxError(text, "/")
+        prefix = vpath + "/"
+        inside = [k for k in list(self._data.keys()) if k.startswith(prefix) and k != prefix]
+        if inside and not recursive:
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
+        for key in sorted(inside, key=len, reverse=True):
+            value = self._data.pop(key, None)
+            self._data.pop(_META + key, None)
+            self._drop_payload(value)
+        self._data.pop(prefix, None)
+
+    # -- metadata -----------------------------------------------------------
+    def load_metadata(self, path: Any) -> dict[str, Any]:
+        text = as_str(path)
+        try:
+            meta = self._data[_META + virtual(text)]
+        except KeyError:
+            raise MetadataNotFoundError(text) from None
+        return copy.deepcopy(dict(meta))
+
+    def close(self) -> None:
+        """Release the shared-memory store this backend created, if any."""
+        for store in self._attached.values():
+            store.close()
+        self._attached.clear()
+        if self._owns_store and self.store is not None:
+            self.store.close()
+
+    def __repr__(self) -> str:
+        kind = "shared" if self.shared else "local"
+        return f"MemoryBackend({kind}, store={self.store.name if self.store else None})"
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _rebuild(
+    data: MutableMapping[str, Any],
+    formats: FormatRegistry,
+    store: SharedArrayStore | None,
+    threshold: int,
+) -> MemoryBackend:
+    return MemoryBackend(data, formats=formats, store=store, shm_threshold=threshold)

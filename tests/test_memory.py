@@ -1,0 +1,56 @@
+"""The memory backend: the conformance suite plus what is specific to it."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from polystore import MemoryBackend, NotShareableError
+from polystore.testing import BackendTests
+
+
+class TestMemoryBackend(BackendTests):
+    @pytest.fixture
+    def backend(self) -> Iterator[MemoryBackend]:
+        with MemoryBackend() as backend:
+            yield backend
+
+
+def test_virtual_root_paths() -> None:
+    backend = MemoryBackend()
+    backend.save(np.ones(2), "a/b.npy")
+    assert backend.is_file("/a/b.npy")
+    assert backend.is_file("a/./b.npy")
+    assert backend.is_file("../../a/b.npy")
+    assert backend.is_file("/a/c/../b.npy")
+    assert backend.list_files("/", recursive=True) == ["/a/b.npy"]
+    assert backend.is_dir("/") and backend.is_dir(".")
+
+
+def test_local_backend_refuses_pickling() -> None:
+    with pytest.raises(NotShareableError, match="Manager"):
+        pickle.dumps(MemoryBackend())
+
+
+def test_loaded_arrays_are_read_only_views() -> None:
+    backend = MemoryBackend()
+    backend.save(np.arange(4), "a.npy")
+    first, second = backend.load("a.npy"), backend.load("a.npy")
+    assert not first.flags.writeable
+    assert np.shares_memory(first, second)
+    with pytest.raises(ValueError):
+        first[0] = 1
+
+
+def test_root_cannot_be_deleted() -> None:
+    backend = MemoryBackend()
+    with pytest.raises(PermissionError):
+        backend.delete("/", recursive=True)
+
+
+def test_rejects_non_mapping() -> None:
+    with pytest.raises(TypeError):
+        MemoryBackend(shared_dict=[1, 2])  # type: ignore[arg-type]
