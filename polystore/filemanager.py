@@ -53,16 +53,14 @@ class FileManager:
         """
         try:
             found = self._registry[backend]
-        except BackendNotFoundError:
-            raise
-        except KeyError:
-            raise BackendNotFoundError(backend, self._registry) from None
-        except TypeError:
+        except (KeyError, TypeError) as exc:
             if not isinstance(backend, str):
                 raise TypeError(
                     f"backend must be a name (str), got {type(backend).__name__}"
                 ) from None
-            raise
+            if isinstance(exc, BackendNotFoundError) or not isinstance(exc, KeyError):
+                raise
+            raise BackendNotFoundError(backend, self._registry) from None
         if not isinstance(found, StorageBackend):
             raise TypeError(
                 f"registry entry {backend!r} is a {type(found).__name__}, not a StorageBackend"

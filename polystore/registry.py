@@ -171,6 +171,8 @@ class BackendRegistry(Mapping[str, StorageBackend]):
             pass
         except TypeError:
             raise TypeError(f"backend names are strings, got {type(name).__name__}") from None
+        if not isinstance(name, str):
+            raise TypeError(f"backend names are strings, got {type(name).__name__}")
         self._load_entry_points()
         spec = self._specs.get(name)
         if spec is None:
@@ -192,6 +194,7 @@ class BackendRegistry(Mapping[str, StorageBackend]):
         return len(set(self._specs) | set(self._instances))
 
     def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
         return name in self._instances or name in self._specs
 
     def close(self) -> None:

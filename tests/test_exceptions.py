@@ -1,0 +1,54 @@
+"""Every polystore exception survives pickling and is caught by its builtin twin."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+import polystore.exceptions as exc_module
+from polystore.testing import EXCEPTION_SAMPLES
+
+
+@pytest.mark.parametrize("error", EXCEPTION_SAMPLES, ids=lambda e: type(e).__name__)
+def test_round_trip(error: BaseException) -> None:
+    clone = pickle.loads(pickle.dumps(error))
+    assert type(clone) is type(error)
+    assert str(clone) == str(error)
+    assert clone.args == error.args
+    assert vars(clone) == vars(error)
+
+
+def test_every_class_is_sampled() -> None:
+    defined = {
+        obj
+        for obj in vars(exc_module).values()
+        if isinstance(obj, type) and issubclass(obj, exc_module.StorageError)
+    }
+    assert defined == {type(e) for e in EXCEPTION_SAMPLES}
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (exc_module.BackendNotFoundError("x"), KeyError),
+        (exc_module.UnsupportedFormatError("a.x"), ValueError),
+        (exc_module.MetadataNotFoundError("a"), FileNotFoundError),
+        (exc_module.SandboxError("a", "/r"), PermissionError),
+        (exc_module.LockTimeoutError("a", 1), TimeoutError),
+        (exc_module.NotShareableError("a"), TypeError),
+        (exc_module.ShmFullError(1, 0, "x"), MemoryError),
+    ],
+)
+def test_builtin_bases(error: BaseException, builtin: type[BaseException]) -> None:
+    assert isinstance(error, builtin)
+    assert isinstance(error, exc_module.StorageError)
+
+
+def test_messages_name_the_value_and_choices() -> None:
+    text = str(exc_module.BackendNotFoundError("dsik", ["disk", "memory"]))
+    assert "'dsik'" in text and "'disk'" in text and "'memory'" in text
+    text = str(exc_module.UnsupportedFormatError("a.xyz", [".npy", ".json"], "unknown"))
+    assert "a.xyz" in text and ".npy" in text
+    err = exc_module.MetadataNotFoundError("p/q.npy")
+    assert err.filename == "p/q.npy"

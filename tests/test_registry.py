@@ -1,0 +1,112 @@
+"""BackendRegistry: lazy built-ins, explicit registration, sharing rules."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from typing import Any
+
+import pytest
+
+from polystore import BackendNotFoundError, BackendRegistry, MemoryBackend, NotShareableError
+from polystore.base import Kind, StorageBackend
+
+
+class NullBackend(StorageBackend):
+    """A do-nothing backend for registration tests."""
+
+    name = "null"
+
+    def __init__(self, flag: int = 0) -> None:
+        self.flag = flag
+
+    def save(self, data: Any, path: Any, **kwargs: Any) -> None:
+        pass
+
+    def load(self, path: Any, **kwargs: Any) -> Any:
+        return None
+
+    def kind(self, path: Any) -> Kind | None:
+        return None
+
+    def list_dir(self, path: Any) -> list[str]:
+        return []
+
+    def ensure_directory(self, path: Any) -> str:
+        return str(path)
+
+    def delete(self, path: Any, recursive: bool = False) -> None:
+        pass
+
+
+def test_default_names() -> None:
+    registry = BackendRegistry()
+    assert {"disk", "memory", "zarr", "shm"} <= set(registry)
+    assert list(registry) == sorted(registry)
+    assert not registry.is_loaded("disk")
+
+
+def test_lazy_build_and_cache() -> None:
+    registry = BackendRegistry()
+    memory = registry["memory"]
+    assert isinstance(memory, MemoryBackend)
+    assert registry["memory"] is memory
+    assert registry.is_loaded("memory")
+
+
+def test_missing_name() -> None:
+    registry = BackendRegistry()
+    with pytest.raises(BackendNotFoundError) as info:
+        registry["dsik"]
+    assert isinstance(info.value, KeyError)
+    assert "dsik" in str(info.value) and "disk" in str(info.value)
+
+
+def test_register_instance_class_and_path() -> None:
+    registry = BackendRegistry(defaults=False)
+    registry.register("a", NullBackend(1))
+    registry.register("b", NullBackend, flag=2)
+    registry.register("c", "tests.test_registry:NullBackend", flag=3)
+    assert [registry[n].flag for n in "abc"] == [1, 2, 3]  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("a", NullBackend())
+    registry.register("a", NullBackend(9), replace=True)
+    assert registry["a"].flag == 9  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bad", [object(), 3, "no_colon", dict])
+def test_register_refuses_non_backends(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        BackendRegistry().register("x", bad)
+
+
+def test_close_closes_what_it_built() -> None:
+    closed = []
+
+    class Closing(NullBackend):
+        def close(self) -> None:
+            closed.append(self.flag)
+
+    registry = BackendRegistry(defaults=False)
+    registry.register("built", Closing, flag=1)
+    registry.register("given", Closing(2))
+    registry["built"]
+    registry["given"]
+    registry.close()
+    assert closed == [1]
+
+
+def test_pickle_keeps_recipes_and_refuses_private_backends() -> None:
+    registry = BackendRegistry()
+    clone = pickle.loads(pickle.dumps(registry))
+    assert set(clone) == set(registry)
+    with pytest.raises(NotShareableError, match="shared_registry"):
+        clone["memory"].save(1, "x.json")
+    registry["memory"]
+    with pytest.raises(NotShareableError):
+        pickle.dumps(registry)
+
+
+def test_importing_registry_builds_nothing() -> None:
+    BackendRegistry()
+    assert "zarr" not in sys.modules or "polystore.zarr_backend" not in sys.modules
