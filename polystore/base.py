@@ -175,9 +175,7 @@ class StorageBackend(ABC):
     def _match(name: str, pattern: str | None, exts: frozenset[str] | None) -> bool:
         if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
             return False
-        if exts is not None and posixpath.splitext(name)[1].lower() not in exts:
-            return False
-        return True
+        return not (exts is not None and posixpath.splitext(name)[1].lower() not in exts)
 
     def save_batch(self, data_list: Sequence[Any], paths: Sequence[Any], **kwargs: Any) -> None:
         """Save each item of ``data_list`` at the matching path.
@@ -193,7 +191,7 @@ class StorageBackend(ABC):
             )
         for path in paths:
             as_str(path)
-        for data, path in zip(data_list, paths):
+        for data, path in zip(data_list, paths, strict=False):
             self.save(data, path, **kwargs)
 
     def load_batch(self, paths: Sequence[Any], **kwargs: Any) -> list[Any]:
@@ -205,8 +203,14 @@ class StorageBackend(ABC):
         if self.kind(src) == "dir":
             raise os_error(IsADirectoryError, as_str(src))
         meta = self._metadata_or_none(src)
-        self.save(self.load(src, allow_pickle=True), dst, overwrite=overwrite,
-                  metadata=meta, allow_pickle=True, **kwargs)
+        self.save(
+            self.load(src, allow_pickle=True),
+            dst,
+            overwrite=overwrite,
+            metadata=meta,
+            allow_pickle=True,
+            **kwargs,
+        )
 
     def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Move the file ``src`` to ``dst``."""

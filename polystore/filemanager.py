@@ -150,8 +150,9 @@ class FileManager:
             return
         target = self.get_backend(dst_backend)
         meta = source._metadata_or_none(src)
-        target.save(source.load(src, allow_pickle=True), dst, metadata=meta,
-                    allow_pickle=True, **kwargs)
+        target.save(
+            source.load(src, allow_pickle=True), dst, metadata=meta, allow_pickle=True, **kwargs
+        )
 
     def move(
         self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any

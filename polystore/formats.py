@@ -96,7 +96,9 @@ class NpyFormat(Format):
             raise _refuse_pickle(path)
         return arr
 
-    def write(self, stream: IO[bytes], value: Any, allow_pickle: bool = False, **kwargs: Any) -> None:
+    def write(
+        self, stream: IO[bytes], value: Any, allow_pickle: bool = False, **kwargs: Any
+    ) -> None:
         np.save(stream, value, allow_pickle=allow_pickle)
 
     def read(self, stream: IO[bytes], path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
@@ -134,7 +136,11 @@ class NpzFormat(Format):
         return out
 
     def write(
-        self, stream: IO[bytes], value: Any, compressed: bool = False, allow_pickle: bool = False,
+        self,
+        stream: IO[bytes],
+        value: Any,
+        compressed: bool = False,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> None:
         saver = np.savez_compressed if compressed else np.savez
@@ -164,7 +170,8 @@ class JsonFormat(Format):
         try:
             return json.loads(json.dumps(data, allow_nan=True))
         except (TypeError, ValueError) as exc:
-            raise UnsupportedFormatError(path, reason=f"value is not JSON-serialisable: {exc}") from exc
+            reason = f"value is not JSON-serialisable: {exc}"
+            raise UnsupportedFormatError(path, reason=reason) from exc
 
     def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
         stream.write(json.dumps(value, indent=kwargs.get("indent")).encode("utf-8"))

@@ -95,11 +95,11 @@ class MemoryBackend(StorageBackend):
         store: SharedArrayStore | str | None = "auto",
         shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
-        if shared_dict is not None and not isinstance(shared_dict, MutableMapping):
-            if not all(hasattr(shared_dict, m) for m in ("keys", "__getitem__", "__setitem__")):
-                raise TypeError(
-                    f"shared_dict must be a mutable mapping, got {type(shared_dict).__name__}"
-                )
+        needed = ("keys", "__getitem__", "__setitem__", "__contains__")
+        if shared_dict is not None and not all(hasattr(shared_dict, m) for m in needed):
+            raise TypeError(
+                f"shared_dict must be a mutable mapping, got {type(shared_dict).__name__}"
+            )
         self._data: MutableMapping[str, Any] = {} if shared_dict is None else shared_dict
         self.formats = formats if formats is not None else default_formats()
         self.shm_threshold = int(shm_threshold)
@@ -219,7 +219,8 @@ class MemoryBackend(StorageBackend):
             value = self._data[vpath]
         except KeyError:
             kind = self._kind_of(vpath)
-            raise os_error(IsADirectoryError if kind == "dir" else FileNotFoundError, text) from None
+            missing = IsADirectoryError if kind == "dir" else FileNotFoundError
+            raise os_error(missing, text) from None
         if isinstance(value, ShmRef):
             value = self._store_for(value.store).get(value.key)
         fmt.check_load(value, text, **kwargs)
@@ -234,7 +235,7 @@ class MemoryBackend(StorageBackend):
         for key in list(self._data.keys()):
             if not key.startswith(prefix) or key == prefix:
                 continue
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             if "/" not in rest:
                 yield rest, False
             elif rest.index("/") == len(rest) - 1:
@@ -273,7 +274,7 @@ class MemoryBackend(StorageBackend):
         for key in list(self._data.keys()):
             if not key.startswith(prefix) or key.endswith("/"):
                 continue
-            rel = key[len(prefix):]
+            rel = key[len(prefix) :]
             if (recursive or "/" not in rel) and self._match(
                 posixpath.basename(rel), pattern, exts
             ):

@@ -38,12 +38,12 @@ class _Spec:
         cls = self.target if isinstance(self.target, type) else self._import(name)
         backend = cls(**self.kwargs)
         if not isinstance(backend, StorageBackend):
-            raise TypeError(f"backend {name!r} built a {type(backend).__name__}, not a StorageBackend")
+            built = type(backend).__name__
+            raise TypeError(f"backend {name!r} built a {built}, not a StorageBackend")
         return backend
 
     def _import(self, name: str) -> type[StorageBackend]:
-        assert isinstance(self.target, str)
-        module_name, _, attr = self.target.partition(":")
+        module_name, _, attr = str(self.target).partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:

@@ -335,7 +335,7 @@ class BackendTests:
         arrays = [np.full(3, i) for i in range(4)]
         paths = [f"batch/{i}.npy" for i in range(4)]
         backend.save_batch(arrays, paths)
-        for got, expected in zip(backend.load_batch(paths), arrays):
+        for got, expected in zip(backend.load_batch(paths), arrays, strict=False):
             assert_same_value(got, expected)
 
     def test_batch_length_mismatch_saves_nothing(self, backend: StorageBackend) -> None:
@@ -405,13 +405,13 @@ class BackendTests:
         ):
             try:
                 action()
-            except Exception as exc:  # noqa: BLE001 - collecting whatever the backend raises
+            except Exception as exc:
                 raised.append(exc)
         assert len(raised) == 3
-        for exc in raised:
-            clone = pickle.loads(pickle.dumps(exc))
-            assert type(clone) is type(exc)
-            assert str(clone) == str(exc)
+        for error in raised:
+            clone = pickle.loads(pickle.dumps(error))
+            assert type(clone) is type(error)
+            assert str(clone) == str(error)
 
 
 #: every exception class polystore defines, with sample arguments (for pickling tests)

@@ -53,8 +53,9 @@ def test_entries_must_be_backends() -> None:
         fm.exists("x", backend="memory")
 
 
-def test_spec_examples_on_disk(fm: FileManager, tmp_path: pathlib.Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spec_examples_on_disk(
+    fm: FileManager, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     data = np.array([1, 2, 3])
     fm.save(data, "output.npy", backend="disk")
@@ -62,7 +63,7 @@ def test_spec_examples_on_disk(fm: FileManager, tmp_path: pathlib.Path,
     data_list = [np.array([1, 2]), np.array([3, 4])]
     paths = ["data1.npy", "data2.npy"]
     fm.save_batch(data_list, paths, backend="disk")
-    for got, want in zip(fm.load_batch(paths, backend="disk"), data_list):
+    for got, want in zip(fm.load_batch(paths, backend="disk"), data_list, strict=False):
         assert_same_value(got, want)
     assert fm.ensure_directory("data/experiment1", backend="disk") == "data/experiment1"
     fm.save(np.zeros(1), "data/experiment1/x.npy", backend="disk")
