@@ -1,0 +1,209 @@
+"""One registry shared by a pool of worker processes, one FileManager per worker.
+
+The pattern polystore recommends for process pools:
+
+.. code-block:: python
+
+    with polystore.shared_registry() as registry:
+        factory = polystore.FileManagerFactory(registry)
+        with ProcessPoolExecutor(initializer=factory.initializer) as pool:
+            pool.map(stage, items)          # stage() calls polystore.current_filemanager()
+
+:func:`shared_registry` owns the shared resources and releases them on exit.
+A :class:`FileManagerFactory` pickles to the recipe of its registry (a few
+hundred bytes), never to data, and builds one :class:`~polystore.FileManager`
+per process and thread on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from .base import StorageBackend
+from .exceptions import NotShareableError, StorageError
+from .filemanager import FileManager
+from .registry import BackendRegistry
+
+__all__ = [
+    "FileManagerFactory",
+    "current_filemanager",
+    "install_on_dask",
+    "shared_registry",
+]
+
+_factories: weakref.WeakSet[FileManagerFactory] = weakref.WeakSet()
+_current: FileManagerFactory | None = None
+
+
+def _reset_after_fork() -> None:
+    # A forked child inherits the parent's thread-local FileManagers, whose
+    # owning threads do not exist in the child: start afresh.
+    for factory in list(_factories):
+        factory._local = threading.local()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _check_shareable(registry: Mapping[str, StorageBackend]) -> bytes:
+    """Pickle ``registry``, naming the backend that cannot cross a process boundary."""
+    loaded = (
+        registry
+        if not isinstance(registry, BackendRegistry)
+        else {name: registry[name] for name in registry if registry.is_loaded(name)}
+    )
+    for name, backend in loaded.items():
+        try:
+            pickle.dumps(backend)
+        except NotShareableError as exc:
+            raise NotShareableError(
+                f"backend {name!r} cannot be shared with workers: {exc}"
+            ) from exc
+        except Exception as exc:
+            raise NotShareableError(
+                f"backend {name!r} ({type(backend).__name__}) cannot be pickled for workers: {exc}"
+            ) from exc
+    return pickle.dumps(registry, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class FileManagerFactory:
+    """Builds the :class:`~polystore.FileManager` of the calling process and thread.
+
+    Args:
+        registry: the registry every worker shares. Each of its backends must
+            be shareable (a ``MemoryBackend`` over a plain ``dict`` is refused
+            here with :class:`~polystore.NotShareableError`).
+
+    Calling the factory returns the same ``FileManager`` for every call from one
+    thread of one process. The factory pickles to its registry's recipe, so it
+    can be passed to pool initializers, task arguments and Dask workers.
+    """
+
+    def __init__(self, registry: Mapping[str, StorageBackend]) -> None:
+        if registry is None or not isinstance(registry, Mapping):
+            raise TypeError(
+                "FileManagerFactory needs a registry (for example from polystore.shared_registry())"
+            )
+        self._payload = _check_shareable(registry)
+        self._registry: Mapping[str, StorageBackend] | None = registry
+        self._token = uuid.uuid4().hex
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        _factories.add(self)
+
+    @classmethod
+    def _rebuild(cls, token: str, payload: bytes) -> FileManagerFactory:
+        # Unpickling the same factory twice in one process (one task after
+        # another) must give the same FileManagers: reuse the first copy.
+        for existing in list(_factories):
+            if existing._token == token:
+                return existing
+        factory = cls.__new__(cls)
+        factory._payload = payload
+        factory._registry = None
+        factory._token = token
+        factory._local = threading.local()
+        factory._lock = threading.Lock()
+        _factories.add(factory)
+        return factory
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FileManagerFactory._rebuild, (self._token, self._payload))
+
+    @property
+    def registry(self) -> Mapping[str, StorageBackend]:
+        """The registry, unpickled once per process."""
+        if self._registry is None:
+            with self._lock:
+                if self._registry is None:
+                    self._registry = pickle.loads(self._payload)
+        assert self._registry is not None
+        return self._registry
+
+    def __call__(self) -> FileManager:
+        fm: FileManager | None = getattr(self._local, "fm", None)
+        if fm is None:
+            fm = self._local.fm = FileManager(self.registry)
+        return fm
+
+    def initializer(self) -> None:
+        """Pool initializer: make this factory the process's :func:`current_filemanager`."""
+        global _current
+        _current = self
+
+    @property
+    def pickled_size(self) -> int:
+        """Bytes this factory takes when pickled."""
+        return len(pickle.dumps(self))
+
+    def __repr__(self) -> str:
+        return f"FileManagerFactory(token={self._token[:8]}, {self.pickled_size} bytes pickled)"
+
+
+def current_filemanager() -> FileManager:
+    """The FileManager of this process and thread, from the installed factory.
+
+    Raises:
+        StorageError: no factory was installed in this process (pass
+            ``initializer=factory.initializer`` to the pool, or call
+            :func:`install_on_dask`).
+    """
+    if _current is None:
+        raise StorageError(
+            "no FileManagerFactory is installed in this process; create the pool with "
+            "initializer=factory.initializer (or call factory.initializer() yourself)"
+        )
+    return _current()
+
+
+def uninstall() -> None:
+    """Forget the factory installed in this process (mainly for tests and Dask teardown)."""
+    global _current
+    _current = None
+
+
+@contextmanager
+def shared_registry(*, max_bytes: int | None = None) -> Iterator[BackendRegistry]:
+    """A registry whose backends every receiving process shares.
+
+    ``"memory"`` and ``"shm"`` are backed by shared-memory stores owned by the
+    calling process (arrays never pass through a server process); ``"disk"``
+    and ``"zarr"`` work as usual. On exit every shared resource the registry
+    started is released.
+
+    Args:
+        max_bytes: cap on the shared memory each store may use.
+    """
+    from .shm_backend import SharedMemoryBackend
+
+    backends: list[SharedMemoryBackend] = []
+    registry = BackendRegistry()
+    try:
+        for name in ("memory", "shm"):
+            backend = SharedMemoryBackend(max_bytes=max_bytes)
+            backends.append(backend)
+            registry.register(name, backend, replace=True)
+        yield registry
+    finally:
+        registry.close()
+        for backend in backends:
+            backend.close()
+
+
+def install_on_dask(client: Any, factory: FileManagerFactory, *, name: str = "polystore") -> None:
+    """Give every worker of a Dask ``distributed`` client its FileManager.
+
+    After this call, :func:`current_filemanager` works inside tasks on every
+    worker, present and future. Backends that live in one machine's memory
+    (``shm``) refuse to work on a worker of another machine.
+    """
+    from ._dask import FactoryPlugin
+
+    client.register_plugin(FactoryPlugin(factory), name=name)
