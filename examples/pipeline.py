@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         small = Plan(
             max(args.group, int(args.images * args.compare_fraction)), args.side, args.group
         )
-        m_elapsed, m_final = run_with_manager(small, args.workers, context)
+        m_elapsed, _ = run_with_manager(small, args.workers, context)
         m_rate = small.moved_bytes / m_elapsed / 1e6
         print(
             f"Manager().dict(): {small.moved_bytes / 2**30:.2f} GiB in {m_elapsed:.2f} s "
