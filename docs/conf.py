@@ -8,7 +8,7 @@ from pathlib import Path
 # Build against the checkout next to this file, installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from polystore._version import __version__  # noqa: E402
+from polystore._version import __version__
 
 project = "polystore"
 author = "polystore developers"
