@@ -18,8 +18,10 @@ from typing import Any
 
 __all__ = [
     "BackendNotFoundError",
+    "LockRequiredError",
     "LockTimeoutError",
     "MetadataNotFoundError",
+    "MissingDependencyError",
     "NotShareableError",
     "SandboxError",
     "ShmFullError",
@@ -146,6 +148,43 @@ class ShmFullError(StorageError, MemoryError):
 
 class StoreClosedError(StorageError, ValueError):
     """An operation was attempted on a closed store or backend."""
+
+
+class MissingDependencyError(StorageError, ImportError):
+    """An optional dependency that a feature needs is not installed.
+
+    Attributes:
+        package: the requirement that is missing, e.g. ``"zarr>=3"``.
+        extra: the polystore extra that installs it.
+    """
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(package, extra)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.package} is required for this and is not installed; "
+            f"install it with: pip install 'polystore[{self.extra}]'"
+        )
+
+
+class LockRequiredError(StorageError, ValueError):
+    """A write must hold a lock to be safe, and the storage offers none; nothing was written.
+
+    Attributes:
+        path: the path that was to be written.
+        reason: what needed the lock and how to avoid needing it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(path, reason)
+
+    def __str__(self) -> str:
+        return f"refusing to write {self.path!r} without a lock: {self.reason}"
 
 
 def os_error(cls: type[OSError], path: str, message: str | None = None) -> OSError:
