@@ -23,6 +23,7 @@ __all__ = [
     "MetadataNotFoundError",
     "MissingDependencyError",
     "NotShareableError",
+    "ReservedNameError",
     "SandboxError",
     "ShmFullError",
     "StorageError",
@@ -185,6 +186,26 @@ class LockRequiredError(StorageError, ValueError):
 
     def __str__(self) -> str:
         return f"refusing to write {self.path!r} without a lock: {self.reason}"
+
+
+class ReservedNameError(StorageError, ValueError):
+    """A path uses a name polystore keeps for its own files (temporary, lock, metadata).
+
+    Attributes:
+        path: the offending path.
+        prefix: the reserved name prefix.
+    """
+
+    def __init__(self, path: str, prefix: str) -> None:
+        self.path = path
+        self.prefix = prefix
+        super().__init__(path, prefix)
+
+    def __str__(self) -> str:
+        return (
+            f"path {self.path!r} uses a reserved name: names starting with {self.prefix!r} "
+            "hold polystore's temporary, lock and metadata files"
+        )
 
 
 def os_error(cls: type[OSError], path: str, message: str | None = None) -> OSError:
