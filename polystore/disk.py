@@ -1,0 +1,615 @@
+"""The disk backend: files in a directory tree, safe to share between processes.
+
+Atomic writes
+-------------
+Every write goes to a new temporary file in the target's directory, is
+flushed, and is renamed onto the target with :func:`os.replace`. A reader sees
+the old file or the new one, never a torn one, even if the writer is killed
+mid-write. ``overwrite=False`` hard-links the finished file to the target
+instead, which fails if the target appeared meanwhile, so two writers cannot
+both win. With ``fsync=True`` (per backend or per call; off by default) the
+file is forced to stable storage before the rename and the directory after
+it, so the new data also survives a power loss, at the cost of waiting for
+the device.
+
+Reserved names, metadata and leftovers
+--------------------------------------
+polystore's own files in a directory start with ``.polystore-`` (see
+:mod:`polystore.locks`): temporary files, lock files, and metadata sidecars
+``.polystore-meta-<name>.json``, one per data file, so that processes saving
+different files into one directory never touch the same metadata file. They
+never appear in :meth:`~DiskBackend.list_dir` or
+:meth:`~DiskBackend.list_files`, and paths using the prefix are refused with
+:class:`~polystore.exceptions.ReservedNameError`.
+
+A writer killed mid-write leaves its temporary file behind (invisible to
+listings). :meth:`DiskBackend.cleanup` removes those whose writer is dead and
+that are older than ``max_age`` seconds, unheld lock files, and metadata whose
+file is gone; :meth:`DiskBackend.ensure_directory` runs it on a directory that
+already existed.
+
+Renaming a file and its metadata into place happens under the directory's
+commit lock (``.polystore-lock``), held for microseconds, so concurrent saves
+of one path always leave a file with its own metadata. A save, move or delete
+interrupted between its two renames leaves the file without metadata, never
+with another version's.
+
+Sandbox
+-------
+With ``root``, relative paths are taken inside ``root`` and absolute paths must
+lie in it. Each path is resolved with :func:`os.path.realpath` (``..`` and
+symbolic links included) and refused with
+:class:`~polystore.exceptions.SandboxError`, a ``PermissionError``, if it ends
+up outside ``root``; listings leave out links that point outside. The check
+guards against paths taken from user input, not against another local user
+swapping directories for links while a call runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+import numpy as np
+
+from .base import Kind, StorageBackend
+from .exceptions import (
+    MetadataNotFoundError,
+    ReservedNameError,
+    SandboxError,
+    UnsupportedFormatError,
+    os_error,
+)
+from .formats import Format, FormatRegistry, NpyFormat, default_formats, normalize_metadata
+from .locks import (
+    META_PREFIX,
+    RESERVED_PREFIX,
+    STALE_AFTER,
+    create_temp,
+    directory_lock,
+    file_lock,
+    fsync_dir,
+    is_reserved,
+    remove_quietly,
+    remove_stale,
+    reserved_name,
+)
+from .paths import as_str, join_listing
+
+__all__ = ["DEFAULT_LOCK_TIMEOUT", "DiskBackend"]
+
+#: seconds a save waits for a directory's commit lock, which is held for microseconds
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+# link() fails with these where the file system has no hard links (some FUSE
+# and network file systems, FAT).
+_NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+def _prepare(fmt: Format, data: Any, path: str, kwargs: dict[str, Any]) -> Any:
+    """Validate ``data`` for ``fmt`` before anything is written."""
+    if type(fmt) is NpyFormat:
+        # np.save writes the caller's array straight from its memory: the copy
+        # that Format.normalize makes for in-memory backends is not needed here.
+        arr = np.asarray(data)
+        fmt.check_load(arr, path, **kwargs)
+        return arr
+    return fmt.normalize(data, path, **kwargs)
+
+
+def _link_new(src: str, target: str, text: str) -> None:
+    """Give ``src`` the name ``target`` only if nothing has it; drop the name ``src``."""
+    try:
+        os.link(src, target)
+    except FileExistsError:
+        raise os_error(
+            IsADirectoryError if os.path.isdir(target) else FileExistsError, text
+        ) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINKS:
+            raise
+        # The caller holds the directory's commit lock, which keeps other
+        # polystore writers out between this check and the rename.
+        if os.path.lexists(target):
+            raise os_error(FileExistsError, text) from None
+        os.replace(src, target)
+        return
+    os.unlink(src)
+
+
+def _copy_bytes(src: IO[bytes], dst: IO[bytes]) -> None:
+    """Copy a whole file in the kernel where it can, else through a buffer."""
+    dst.flush()
+    offset = 0
+    try:
+        while True:
+            sent = os.sendfile(dst.fileno(), src.fileno(), offset, 1 << 30)
+            if sent == 0:
+                return
+            offset += sent
+    except OSError as exc:
+        if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    shutil.copyfileobj(src, dst)
+
+
+class DiskBackend(StorageBackend):
+    """Files on a local or shared file system, written atomically.
+
+    Args:
+        root: directory that relative paths are resolved in and that no path
+            may leave. ``None`` uses paths as given (relative to the current
+            directory), without a sandbox.
+        formats: the formats to accept; defaults to
+            :func:`~polystore.formats.default_formats`.
+        fsync: force every write to stable storage before it becomes visible.
+            Off by default: an atomic rename already protects against killed
+            processes; ``fsync`` adds protection against power loss.
+        lock_timeout: seconds to wait for a directory's commit lock before
+            raising :class:`~polystore.exceptions.LockTimeoutError`; ``None``
+            waits as long as it takes.
+
+    Loading never unpickles unless ``allow_pickle=True`` is passed. ``.npy``
+    files also load memory-mapped with ``mmap_mode="r"`` (or ``"r+"``, ``"c"``).
+    The backend pickles by its configuration, so workers can receive it.
+    """
+
+    name = "disk"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        formats: FormatRegistry | None = None,
+        fsync: bool = False,
+        lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        self.root = None if root is None else os.path.realpath(as_str(root, "root"))
+        self.formats = formats if formats is not None else default_formats()
+        self.fsync = bool(fsync)
+        if lock_timeout is not None and not float(lock_timeout) >= 0:
+            raise ValueError(f"lock_timeout must be >= 0 or None, got {lock_timeout!r}")
+        self.lock_timeout = None if lock_timeout is None else float(lock_timeout)
+
+    def __repr__(self) -> str:
+        return f"DiskBackend(root={self.root!r})"
+
+    # -- paths --------------------------------------------------------------
+    def resolve(self, path: str | os.PathLike[str]) -> str:
+        """The operating-system path that ``path`` names, after the sandbox check.
+
+        Raises:
+            SandboxError: ``path`` resolves outside ``root``.
+            ReservedNameError: ``path`` uses polystore's reserved prefix.
+        """
+        return self._resolve(as_str(path))
+
+    def _resolve(self, text: str) -> str:
+        if RESERVED_PREFIX in text:
+            parts = text.replace(os.sep, "/").split("/")
+            if any(is_reserved(part) for part in parts):
+                raise ReservedNameError(text, RESERVED_PREFIX)
+        if self.root is None:
+            return text
+        real = os.path.realpath(os.path.join(self.root, text))
+        if not self._inside(real):
+            raise SandboxError(text, self.root)
+        return real
+
+    def _inside(self, real: str) -> bool:
+        assert self.root is not None
+        return os.path.commonpath([self.root, real]) == self.root
+
+    def _visible(self, entry: os.DirEntry[str]) -> bool:
+        """Whether a directory entry belongs in a listing."""
+        if is_reserved(entry.name):
+            return False
+        if self.root is None or not entry.is_symlink():
+            return True
+        return self._inside(os.path.realpath(entry.path))
+
+    @staticmethod
+    def _sidecar(target: str) -> str:
+        directory, name = os.path.split(target)
+        return os.path.join(directory, reserved_name(META_PREFIX, name, ".json"))
+
+    @staticmethod
+    def _missing_or_not_dir(exc: NotADirectoryError, target: str, text: str) -> OSError:
+        """ENOTDIR means a file among the parents (missing) unless ``target`` is a file."""
+        if os.path.isfile(target):
+            return exc
+        return os_error(FileNotFoundError, text)
+
+    # -- writing --------------------------------------------------------------
+    def _write_temp(
+        self, directory: str, text: str, writer: Callable[[IO[bytes]], object], durable: bool
+    ) -> str:
+        """Write a complete temporary file in ``directory``; return its path."""
+        try:
+            fd, tmp = create_temp(directory)
+        except FileNotFoundError:
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except FileExistsError:
+                raise os_error(NotADirectoryError, text) from None
+            fd, tmp = create_temp(directory)
+        try:
+            with open(fd, "wb") as f:
+                writer(f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+        return tmp
+
+    @staticmethod
+    def _check_target(target: str, text: str, overwrite: bool) -> None:
+        """Refuse early, before writing, what the commit would refuse anyway."""
+        try:
+            st = os.stat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise os_error(IsADirectoryError, text)
+        if not overwrite:
+            raise os_error(FileExistsError, text)
+
+    def _commit(
+        self, tmp: str, target: str, text: str, meta_tmp: str | None, overwrite: bool,
+        durable: bool,
+    ) -> None:
+        """Rename a finished file (and its metadata) into place."""
+        directory = os.path.dirname(target)
+        sidecar = self._sidecar(target)
+        with directory_lock(directory, self.lock_timeout):
+            if overwrite:
+                # Old metadata goes first: if we die before the end, the file is
+                # left without metadata rather than with another version's.
+                remove_quietly(sidecar)
+                os.replace(tmp, target)
+            else:
+                _link_new(tmp, target, text)
+                remove_quietly(sidecar)
+            if meta_tmp is not None:
+                os.replace(meta_tmp, sidecar)
+        if durable:
+            fsync_dir(directory)
+
+    def _write_and_commit(
+        self,
+        target: str,
+        text: str,
+        writer: Callable[[IO[bytes]], object],
+        meta: bytes | None,
+        overwrite: bool,
+        durable: bool,
+    ) -> None:
+        directory = os.path.dirname(target)
+        tmp = self._write_temp(directory, text, writer, durable)
+        meta_tmp = None
+        try:
+            if meta is not None:
+                meta_tmp = self._write_temp(directory, text, lambda f: f.write(meta), durable)
+            self._commit(tmp, target, text, meta_tmp, overwrite, durable)
+        finally:
+            remove_quietly(tmp)
+            if meta_tmp is not None:
+                remove_quietly(meta_tmp)
+
+    # -- primitives -------------------------------------------------------------
+    def save(
+        self,
+        data: Any,
+        path: Any,
+        *,
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        fsync: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Store ``data`` at ``path`` atomically (see the module notes).
+
+        ``fsync`` overrides the backend's setting for this call; other keyword
+        arguments reach the format (``allow_pickle``, ``compressed`` for
+        ``.npz``, ``indent`` for ``.json``).
+        """
+        text = as_str(path)
+        target = self._resolve(text)
+        fmt = self.formats.for_path(text)
+        value = _prepare(fmt, data, text, kwargs)
+        meta = normalize_metadata(metadata, text)
+        meta_bytes = None if meta is None else json.dumps(meta).encode("utf-8")
+        self._check_target(target, text, overwrite)
+        durable = self.fsync if fsync is None else bool(fsync)
+        self._write_and_commit(
+            target, text, lambda f: fmt.write(f, value, **kwargs), meta_bytes, overwrite, durable
+        )
+
+    def load(self, path: Any, **kwargs: Any) -> Any:
+        text = as_str(path)
+        source = self._resolve(text)
+        fmt = self.formats.for_path(text)
+        mmap_mode = kwargs.pop("mmap_mode", None)
+        if mmap_mode is not None:
+            return self._load_mapped(fmt, source, text, mmap_mode)
+        try:
+            f = open(source, "rb")  # noqa: SIM115 - closed below, after the error mapping
+        except NotADirectoryError as exc:
+            raise self._missing_or_not_dir(exc, source, text) from None
+        with f:
+            return fmt.read(f, text, **kwargs)
+
+    def _load_mapped(self, fmt: Format, source: str, text: str, mmap_mode: Any) -> Any:
+        # A mapping keeps seeing the file it opened when another process later
+        # replaces the path, so it never shows a torn file either.
+        if type(fmt) is not NpyFormat:
+            raise UnsupportedFormatError(text, reason="mmap_mode is only available for .npy")
+        if mmap_mode not in ("r", "r+", "c"):
+            raise ValueError(f"mmap_mode must be 'r', 'r+' or 'c', got {mmap_mode!r}")
+        try:
+            return np.load(source, mmap_mode=mmap_mode, allow_pickle=False)
+        except NotADirectoryError as exc:
+            raise self._missing_or_not_dir(exc, source, text) from None
+
+    def kind(self, path: Any) -> Kind | None:
+        target = self._resolve(as_str(path))
+        try:
+            st = os.stat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+
+    @contextlib.contextmanager
+    def _scandir(self, directory: str, text: str) -> Iterator[Iterator[os.DirEntry[str]]]:
+        try:
+            entries = os.scandir(directory)
+        except NotADirectoryError as exc:
+            raise self._missing_or_not_dir(exc, directory, text) from None
+        with entries:
+            yield entries
+
+    def list_dir(self, path: Any) -> list[str]:
+        text = as_str(path)
+        with self._scandir(self._resolve(text), text) as entries:
+            return sorted(e.name for e in entries if self._visible(e))
+
+    def _walk_files(self, directory: str, recursive: bool) -> Iterable[str]:
+        top = self._resolve(directory)
+        found: list[str] = []
+        with self._scandir(top, directory) as entries:
+            pending = self._sort_entries(entries, "", found, recursive)
+        while pending:
+            rel_dir, full = pending.pop()
+            try:
+                sub = os.scandir(full)
+            except FileNotFoundError:
+                continue  # removed while we were walking
+            with sub:
+                pending.extend(self._sort_entries(sub, rel_dir + "/", found, recursive))
+        return found
+
+    def _sort_entries(
+        self, entries: Iterator[os.DirEntry[str]], rel_dir: str, found: list[str], recursive: bool
+    ) -> list[tuple[str, str]]:
+        """Add files to ``found``; return the subdirectories to walk."""
+        subdirs = []
+        for entry in entries:
+            if not self._visible(entry):
+                continue
+            if entry.is_file():
+                found.append(rel_dir + entry.name)
+            elif recursive and entry.is_dir(follow_symlinks=False):
+                # Links to directories are not followed: they could form cycles.
+                subdirs.append((rel_dir + entry.name, entry.path))
+        return subdirs
+
+    def ensure_directory(self, path: Any) -> str:
+        """Create ``path`` and its parents if missing; return ``path`` as ``str``.
+
+        On a directory that already existed, also removes what killed writers
+        left in it (see :meth:`cleanup`).
+        """
+        text = as_str(path)
+        target = self._resolve(text)
+        existed = os.path.isdir(target)
+        try:
+            os.makedirs(target, exist_ok=True)
+        except FileExistsError:
+            raise os_error(FileExistsError, text, "a file is in the way") from None
+        if existed:
+            self._clean(target, STALE_AFTER)
+        return text
+
+    def delete(self, path: Any, recursive: bool = False) -> None:
+        text = as_str(path)
+        target = self._resolve(text)
+        if self.root is not None and target == self.root:
+            raise SandboxError(text, self.root)
+        try:
+            st = os.lstat(target)
+        except (FileNotFoundError, NotADirectoryError):
+            raise os_error(FileNotFoundError, text) from None
+        if not stat.S_ISDIR(st.st_mode):
+            with directory_lock(os.path.dirname(target), self.lock_timeout):
+                remove_quietly(self._sidecar(target))
+                try:
+                    os.unlink(target)
+                except FileNotFoundError:
+                    raise os_error(FileNotFoundError, text) from None
+        elif recursive:
+            shutil.rmtree(target)
+        else:
+            self._rmdir(target, text)
+
+    @staticmethod
+    def _rmdir(target: str, text: str) -> None:
+        """Remove a directory that holds nothing but polystore's own files."""
+        try:
+            os.rmdir(target)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        names = os.listdir(target)
+        if not all(is_reserved(name) for name in names):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
+        for name in names:
+            remove_quietly(os.path.join(target, name))
+        os.rmdir(target)
+
+    # -- copy and move ---------------------------------------------------------
+    def _same_format(self, src: str, dst: str) -> bool:
+        return self.formats.for_path(src) == self.formats.for_path(dst)
+
+    @staticmethod
+    def _require_file(source: str, text: str) -> None:
+        try:
+            st = os.stat(source)
+        except (FileNotFoundError, NotADirectoryError):
+            raise os_error(FileNotFoundError, text) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise os_error(IsADirectoryError, text)
+
+    def _read_sidecar(self, target: str) -> bytes | None:
+        try:
+            with open(self._sidecar(target), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+        """Copy the file ``src`` to ``dst`` with its metadata, byte for byte.
+
+        The copy keeps the permission bits and modification time of ``src``. Between
+        different formats, the value is loaded and saved in the new format.
+        """
+        src_text, dst_text = as_str(src), as_str(dst)
+        source, target = self._resolve(src_text), self._resolve(dst_text)
+        if not self._same_format(src_text, dst_text):
+            super().copy(src, dst, overwrite=overwrite, **kwargs)
+            return
+        self._require_file(source, src_text)
+        self._check_target(target, dst_text, overwrite)
+        durable = self.fsync if kwargs.get("fsync") is None else bool(kwargs["fsync"])
+
+        def writer(f: IO[bytes]) -> None:
+            with open(source, "rb") as fsrc:
+                _copy_bytes(fsrc, f)
+            f.flush()  # before copying the times, or the last write would change them
+            st = os.stat(source)
+            os.chmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            os.utime(f.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+        self._write_and_commit(
+            target, dst_text, writer, self._read_sidecar(source), overwrite, durable
+        )
+
+    def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+        """Move the file ``src`` to ``dst`` with its metadata, by renaming it when possible."""
+        src_text, dst_text = as_str(src), as_str(dst)
+        source, target = self._resolve(src_text), self._resolve(dst_text)
+        if not self._same_format(src_text, dst_text):
+            super().move(src, dst, overwrite=overwrite, **kwargs)
+            return
+        self._require_file(source, src_text)
+        self._check_target(target, dst_text, overwrite)
+        if source == target:
+            return
+        parent = os.path.dirname(target)
+        try:
+            os.makedirs(parent or ".", exist_ok=True)
+        except FileExistsError:
+            raise os_error(NotADirectoryError, dst_text) from None
+        try:
+            with self._directory_locks(os.path.dirname(source), parent):
+                self._rename(source, target, dst_text, overwrite)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # Different file systems: no rename can do it.
+            self.copy(src, dst, overwrite=overwrite, **kwargs)
+            self.delete(src)
+
+    def _directory_locks(self, *directories: str) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        # A fixed order, so two moves in opposite directions cannot deadlock.
+        for directory in sorted(set(directories)):
+            stack.enter_context(directory_lock(directory, self.lock_timeout))
+        return stack
+
+    def _rename(self, source: str, target: str, dst_text: str, overwrite: bool) -> None:
+        src_meta, dst_meta = self._sidecar(source), self._sidecar(target)
+        has_meta = os.path.isfile(src_meta)
+        if overwrite:
+            remove_quietly(dst_meta)
+            os.replace(source, target)
+        else:
+            _link_new(source, target, dst_text)
+            remove_quietly(dst_meta)
+        if has_meta:
+            os.replace(src_meta, dst_meta)
+
+    # -- metadata, locks, cleanup ---------------------------------------------
+    def load_metadata(self, path: Any) -> dict[str, Any]:
+        text = as_str(path)
+        target = self._resolve(text)
+        raw = self._read_sidecar(target)
+        if raw is None or not os.path.isfile(target):
+            raise MetadataNotFoundError(text)
+        meta: dict[str, Any] = json.loads(raw)
+        return meta
+
+    def lock(
+        self, path: Any, timeout: float | None = None, shared: bool = False
+    ) -> contextlib.AbstractContextManager[str]:
+        """:func:`~polystore.file_lock` on ``path`` inside this backend's root."""
+        return file_lock(self._resolve(as_str(path)), timeout=timeout, shared=shared)
+
+    def cleanup(
+        self, directory: Any = ".", *, recursive: bool = True, max_age: float = STALE_AFTER
+    ) -> list[str]:
+        """Remove what killed processes left behind; return the removed paths.
+
+        Removes temporary files whose writer is no longer running and that
+        have not been written for ``max_age`` seconds, lock files nobody
+        holds, and metadata whose data file no longer exists. Live writers'
+        files are never touched.
+        """
+        text = as_str(directory, "directory")
+        top = self._resolve(text)
+        removed: list[str] = []
+        pending = [("", top)]
+        while pending:
+            rel_dir, full = pending.pop()
+            removed.extend(rel_dir + name for name in self._clean(full, max_age))
+            if recursive:
+                with os.scandir(full) as entries:
+                    pending.extend(
+                        (rel_dir + e.name + "/", e.path)
+                        for e in entries
+                        if not is_reserved(e.name) and e.is_dir(follow_symlinks=False)
+                    )
+        return join_listing(text, removed)
+
+    def _clean(self, directory: str, max_age: float) -> list[str]:
+        removed = remove_stale(directory, max_age)
+        with os.scandir(directory) as entries:
+            sidecars = [e.name for e in entries if e.name.startswith(META_PREFIX)]
+        for name in sidecars:
+            data_name = name[len(META_PREFIX):-len(".json")]
+            if data_name.startswith("#") or os.path.lexists(os.path.join(directory, data_name)):
+                continue  # hashed names cannot be traced back to their file
+            with directory_lock(directory, self.lock_timeout):
+                if not os.path.lexists(os.path.join(directory, data_name)):
+                    remove_quietly(os.path.join(directory, name))
+                    removed.append(name)
+        return sorted(removed)
+
