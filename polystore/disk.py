@@ -232,15 +232,15 @@ class DiskBackend(StorageBackend):
     ) -> str:
         """Write a complete temporary file in ``directory``; return its path."""
         try:
-            fd, tmp = create_temp(directory)
+            f, tmp = create_temp(directory)
         except FileNotFoundError:
             try:
                 os.makedirs(directory, exist_ok=True)
             except FileExistsError:
                 raise os_error(NotADirectoryError, text) from None
-            fd, tmp = create_temp(directory)
+            f, tmp = create_temp(directory)
         try:
-            with open(fd, "wb") as f:
+            with f:
                 writer(f)
                 if durable:
                     f.flush()

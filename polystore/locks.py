@@ -52,6 +52,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from io import BufferedWriter
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import LockTimeoutError, UnsupportedFormatError
@@ -114,16 +115,14 @@ def lock_path(path: str | os.PathLike[str]) -> str:
 # -- temporary files and atomic replacement ---------------------------------
 
 
-def create_temp(directory: str) -> tuple[int, str]:
-    """Create a new empty temporary file in ``directory``; return ``(fd, path)``.
+def create_temp(directory: str) -> tuple[BufferedWriter, str]:
+    """Create a new temporary file in ``directory``; return it open for writing, and its path.
 
     The file gets the permissions a plain ``open(path, "w")`` would give, not
     the owner-only ones of :mod:`tempfile`, because it becomes the data file.
     """
-    name = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
-    path = os.path.join(directory, name)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    return fd, path
+    path = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
+    return open(path, "xb"), path
 
 
 def fsync_dir(directory: str) -> None:
@@ -146,9 +145,9 @@ def remove_quietly(path: str) -> None:
 def write_atomic(path: str, payload: bytes, *, fsync: bool = False) -> None:
     """Replace ``path`` with ``payload``: readers see the old or the new bytes, never a mix."""
     directory = os.path.dirname(path)
-    fd, tmp = create_temp(directory)
+    f, tmp = create_temp(directory)
     try:
-        with open(fd, "wb") as f:
+        with f:
             f.write(payload)
             f.flush()
             if fsync:
