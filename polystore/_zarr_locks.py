@@ -1,0 +1,181 @@
+"""Region writes into chunked arrays: which chunks a write shares, and their locks.
+
+A zarr chunk is stored as one object, so writing part of a chunk means reading
+the whole chunk, changing it and writing it back. Two processes doing that to
+the same chunk at once lose one of the two changes. Chunks that a write covers
+entirely are never read, and no other writer of a disjoint region touches
+them, so they need no lock.
+
+:func:`split_region` cuts a region into the box of chunks it covers entirely
+and at most two slabs per dimension made of the chunks it covers only in part.
+:class:`ChunkLocks` holds one portalocker (``flock``) lock file per chunk while
+a slab is written. A writer holds the locks of one slab at a time and takes
+them in sorted order, so two writers can never wait for each other in a cycle.
+The kernel releases the locks of a process that dies.
+
+Nothing here imports zarr: it works on plain shapes and chunk grids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import operator
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, TypeAlias
+
+from .exceptions import LockTimeoutError
+
+__all__ = ["Box", "ChunkLocks", "chunks_touched", "normalize_region", "split_region"]
+
+#: one ``(start, stop)`` pair per dimension
+Box: TypeAlias = "tuple[tuple[int, int], ...]"
+
+
+def normalize_region(region: Any, shape: Sequence[int]) -> Box:
+    """Turn a region given as slices into explicit ``(start, stop)`` pairs.
+
+    ``region`` is a slice or a tuple of slices with step 1 and non-negative
+    bounds; ``None`` bounds mean the start or end of the dimension, and
+    dimensions left out at the end are taken whole.
+
+    Raises:
+        TypeError: an entry is not a slice.
+        ValueError: a step is not 1, or a bound lies outside the array.
+    """
+    entries = (region,) if isinstance(region, slice) else region
+    if not isinstance(entries, tuple):
+        raise TypeError(f"region must be a slice or a tuple of slices, got {region!r}")
+    if len(entries) > len(shape):
+        raise ValueError(
+            f"region {region!r} has more dimensions than the array shape {tuple(shape)}"
+        )
+    box = []
+    for dim, size in enumerate(shape):
+        entry = entries[dim] if dim < len(entries) else slice(None)
+        if not isinstance(entry, slice):
+            raise TypeError(f"region entries must be slices, got {entry!r} for dimension {dim}")
+        if entry.step not in (None, 1):
+            raise ValueError(f"region slices must have step 1, got {entry!r} for dimension {dim}")
+        start = 0 if entry.start is None else operator.index(entry.start)
+        stop = size if entry.stop is None else operator.index(entry.stop)
+        if not 0 <= start <= stop <= size:
+            raise ValueError(
+                f"region {region!r} does not fit the array shape {tuple(shape)} "
+                f"in dimension {dim} (need 0 <= start <= stop <= {size})"
+            )
+        box.append((start, stop))
+    return tuple(box)
+
+
+def split_region(
+    box: Box, shape: Sequence[int], grid: Sequence[int]
+) -> tuple[Box | None, list[Box]]:
+    """Split ``box`` into the part made of whole chunks and the slabs that share chunks.
+
+    Returns ``(inner, slabs)``: ``inner`` covers only chunks that ``box``
+    covers entirely (``None`` when there are none) and every slab touches only
+    chunks that ``box`` covers in part. Together they cover ``box`` exactly,
+    without overlap. A chunk at the end of the array counts as covered when
+    the part of it inside the array is.
+    """
+    if any(start == stop for start, stop in box):
+        return None, []
+    rest = list(box)
+    slabs: list[Box] = []
+    for dim, ((start, stop), size, step) in enumerate(zip(box, shape, grid, strict=True)):
+        low = -(-start // step) * step
+        high = size if stop == size else stop // step * step
+        if low >= high:
+            # no whole chunk along this dimension: all that is left shares chunks
+            slabs.append(tuple(rest))
+            return None, slabs
+        if start < low:
+            slabs.append((*rest[:dim], (start, low), *rest[dim + 1 :]))
+        if high < stop:
+            slabs.append((*rest[:dim], (high, stop), *rest[dim + 1 :]))
+        rest[dim] = (low, high)
+    return tuple(rest), slabs
+
+
+def chunks_touched(box: Box, grid: Sequence[int]) -> list[tuple[int, ...]]:
+    """Grid coordinates of the chunks ``box`` touches, in sorted order."""
+    ranges = [
+        range(start // step, -(-stop // step))
+        for (start, stop), step in zip(box, grid, strict=True)
+    ]
+    return list(itertools.product(*ranges))
+
+
+class ChunkLocks:
+    """Exclusive file locks, one per name, for the chunks of one array.
+
+    Args:
+        directory: where the lock files live; created on first use. Every
+            writer of the array must see the same directory, on a file system
+            whose ``flock`` locks all of them honour (a local disk, or NFSv4
+            across machines).
+        timeout: seconds to wait for a lock before :class:`LockTimeoutError`.
+
+    Lock files are never removed: deleting a lock file that another process
+    is about to open would let two processes hold "the" lock at once.
+    """
+
+    def __init__(self, directory: str, timeout: float) -> None:
+        self.directory = directory
+        self.timeout = timeout
+
+    @staticmethod
+    def for_array(base: str, store: str, key: str, timeout: float) -> ChunkLocks:
+        """The locks of the array ``key`` in the store ``store``, under ``base``.
+
+        The directory name is a digest of both, so arrays of different stores
+        sharing one lock directory never share a lock, and no path is too long.
+        """
+        digest = hashlib.sha256(f"{store}\0{key}".encode()).hexdigest()[:32]
+        return ChunkLocks(os.path.join(base, digest), timeout)
+
+    @contextlib.contextmanager
+    def hold(self, names: Sequence[str]) -> Iterator[None]:
+        """Hold the locks named ``names`` (taken in sorted order) inside the block.
+
+        Raises:
+            LockTimeoutError: a lock was not free within ``timeout`` seconds;
+                the locks taken so far are released.
+        """
+        os.makedirs(self.directory, exist_ok=True)
+        deadline = time.monotonic() + self.timeout
+        with contextlib.ExitStack() as held:
+            for name in sorted(names):
+                held.enter_context(
+                    self._lock(os.path.join(self.directory, name + ".lock"), deadline)
+                )
+            yield
+
+    @contextlib.contextmanager
+    def _lock(self, path: str, deadline: float) -> Iterator[None]:
+        import portalocker
+
+        flags = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
+        handle: IO[bytes] = open(path, "ab")  # noqa: SIM115 (closed in the finally below)
+        try:
+            delay = 0.0005
+            while True:
+                try:
+                    portalocker.lock(handle, flags)
+                    break
+                except portalocker.AlreadyLocked:
+                    if time.monotonic() >= deadline:
+                        raise LockTimeoutError(path, self.timeout) from None
+                    # short waits first: a chunk is usually held for milliseconds
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+            try:
+                yield
+            finally:
+                portalocker.unlock(handle)
+        finally:
+            handle.close()

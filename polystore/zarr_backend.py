@@ -1,0 +1,657 @@
+"""The zarr backend: numpy arrays in a zarr hierarchy, saved whole or region by region.
+
+Mapping
+-------
+Directories are zarr groups and files are zarr arrays; an array may have any
+name (``"A/1.npy"``, ``"A/1"``). Only arrays are stored: other values are
+refused with :class:`~polystore.UnsupportedFormatError`.
+
+Which hierarchy a path belongs to depends on ``root``:
+
+* ``ZarrBackend(root=...)``: ``root`` (a local directory or an fsspec URL) is
+  one hierarchy and paths are relative to it. ``"plate.zarr/A/1.npy"`` is the
+  array ``A/1.npy`` of the group ``plate.zarr`` inside it. Absolute paths must
+  lie inside ``root``, and ``..`` cannot climb out of it
+  (:class:`~polystore.SandboxError`); symbolic links are not resolved.
+* ``ZarrBackend()`` (what a default registry builds): every path must pass
+  through a directory whose name ends in ``.zarr``; the first such directory
+  is the hierarchy and the rest of the path names a node inside it. So
+  ``"/data/plate.zarr/A/1.npy"`` is the array ``A/1.npy`` of the store
+  ``/data/plate.zarr``, which is a directory (group) itself. A path without a
+  ``.zarr`` component is refused with ``ValueError``.
+
+Each local hierarchy keeps a private directory ``.polystore`` at its top
+(temporary arrays and lock files). It never appears in listings, but zarr's
+own member listing of the top group warns that it is not a zarr node.
+
+Replacing an array
+------------------
+On a local file system an array is saved into a temporary directory inside the
+hierarchy and renamed into place; an existing array is swapped out in the same
+atomic step (Linux ``renameat2(RENAME_EXCHANGE)``; where the file system lacks
+it, e.g. NFS, the old array is renamed aside first and the path is missing for
+a moment). :meth:`ZarrBackend.load` notices when the array it is reading is
+replaced under it and reads again, so it returns the old or the new array,
+never a mix. A lazy load (``lazy=True``) gets no such guarantee. On fsspec
+storage an overwrite deletes the old array and then writes the new one:
+readers may see it missing or incomplete meanwhile.
+
+Region writes
+-------------
+``save(block, path, region=(slice(...), ...), shape=..., dtype=...)`` writes
+``block`` into part of an array, creating the array on first use. Many
+processes may write disjoint regions of one array at once. Chunks (shards, for
+sharded arrays) that a region covers entirely are written without locks; a
+chunk it covers in part is read, changed and written back under an exclusive
+per-chunk file lock, so no write is lost. Creating the array and changing its
+attributes happen under a per-array lock: racing first writers create it once.
+Locks live in ``<hierarchy>/.polystore/locks`` or in ``lock_dir``, and work
+where every writer sees that directory on a file system with ``flock``
+semantics (a local disk; NFSv4 across machines). For fsspec URLs there is no
+default lock directory: unaligned region writes are refused with
+:class:`~polystore.LockRequiredError` unless ``lock_dir`` names a directory
+all writers share, and racing creators are not serialised. Overlapping regions
+written at once give an undefined mix, as with any file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import posixpath
+import re
+import shutil
+import threading
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._zarr_locks import ChunkLocks, chunks_touched, normalize_region, split_region
+from ._zarr_tree import METADATA_NAMES, PRIVATE_DIR, FsspecTree, Hierarchy, LocalTree, Tree, publish
+from .base import Kind, StorageBackend
+from .exceptions import (
+    LockRequiredError,
+    MetadataNotFoundError,
+    MissingDependencyError,
+    SandboxError,
+    UnsupportedFormatError,
+    os_error,
+)
+from .paths import as_str
+
+__all__ = ["ZarrBackend"]
+
+#: ``save`` keywords passed to :func:`zarr.create_array` when an array is created
+_CREATE_OPTIONS = frozenset(
+    {
+        "chunks",
+        "shards",
+        "compressors",
+        "filters",
+        "serializer",
+        "fill_value",
+        "order",
+        "dimension_names",
+        "chunk_key_encoding",
+        "config",
+    }
+)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: how often ``load`` reads again when the array keeps being replaced under it
+_READ_ATTEMPTS = 20
+
+
+def _zarr() -> ModuleType:
+    """Import zarr (version 3 or later), or explain how to install it."""
+    try:
+        import zarr
+    except ImportError as exc:
+        raise MissingDependencyError("zarr>=3", "zarr") from exc
+    if int(zarr.__version__.split(".")[0]) < 3:
+        raise MissingDependencyError(f"zarr>=3 (found {zarr.__version__})", "zarr")
+    return zarr
+
+
+def _canonical(text: str) -> str:
+    """A local path made absolute, or a URL; ``file://`` URLs become local paths."""
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if _URL.match(text):
+        scheme, rest = text.split("://", 1)
+        rest = posixpath.normpath(rest) if rest else ""
+        return f"{scheme}://{'' if rest == '.' else rest}"
+    return os.path.abspath(text)
+
+
+def _ancestors(key: str) -> list[str]:
+    """``""`` (the top) and every ancestor of ``key``, outermost first."""
+    parts = key.split("/")[:-1] if key else []
+    return [""] + ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _as_array(data: Any, path: str) -> np.ndarray[Any, Any]:
+    if data is None or isinstance(data, (str, bytes, bytearray, memoryview, Mapping)):
+        raise UnsupportedFormatError(
+            path, reason=f"the zarr backend stores arrays only, got {type(data).__name__}"
+        )
+    array = np.asarray(data)
+    if array.dtype.hasobject:
+        raise UnsupportedFormatError(
+            path,
+            reason="object arrays hold Python objects that only pickle can store, "
+            "and zarr stores no pickles",
+        )
+    return array
+
+
+def _check_metadata(metadata: Any) -> dict[str, Any] | None:
+    """Refuse metadata that is not a JSON object; return it as JSON reads it back."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    for key in metadata:
+        if not isinstance(key, str):
+            raise TypeError(f"metadata keys must be strings, got {key!r}")
+    normalized: dict[str, Any] = json.loads(json.dumps(dict(metadata)))
+    return normalized
+
+
+def _as_shape(value: Any, ndim: int | None = None) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * (ndim or 1)
+    return tuple(int(v) for v in value)
+
+
+class ZarrBackend(StorageBackend):
+    """Arrays in zarr hierarchies (zarr-python 3), with safe concurrent region writes.
+
+    Args:
+        root: the directory or fsspec URL of the one hierarchy that paths are
+            relative to; ``None`` makes every path name its own ``*.zarr``
+            store (see the module documentation).
+        zarr_format: 3 (default) or 2, for arrays and groups this backend creates.
+        lock_dir: where region-write locks live, instead of each local
+            hierarchy's ``.polystore/locks``; required for unaligned region
+            writes to fsspec URLs. Every writer must use the same directory.
+        lock_timeout: seconds to wait for a lock before
+            :class:`~polystore.LockTimeoutError`.
+        storage_options: passed to fsspec for URL paths.
+
+    Whole-array ``save`` takes zarr's creation options (``chunks``,
+    ``shards``, ``compressors``, ``filters``, ``serializer``, ``fill_value``,
+    ``order``, ``dimension_names``, ``chunk_key_encoding``, ``config``) and
+    ``metadata``, stored as the array's attributes. ``load`` returns a numpy
+    array, or the ``zarr.Array`` with ``lazy=True``. Region writes take
+    ``region=``, and ``shape=``/``dtype=`` to create the array on first use.
+    zarr is imported on first use; without it every call raises
+    :class:`~polystore.exceptions.MissingDependencyError`.
+    """
+
+    name = "zarr"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        zarr_format: int = 3,
+        lock_dir: str | os.PathLike[str] | None = None,
+        lock_timeout: float = 60.0,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+        self._root = None if root is None else _canonical(as_str(root, "root"))
+        self._lock_dir = None if lock_dir is None else os.path.abspath(as_str(lock_dir, "lock_dir"))
+        self._lock_timeout = float(lock_timeout)
+        self._zarr_format = zarr_format
+        self._storage_options = dict(storage_options or {})
+        self._hierarchies: dict[str, Hierarchy] = {}
+        self._guard = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt from configuration: stores and caches are per process
+        rebuild = functools.partial(
+            type(self),
+            self._root,
+            zarr_format=self._zarr_format,
+            lock_dir=self._lock_dir,
+            lock_timeout=self._lock_timeout,
+            storage_options=self._storage_options,
+        )
+        return (rebuild, ())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={self._root!r}, zarr_format={self._zarr_format})"
+
+    @property
+    def root(self) -> str | None:
+        """The hierarchy's directory or URL, or ``None`` (one store per ``*.zarr`` path)."""
+        return self._root
+
+    # -- where a path lives ------------------------------------------------------
+    def _locate(self, path: Any) -> tuple[Hierarchy, str, str]:
+        """The hierarchy of ``path``, the node's key inside it, and ``path`` as text."""
+        text = as_str(path)
+        if self._root is None:
+            hierarchy, key = self._locate_store(text)
+            return hierarchy, key, text
+        root = self._root
+        rel = text
+        if _URL.match(text) or text.startswith("file://") or os.path.isabs(text):
+            full = _canonical(text)
+            if full == root:
+                rel = ""
+            elif full.startswith(root.rstrip("/") + "/"):
+                rel = full[len(root.rstrip("/")) + 1 :]
+            else:
+                raise SandboxError(text, root)
+        key = self._clean_key(rel, text, root)
+        return self._hierarchy(root, implicit_root=True), key, text
+
+    def _locate_store(self, text: str) -> tuple[Hierarchy, str]:
+        full = _canonical(text)
+        if _URL.match(full):
+            scheme, rest = full.split("://", 1)
+            prefix, parts = f"{scheme}://", rest.split("/")
+        else:
+            prefix, parts = "", full.split(os.sep)
+        for i, part in enumerate(parts):
+            if part.lower().endswith(".zarr"):
+                root = prefix + "/".join(parts[: i + 1])
+                key = self._clean_key("/".join(parts[i + 1 :]), text, root)
+                return self._hierarchy(root, implicit_root=False), key
+        raise ValueError(
+            f"ZarrBackend() without a root keeps arrays inside '*.zarr' directories, and "
+            f"{text!r} has none; use a path such as 'out/plate.zarr/A/1', or build "
+            "ZarrBackend(root=...)"
+        )
+
+    @staticmethod
+    def _clean_key(rel: str, text: str, root: str) -> str:
+        parts: list[str] = []
+        for part in rel.replace(os.sep, "/").split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not parts:
+                    raise SandboxError(text, root)
+                parts.pop()
+                continue
+            if part in METADATA_NAMES or (not parts and part == PRIVATE_DIR):
+                raise ValueError(f"{text!r}: {part!r} is a reserved name in a zarr hierarchy")
+            parts.append(part)
+        return "/".join(parts)
+
+    def _hierarchy(self, root: str, implicit_root: bool) -> Hierarchy:
+        found = self._hierarchies.get(root)
+        if found is not None:
+            return found
+        _zarr()  # the missing extra is reported on first use, whatever the call
+        tree: Tree = (
+            FsspecTree(root, self._storage_options) if _URL.match(root) else LocalTree(root)
+        )
+        hierarchy = Hierarchy(root, tree, self._zarr_format, implicit_root)
+        with self._guard:
+            return self._hierarchies.setdefault(root, hierarchy)
+
+    def _locks(self, hierarchy: Hierarchy, key: str) -> ChunkLocks | None:
+        if self._lock_dir is not None:
+            base = self._lock_dir
+        elif hierarchy.tree.local:
+            base = hierarchy.private_dir("locks")
+        else:
+            return None
+        return ChunkLocks.for_array(base, hierarchy.root, key, self._lock_timeout)
+
+    # -- primitives ------------------------------------------------------------
+    def kind(self, path: Any) -> Kind | None:
+        hierarchy, key, _ = self._locate(path)
+        return hierarchy.kind(key)
+
+    def list_dir(self, path: Any) -> list[str]:
+        hierarchy, key, text = self._locate(path)
+        kind = hierarchy.kind(key)
+        if kind is None:
+            raise os_error(FileNotFoundError, text)
+        if kind == "file":
+            raise os_error(NotADirectoryError, text)
+        return hierarchy.children(key)
+
+    def ensure_directory(self, path: Any) -> str:
+        hierarchy, key, text = self._locate(path)
+        kind = hierarchy.kind(key)
+        if kind == "file":
+            raise os_error(FileExistsError, text)
+        if kind == "dir" and hierarchy.has_metadata(key):
+            return text
+        self._ensure_parents(hierarchy, key, text)
+        self._create_group(hierarchy, key, text)
+        return text
+
+    def delete(self, path: Any, recursive: bool = False) -> None:
+        hierarchy, key, text = self._locate(path)
+        kind = hierarchy.kind(key)
+        if kind is None:
+            raise os_error(FileNotFoundError, text)
+        if kind == "dir" and not recursive and hierarchy.children(key):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
+        tree = hierarchy.tree
+        if not key:
+            if hierarchy.implicit_root:
+                raise OSError(errno.EBUSY, "the root of a ZarrBackend cannot be deleted", text)
+            tree.remove("")
+        elif isinstance(tree, LocalTree):
+            aside = hierarchy.temporary_path()
+            try:
+                os.rename(tree.path(key), aside)  # the node disappears in one step
+            except FileNotFoundError:
+                raise os_error(FileNotFoundError, text) from None
+            shutil.rmtree(aside)
+        else:
+            tree.remove(key)
+
+    def load(self, path: Any, **kwargs: Any) -> Any:
+        """Return the array at ``path`` as numpy, or as a ``zarr.Array`` with ``lazy=True``.
+
+        Raises:
+            FileNotFoundError: no array is at ``path``.
+            IsADirectoryError: ``path`` is a group.
+        """
+        lazy = bool(kwargs.pop("lazy", False))
+        kwargs.pop("allow_pickle", None)  # zarr stores no pickles, so there is nothing to allow
+        if kwargs:
+            raise TypeError(f"ZarrBackend.load() got unexpected keyword arguments {sorted(kwargs)}")
+        hierarchy, key, text = self._locate(path)
+        kind = hierarchy.kind(key)
+        if kind is None:
+            raise os_error(FileNotFoundError, text)
+        if kind == "dir":
+            raise os_error(IsADirectoryError, text)
+        if lazy:
+            return self._open(hierarchy, key, "r")
+        if not hierarchy.tree.local:
+            return np.asarray(self._open(hierarchy, key, "r")[...])
+        for _ in range(_READ_ATTEMPTS):
+            before = hierarchy.version(key)
+            if before is None:
+                raise os_error(FileNotFoundError, text)
+            try:
+                value = np.asarray(self._open(hierarchy, key, "r")[...])
+            except FileNotFoundError:
+                continue  # replaced by two renames: the path was missing for a moment
+            if hierarchy.version(key) == before:
+                return value
+        raise BlockingIOError(
+            errno.EAGAIN, f"the array was replaced {_READ_ATTEMPTS} times while being read", text
+        )
+
+    def load_metadata(self, path: Any) -> dict[str, Any]:
+        hierarchy, key, text = self._locate(path)
+        if hierarchy.kind(key) != "file":
+            raise MetadataNotFoundError(text)
+        attributes = hierarchy.attributes(key)
+        if not attributes:
+            raise MetadataNotFoundError(text)
+        return attributes
+
+    def save(
+        self,
+        data: Any,
+        path: Any,
+        *,
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save an array, or write a region of one (``region=``).
+
+        Raises:
+            LockRequiredError: an unaligned region write, or an attribute
+                change, where no lock directory is available.
+            ValueError: the region does not fit the array, or the existing
+                array's shape, dtype or chunks differ from those asked for.
+        """
+        region = kwargs.pop("region", None)
+        shape = kwargs.pop("shape", None)
+        dtype = kwargs.pop("dtype", None)
+        kwargs.pop("allow_pickle", None)
+        unknown = set(kwargs) - _CREATE_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"ZarrBackend.save() got unexpected keyword arguments {sorted(unknown)}; "
+                f"it takes region, shape, dtype and zarr's {', '.join(sorted(_CREATE_OPTIONS))}"
+            )
+        hierarchy, key, text = self._locate(path)
+        attributes = _check_metadata(metadata)
+        array = _as_array(data, text)
+        if region is None:
+            if shape is not None or dtype is not None:
+                raise TypeError("shape= and dtype= describe the array that a region= write creates")
+            self._save_whole(hierarchy, key, text, array, overwrite, attributes, kwargs)
+            return
+        if not overwrite:
+            raise ValueError(
+                "a region write changes an array in place; overwrite=False does not apply"
+            )
+        target = self._region_target(hierarchy, key, text, array, shape, dtype, attributes, kwargs)
+        self._write_region(hierarchy, key, text, target, array, region)
+
+    # -- helpers ------------------------------------------------------------------
+    def _open(self, hierarchy: Hierarchy, key: str, mode: str) -> Any:
+        return _zarr().open_array(
+            hierarchy.store(), path=key, mode=mode, zarr_format=self._zarr_format
+        )
+
+    def _ensure_parents(self, hierarchy: Hierarchy, key: str, text: str) -> None:
+        """Create the groups above ``key`` that are missing, top group included."""
+        parents = _ancestors(key)
+        for parent in parents:
+            kind = hierarchy.kind(parent)
+            if kind == "file":
+                raise os_error(NotADirectoryError, text)
+            if kind is None or not (parent or hierarchy.has_metadata("")):
+                self._create_group(hierarchy, parents[-1], text)
+                return
+
+    def _create_group(self, hierarchy: Hierarchy, key: str, text: str) -> None:
+        """Create the group ``key`` and the groups above it (a no-op where they exist)."""
+        zarr = _zarr()
+        from zarr.errors import ContainsArrayError, ContainsGroupError
+
+        try:
+            zarr.create_group(hierarchy.store(), path=key, zarr_format=self._zarr_format)
+        except ContainsGroupError:
+            pass  # made meanwhile by another writer: what we wanted
+        except ContainsArrayError:
+            raise os_error(NotADirectoryError, text) from None
+
+    def _save_whole(
+        self,
+        hierarchy: Hierarchy,
+        key: str,
+        text: str,
+        array: np.ndarray[Any, Any],
+        overwrite: bool,
+        attributes: dict[str, Any] | None,
+        options: dict[str, Any],
+    ) -> None:
+        zarr = _zarr()
+        from zarr.errors import ContainsArrayError, ContainsGroupError
+
+        kind = hierarchy.kind(key)
+        if kind == "dir":
+            raise os_error(IsADirectoryError, text)
+        if kind == "file" and not overwrite:
+            raise os_error(FileExistsError, text)
+        self._ensure_parents(hierarchy, key, text)
+        options = dict(options, zarr_format=self._zarr_format, attributes=attributes)
+        tree = hierarchy.tree
+        if not (key and isinstance(tree, LocalTree)):
+            try:
+                zarr.create_array(
+                    hierarchy.store(), name=key, data=array, overwrite=overwrite, **options
+                )
+            except ContainsArrayError:
+                raise os_error(FileExistsError, text) from None
+            except ContainsGroupError:
+                raise os_error(IsADirectoryError, text) from None
+            return
+        staging = hierarchy.temporary_path()
+        try:
+            zarr.create_array(zarr.storage.LocalStore(staging), data=array, **options)
+            replaced = publish(staging, tree.path(key), overwrite)
+        except FileExistsError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise os_error(FileExistsError, text) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the first error is the one to report
+            raise
+        if replaced is not None:
+            shutil.rmtree(replaced)
+
+    def _region_target(
+        self,
+        hierarchy: Hierarchy,
+        key: str,
+        text: str,
+        block: np.ndarray[Any, Any],
+        shape: Any,
+        dtype: Any,
+        attributes: dict[str, Any] | None,
+        options: dict[str, Any],
+    ) -> Any:
+        """Open (creating it if needed) the array a region write goes to, and check it."""
+        kind = hierarchy.kind(key)
+        if kind == "dir":
+            raise os_error(IsADirectoryError, text)
+        if kind is None:
+            if shape is None:
+                raise os_error(
+                    FileNotFoundError,
+                    text,
+                    "no array to write a region of; pass shape= (and dtype=) to create it",
+                )
+            wanted = np.dtype(block.dtype if dtype is None else dtype)
+            self._create_once(hierarchy, key, text, _as_shape(shape), wanted, attributes, options)
+        target = self._open(hierarchy, key, "r+")
+        _check_layout(target, text, shape, dtype, options)
+        if attributes and any(target.attrs.get(k) != v for k, v in attributes.items()):
+            self._update_attributes(hierarchy, key, text, attributes)
+        return target
+
+    def _create_once(
+        self,
+        hierarchy: Hierarchy,
+        key: str,
+        text: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        attributes: dict[str, Any] | None,
+        options: dict[str, Any],
+    ) -> None:
+        zarr = _zarr()
+        from zarr.errors import ContainsArrayError
+
+        locks = self._locks(hierarchy, key)
+        with locks.hold(["create"]) if locks else contextlib.nullcontext():
+            # checked again under the lock: a racing writer may have created it
+            if hierarchy.kind(key) is not None:
+                return
+            self._ensure_parents(hierarchy, key, text)
+            try:
+                zarr.create_array(
+                    hierarchy.store(),
+                    name=key,
+                    shape=shape,
+                    dtype=dtype,
+                    attributes=attributes,
+                    zarr_format=self._zarr_format,
+                    **options,
+                )
+            except ContainsArrayError:
+                pass  # no lock (fsspec storage): another writer created it first
+
+    def _update_attributes(
+        self, hierarchy: Hierarchy, key: str, text: str, attributes: dict[str, Any]
+    ) -> None:
+        locks = self._locks(hierarchy, key)
+        if locks is None:
+            raise LockRequiredError(
+                text,
+                "changing an existing array's attributes rewrites its metadata, which "
+                "concurrent writers could lose; pass lock_dir= a directory all writers share",
+            )
+        with locks.hold(["create"]):
+            self._open(hierarchy, key, "r+").update_attributes(attributes)
+
+    def _write_region(
+        self,
+        hierarchy: Hierarchy,
+        key: str,
+        text: str,
+        target: Any,
+        block: np.ndarray[Any, Any],
+        region: Any,
+    ) -> None:
+        box = normalize_region(region, target.shape)
+        size = tuple(stop - start for start, stop in box)
+        try:
+            block = np.broadcast_to(block, size)
+        except ValueError:
+            raise ValueError(
+                f"a block of shape {block.shape} does not fit the region {region!r} of "
+                f"{text!r}, whose shape is {size}"
+            ) from None
+        # the unit zarr rewrites whole is the shard when there are shards
+        grid = target.shards or target.chunks
+        inner, slabs = split_region(box, target.shape, grid)
+        locks = self._locks(hierarchy, key)
+        if slabs and locks is None:
+            raise LockRequiredError(
+                text,
+                f"region {region!r} covers chunks of shape {grid} only in part, and "
+                "fsspec storage has no locks; align the region to the chunks, or pass "
+                "lock_dir= a directory all writers share",
+            )
+        if inner is not None:
+            _write(target, inner, box, block)
+        for slab in slabs:
+            assert locks is not None
+            names = ["c." + ".".join(map(str, coords)) for coords in chunks_touched(slab, grid)]
+            with locks.hold(names):
+                _write(target, slab, box, block)
+
+
+def _write(target: Any, part: tuple[tuple[int, int], ...], box: Any, block: Any) -> None:
+    """Write the ``part`` of ``box`` from ``block`` (which holds all of ``box``)."""
+    where = tuple(slice(start, stop) for start, stop in part)
+    source = tuple(
+        slice(a - origin, b - origin) for (a, b), (origin, _) in zip(part, box, strict=True)
+    )
+    target[where] = block[source]
+
+
+def _check_layout(
+    target: Any, text: str, shape: Any, dtype: Any, options: Mapping[str, Any]
+) -> None:
+    """Refuse a region write whose array differs from what the writer asked for."""
+    problems = []
+    if shape is not None and _as_shape(shape) != tuple(target.shape):
+        problems.append(f"shape {tuple(target.shape)}, not {_as_shape(shape)}")
+    if dtype is not None and np.dtype(dtype) != target.dtype:
+        problems.append(f"dtype {target.dtype}, not {np.dtype(dtype)}")
+    for name, have in (("chunks", target.chunks), ("shards", target.shards)):
+        want = options.get(name)
+        if want is not None and want != "auto" and _as_shape(want, target.ndim) != have:
+            problems.append(f"{name} {have}, not {_as_shape(want, target.ndim)}")
+    if problems:
+        raise ValueError(
+            f"the array at {text!r} exists with {', '.join(problems)}; "
+            "delete it first, or write with its layout"
+        )
