@@ -383,8 +383,12 @@ class ZarrBackend(StorageBackend):
                 raise os_error(FileNotFoundError, text)
             try:
                 value = np.asarray(self._open(hierarchy, key, "r")[...])
-            except FileNotFoundError:
-                continue  # replaced by two renames: the path was missing for a moment
+            except Exception:
+                # chunks of a new array decoded with the old metadata fail in
+                # many ways; they are only errors if nothing was replaced
+                if hierarchy.version(key) == before:
+                    raise
+                continue
             if hierarchy.version(key) == before:
                 return value
         raise BlockingIOError(
