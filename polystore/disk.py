@@ -3,36 +3,28 @@
 Atomic writes
 -------------
 Every write goes to a new temporary file in the target's directory, is
-flushed, and is renamed onto the target with :func:`os.replace`. A reader sees
+flushed, and is renamed onto the target with :func:`os.replace`: a reader sees
 the old file or the new one, never a torn one, even if the writer is killed
 mid-write. ``overwrite=False`` hard-links the finished file to the target
-instead, which fails if the target appeared meanwhile, so two writers cannot
-both win. With ``fsync=True`` (per backend or per call; off by default) the
-file is forced to stable storage before the rename and the directory after
-it, so the new data also survives a power loss, at the cost of waiting for
-the device.
+instead, which fails if the target appeared meanwhile, so of two writers
+exactly one wins. ``fsync=True`` (per backend or per call; off by default)
+also forces the file to stable storage before the rename and the directory
+after it, so the write survives a power loss, at the cost of waiting for the
+device.
 
 Reserved names, metadata and leftovers
 --------------------------------------
-polystore's own files in a directory start with ``.polystore-`` (see
-:mod:`polystore.locks`): temporary files, lock files, and metadata sidecars
-``.polystore-meta-<name>.json``, one per data file, so that processes saving
-different files into one directory never touch the same metadata file. They
-never appear in :meth:`~DiskBackend.list_dir` or
-:meth:`~DiskBackend.list_files`, and paths using the prefix are refused with
-:class:`~polystore.exceptions.ReservedNameError`.
-
-A writer killed mid-write leaves its temporary file behind (invisible to
-listings). :meth:`DiskBackend.cleanup` removes those whose writer is dead and
-that are older than ``max_age`` seconds, unheld lock files, and metadata whose
-file is gone; :meth:`DiskBackend.ensure_directory` runs it on a directory that
-already existed.
-
-Renaming a file and its metadata into place happens under the directory's
-commit lock (``.polystore-lock``), held for microseconds, so concurrent saves
-of one path always leave a file with its own metadata. A save, move or delete
-interrupted between its two renames leaves the file without metadata, never
-with another version's.
+polystore's own files start with ``.polystore-`` (listed in
+:mod:`polystore.locks`); they never appear in listings, and paths using the
+prefix are refused with :class:`~polystore.exceptions.ReservedNameError`.
+Metadata lives in one sidecar per file, ``.polystore-meta-<name>.json``, so
+processes saving different files into one directory never share a metadata
+file. A file and its sidecar are renamed into place under the directory's
+commit lock, held for microseconds, so concurrent saves of one path leave a
+file with its own metadata; a crash between the two renames leaves the file
+without metadata, never with another version's. A killed writer's temporary
+file stays (unlisted) until :meth:`DiskBackend.cleanup`, which
+:meth:`DiskBackend.ensure_directory` runs on a directory that already exists.
 
 Sandbox
 -------
@@ -40,9 +32,9 @@ With ``root``, relative paths are taken inside ``root`` and absolute paths must
 lie in it. Each path is resolved with :func:`os.path.realpath` (``..`` and
 symbolic links included) and refused with
 :class:`~polystore.exceptions.SandboxError`, a ``PermissionError``, if it ends
-up outside ``root``; listings leave out links that point outside. The check
-guards against paths taken from user input, not against another local user
-swapping directories for links while a call runs.
+up outside; listings leave out links that lead outside. This guards against
+paths taken from user input, not against a local user swapping directories for
+links while a call runs.
 """
 
 from __future__ import annotations
@@ -76,6 +68,7 @@ from .locks import (
     file_lock,
     fsync_dir,
     is_reserved,
+    link_new,
     remove_quietly,
     remove_stale,
     reserved_name,
@@ -87,10 +80,6 @@ __all__ = ["DEFAULT_LOCK_TIMEOUT", "DiskBackend"]
 #: seconds a save waits for a directory's commit lock, which is held for microseconds
 DEFAULT_LOCK_TIMEOUT = 60.0
 
-# link() fails with these where the file system has no hard links (some FUSE
-# and network file systems, FAT).
-_NO_HARDLINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
-
 
 def _prepare(fmt: Format, data: Any, path: str, kwargs: dict[str, Any]) -> Any:
     """Validate ``data`` for ``fmt`` before anything is written."""
@@ -101,42 +90,6 @@ def _prepare(fmt: Format, data: Any, path: str, kwargs: dict[str, Any]) -> Any:
         fmt.check_load(arr, path, **kwargs)
         return arr
     return fmt.normalize(data, path, **kwargs)
-
-
-def _link_new(src: str, target: str, text: str) -> None:
-    """Give ``src`` the name ``target`` only if nothing has it; drop the name ``src``."""
-    try:
-        os.link(src, target)
-    except FileExistsError:
-        raise os_error(
-            IsADirectoryError if os.path.isdir(target) else FileExistsError, text
-        ) from None
-    except OSError as exc:
-        if exc.errno not in _NO_HARDLINKS:
-            raise
-        # The caller holds the directory's commit lock, which keeps other
-        # polystore writers out between this check and the rename.
-        if os.path.lexists(target):
-            raise os_error(FileExistsError, text) from None
-        os.replace(src, target)
-        return
-    os.unlink(src)
-
-
-def _copy_bytes(src: IO[bytes], dst: IO[bytes]) -> None:
-    """Copy a whole file in the kernel where it can, else through a buffer."""
-    dst.flush()
-    offset = 0
-    try:
-        while True:
-            sent = os.sendfile(dst.fileno(), src.fileno(), offset, 1 << 30)
-            if sent == 0:
-                return
-            offset += sent
-    except OSError as exc:
-        if offset or exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise
-    shutil.copyfileobj(src, dst)
 
 
 class DiskBackend(StorageBackend):
@@ -262,27 +215,6 @@ class DiskBackend(StorageBackend):
         if not overwrite:
             raise os_error(FileExistsError, text)
 
-    def _commit(
-        self, tmp: str, target: str, text: str, meta_tmp: str | None, overwrite: bool,
-        durable: bool,
-    ) -> None:
-        """Rename a finished file (and its metadata) into place."""
-        directory = os.path.dirname(target)
-        sidecar = self._sidecar(target)
-        with directory_lock(directory, self.lock_timeout):
-            if overwrite:
-                # Old metadata goes first: if we die before the end, the file is
-                # left without metadata rather than with another version's.
-                remove_quietly(sidecar)
-                os.replace(tmp, target)
-            else:
-                _link_new(tmp, target, text)
-                remove_quietly(sidecar)
-            if meta_tmp is not None:
-                os.replace(meta_tmp, sidecar)
-        if durable:
-            fsync_dir(directory)
-
     def _write_and_commit(
         self,
         target: str,
@@ -292,17 +224,32 @@ class DiskBackend(StorageBackend):
         overwrite: bool,
         durable: bool,
     ) -> None:
+        """Write ``target`` (and its metadata) to temporary files, then rename them into place."""
         directory = os.path.dirname(target)
+        sidecar = self._sidecar(target)
         tmp = self._write_temp(directory, text, writer, durable)
         meta_tmp = None
         try:
             if meta is not None:
                 meta_tmp = self._write_temp(directory, text, lambda f: f.write(meta), durable)
-            self._commit(tmp, target, text, meta_tmp, overwrite, durable)
-        finally:
+            with directory_lock(directory, self.lock_timeout):
+                if overwrite:
+                    # Old metadata goes first: if we die before the end, the file
+                    # is left without metadata rather than with another version's.
+                    remove_quietly(sidecar)
+                    os.replace(tmp, target)
+                else:
+                    link_new(tmp, target, text)
+                    remove_quietly(sidecar)
+                if meta_tmp is not None:
+                    os.replace(meta_tmp, sidecar)
+        except BaseException:
             remove_quietly(tmp)
             if meta_tmp is not None:
                 remove_quietly(meta_tmp)
+            raise
+        if durable:
+            fsync_dir(directory)
 
     # -- primitives -------------------------------------------------------------
     def save(
@@ -338,26 +285,17 @@ class DiskBackend(StorageBackend):
         source = self._resolve(text)
         fmt = self.formats.for_path(text)
         mmap_mode = kwargs.pop("mmap_mode", None)
-        if mmap_mode is not None:
-            return self._load_mapped(fmt, source, text, mmap_mode)
+        if mmap_mode is not None and (type(fmt) is not NpyFormat or mmap_mode == "w+"):
+            raise UnsupportedFormatError(text, reason="mmap_mode 'r', 'r+' or 'c' needs .npy")
         try:
+            if mmap_mode is not None:
+                # A mapping keeps the file it opened, whatever later replaces the path.
+                return np.load(source, mmap_mode=mmap_mode, allow_pickle=False)
             f = open(source, "rb")  # noqa: SIM115 - closed below, after the error mapping
         except NotADirectoryError as exc:
             raise self._missing_or_not_dir(exc, source, text) from None
         with f:
             return fmt.read(f, text, **kwargs)
-
-    def _load_mapped(self, fmt: Format, source: str, text: str, mmap_mode: Any) -> Any:
-        # A mapping keeps seeing the file it opened when another process later
-        # replaces the path, so it never shows a torn file either.
-        if type(fmt) is not NpyFormat:
-            raise UnsupportedFormatError(text, reason="mmap_mode is only available for .npy")
-        if mmap_mode not in ("r", "r+", "c"):
-            raise ValueError(f"mmap_mode must be 'r', 'r+' or 'c', got {mmap_mode!r}")
-        try:
-            return np.load(source, mmap_mode=mmap_mode, allow_pickle=False)
-        except NotADirectoryError as exc:
-            raise self._missing_or_not_dir(exc, source, text) from None
 
     def kind(self, path: Any) -> Kind | None:
         target = self._resolve(as_str(path))
@@ -367,14 +305,11 @@ class DiskBackend(StorageBackend):
             return None
         return "dir" if stat.S_ISDIR(st.st_mode) else "file"
 
-    @contextlib.contextmanager
-    def _scandir(self, directory: str, text: str) -> Iterator[Iterator[os.DirEntry[str]]]:
+    def _scandir(self, directory: str, text: str) -> os._ScandirIterator[str]:
         try:
-            entries = os.scandir(directory)
+            return os.scandir(directory)
         except NotADirectoryError as exc:
             raise self._missing_or_not_dir(exc, directory, text) from None
-        with entries:
-            yield entries
 
     def list_dir(self, path: Any) -> list[str]:
         text = as_str(path)
@@ -425,7 +360,7 @@ class DiskBackend(StorageBackend):
         except FileExistsError:
             raise os_error(FileExistsError, text, "a file is in the way") from None
         if existed:
-            self._clean(target, STALE_AFTER)
+            remove_stale(target, STALE_AFTER, self.lock_timeout)
         return text
 
     def delete(self, path: Any, recursive: bool = False) -> None:
@@ -502,7 +437,7 @@ class DiskBackend(StorageBackend):
 
         def writer(f: IO[bytes]) -> None:
             with open(source, "rb") as fsrc:
-                _copy_bytes(fsrc, f)
+                shutil.copyfileobj(fsrc, f, 1 << 20)
             f.flush()  # before copying the times, or the last write would change them
             st = os.stat(source)
             os.chmod(f.fileno(), stat.S_IMODE(st.st_mode))
@@ -552,7 +487,7 @@ class DiskBackend(StorageBackend):
             remove_quietly(dst_meta)
             os.replace(source, target)
         else:
-            _link_new(source, target, dst_text)
+            link_new(source, target, dst_text)
             remove_quietly(dst_meta)
         if has_meta:
             os.replace(src_meta, dst_meta)
@@ -589,7 +524,8 @@ class DiskBackend(StorageBackend):
         pending = [("", top)]
         while pending:
             rel_dir, full = pending.pop()
-            removed.extend(rel_dir + name for name in self._clean(full, max_age))
+            names = remove_stale(full, max_age, self.lock_timeout)
+            removed.extend(rel_dir + name for name in names)
             if recursive:
                 with os.scandir(full) as entries:
                     pending.extend(
@@ -598,18 +534,3 @@ class DiskBackend(StorageBackend):
                         if not is_reserved(e.name) and e.is_dir(follow_symlinks=False)
                     )
         return join_listing(text, removed)
-
-    def _clean(self, directory: str, max_age: float) -> list[str]:
-        removed = remove_stale(directory, max_age)
-        with os.scandir(directory) as entries:
-            sidecars = [e.name for e in entries if e.name.startswith(META_PREFIX)]
-        for name in sidecars:
-            data_name = name[len(META_PREFIX):-len(".json")]
-            if data_name.startswith("#") or os.path.lexists(os.path.join(directory, data_name)):
-                continue  # hashed names cannot be traced back to their file
-            with directory_lock(directory, self.lock_timeout):
-                if not os.path.lexists(os.path.join(directory, data_name)):
-                    remove_quietly(os.path.join(directory, name))
-                    removed.append(name)
-        return sorted(removed)
-

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -84,6 +85,9 @@ META_PREFIX = ".polystore-meta-"
 STALE_AFTER = 600.0
 
 _NAME_MAX = 255
+# link() fails with these where the file system has no hard links (some FUSE
+# and network file systems, FAT).
+_NO_HARDLINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 # Polling interval while waiting with a timeout: short enough that a lock held
 # for microseconds is taken almost at once, capped so waiters cost no CPU.
 _POLL_START = 0.0001
@@ -123,6 +127,33 @@ def create_temp(directory: str) -> tuple[BufferedWriter, str]:
     """
     path = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
     return open(path, "xb"), path
+
+
+def link_new(src: str, target: str, what: str) -> None:
+    """Rename ``src`` to ``target`` only if nothing is at ``target`` yet.
+
+    A hard link fails if the target exists, so of two writers exactly one
+    wins. Where the file system has no hard links, the caller must hold the
+    directory's commit lock, which keeps other polystore writers out between
+    the check and the rename.
+
+    Raises:
+        FileExistsError: something is at ``target`` (``IsADirectoryError`` for
+            a directory); ``what`` names it in the message.
+    """
+    try:
+        os.link(src, target)
+    except FileExistsError:
+        kind = IsADirectoryError if os.path.isdir(target) else FileExistsError
+        raise kind(errno.EEXIST, os.strerror(errno.EEXIST), what) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARDLINKS:
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), what) from None
+        os.replace(src, target)
+        return
+    os.unlink(src)
 
 
 def fsync_dir(directory: str) -> None:
@@ -402,11 +433,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _temp_owner(name: str) -> int | None:
-    head = name[len(TEMP_PREFIX):].split("-", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
 def _remove_unheld_lock(path: str) -> bool:
     """Remove a per-path lock file nobody holds; ``False`` if someone does."""
     try:
@@ -419,17 +445,18 @@ def _remove_unheld_lock(path: str) -> bool:
     return True
 
 
-def remove_stale(directory: str, max_age: float = STALE_AFTER) -> list[str]:
+def remove_stale(
+    directory: str, max_age: float = STALE_AFTER, lock_timeout: float | None = None
+) -> list[str]:
     """Remove what killed processes left in ``directory``; return the removed names.
 
     * temporary files whose writer is no longer running and that were last
       written more than ``max_age`` seconds ago (the age guards against pids
       of other machines or containers sharing the directory, which look dead
       from here);
-    * per-path lock files that nobody holds (a live holder's are kept).
-
-    Commit locks and metadata files are left alone; the latter belong to the
-    disk backend, which cleans its own.
+    * per-path lock files that nobody holds (a live holder's are kept);
+    * metadata files whose data file is gone, checked under the directory's
+      commit lock (waiting at most ``lock_timeout`` seconds for it).
     """
     removed = []
     now = time.time()
@@ -437,17 +464,42 @@ def remove_stale(directory: str, max_age: float = STALE_AFTER) -> list[str]:
         found = [(e.name, e.path) for e in entries if is_reserved(e.name)]
     for name, path in found:
         if name.startswith(TEMP_PREFIX):
-            owner = _temp_owner(name)
-            try:
-                age = now - os.stat(path, follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue
-            if age >= max_age and (owner is None or not pid_alive(owner)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
+            if _stale_temp(name, path, now, max_age):
                 removed.append(name)
-        elif name.startswith(LOCK_PREFIX) and _remove_unheld_lock(path):
+        elif name.startswith(LOCK_PREFIX):
+            if _remove_unheld_lock(path):
+                removed.append(name)
+        elif name.startswith(META_PREFIX) and _remove_orphan_metadata(
+            directory, name, lock_timeout
+        ):
             removed.append(name)
     return sorted(removed)
+
+
+def _stale_temp(name: str, path: str, now: float, max_age: float) -> bool:
+    """Remove a dead writer's temporary file; ``True`` if it was removed."""
+    head = name[len(TEMP_PREFIX):].split("-", 1)[0]
+    owner = int(head) if head.isdigit() else None
+    try:
+        age = now - os.stat(path, follow_symlinks=False).st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age or (owner is not None and pid_alive(owner)):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove_orphan_metadata(directory: str, name: str, lock_timeout: float | None) -> bool:
+    data_name = name[len(META_PREFIX):-len(".json")]
+    data_path = os.path.join(directory, data_name)
+    if data_name.startswith("#") or os.path.lexists(data_path):
+        return False  # a hashed name cannot be traced back to its file
+    with directory_lock(directory, lock_timeout):
+        if os.path.lexists(data_path):
+            return False
+        remove_quietly(os.path.join(directory, name))
+    return True
