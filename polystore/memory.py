@@ -218,9 +218,9 @@ class MemoryBackend(StorageBackend):
         try:
             value = self._data[vpath]
         except KeyError:
-            kind = self._kind_of(vpath)
-            missing = IsADirectoryError if kind == "dir" else FileNotFoundError
-            raise os_error(missing, text) from None
+            if self._kind_of(vpath) == "dir":
+                raise os_error(IsADirectoryError, text) from None
+            raise self._missing(text, vpath) from None
         if isinstance(value, ShmRef):
             value = self._store_for(value.store).get(value.key)
         fmt.check_load(value, text, **kwargs)
@@ -241,10 +241,17 @@ class MemoryBackend(StorageBackend):
             elif rest.index("/") == len(rest) - 1:
                 yield rest[:-1], True
 
+    def _missing(self, text: str, vpath: str) -> OSError:
+        """The error POSIX gives for a missing path: ENOTDIR when a parent is a file."""
+        for parent in virtual_parents(vpath):
+            if parent in self._data:
+                return os_error(NotADirectoryError, text)
+        return os_error(FileNotFoundError, text)
+
     def _require_dir(self, text: str, vpath: str) -> None:
         kind = self._kind_of(vpath)
         if kind is None:
-            raise os_error(FileNotFoundError, text)
+            raise self._missing(text, vpath)
         if kind == "file":
             raise os_error(NotADirectoryError, text)
 
@@ -299,7 +306,7 @@ class MemoryBackend(StorageBackend):
         vpath = virtual(text)
         kind = self._kind_of(vpath)
         if kind is None:
-            raise os_error(FileNotFoundError, text)
+            raise self._missing(text, vpath)
         if kind == "file":
             value = self._data.pop(vpath, None)
             self._data.pop(_META + vpath, None)
