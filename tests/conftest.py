@@ -60,7 +60,8 @@ settings.register_profile(
 # On CI: reproducible examples, no example database left in the clone.
 settings.register_profile(
     "polystore-ci",
-    parent=settings.get_profile("polystore"),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
     derandomize=True,
     database=None,
     print_blob=True,
