@@ -19,10 +19,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from .exceptions import MetadataNotFoundError, os_error
+from .exceptions import MetadataNotFoundError, NotShareableError, os_error
 from .paths import as_str, join_listing
 
-__all__ = ["Kind", "StorageBackend"]
+__all__ = ["Kind", "StorageBackend", "UnavailableBackend"]
 
 Kind = Literal["file", "dir"]
 
@@ -239,3 +239,29 @@ class StorageBackend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class UnavailableBackend(StorageBackend):
+    """Stands in for a backend that cannot work in this process; every call says why.
+
+    A registry sent to another process holds one of these where the original
+    backend could not follow (a private in-memory backend, or shared memory of
+    another machine), so the mistake surfaces as a clear
+    :class:`~polystore.NotShareableError` on first use, not as missing files.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotShareableError(self.reason)
+
+    save = load = kind = list_dir = ensure_directory = delete = _refuse
+    list_files = load_metadata = _refuse
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (UnavailableBackend, (self.name, self.reason))
+
+    def __repr__(self) -> str:
+        return f"UnavailableBackend({self.name!r})"

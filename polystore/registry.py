@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import StorageBackend
-from .exceptions import BackendNotFoundError, NotShareableError, StorageError
+from .base import StorageBackend, UnavailableBackend
+from .exceptions import BackendNotFoundError, StorageError
 
 __all__ = ["ENTRY_POINT_GROUP", "BackendRegistry"]
 
@@ -63,23 +63,11 @@ _BUILTIN: dict[str, _Spec] = {
 }
 
 
-class _LocalOnly(StorageBackend):
-    """Stands in, in another process, for a backend that was private to its parent."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotShareableError(
-            f"backend {self.name!r} of this registry is private to the process that made the "
-            "registry, so this process cannot see its files; share it with "
-            "polystore.shared_registry() or register a shared instance before sending the registry"
-        )
-
-    save = load = kind = list_dir = ensure_directory = delete = _refuse
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_LocalOnly, (self.name,))
+_PRIVATE = (
+    "backend {name!r} of this registry is private to the process that made the registry, so "
+    "this process cannot see its files; share it with polystore.shared_registry() or register "
+    "a shared instance before sending the registry"
+)
 
 
 class BackendRegistry(Mapping[str, StorageBackend]):
@@ -217,7 +205,7 @@ class BackendRegistry(Mapping[str, StorageBackend]):
         for name in local:
             del specs[name]
         instances: dict[str, StorageBackend] = dict(self._instances)
-        instances.update({n: _LocalOnly(n) for n in local})
+        instances.update({n: UnavailableBackend(n, _PRIVATE.format(name=n)) for n in local})
         return (_rebuild, (specs, instances))
 
     def __repr__(self) -> str:

@@ -1,0 +1,208 @@
+"""The ``shm`` backend: a file tree kept entirely in a :class:`~polystore.SharedArrayStore`.
+
+Arrays are stored as arrays (one copy in, zero-copy read-only views out);
+directories, JSON, text, raw bytes and ``.npz`` archives are stored as small
+tagged byte strings next to them in the same store. The tree's layout is the
+one :class:`~polystore.MemoryBackend` uses, so both backends share one
+implementation of the semantics; only the mapping underneath differs.
+
+Shared memory belongs to one machine. The backend records the node it was
+made on; unpickled on another node (a Dask worker elsewhere, say), it becomes
+a stand-in whose every call raises :class:`~polystore.NotShareableError`
+instead of quietly writing to that machine's memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import numpy as np
+
+from . import _shm_index
+from .base import StorageBackend, UnavailableBackend
+from .exceptions import UnsupportedFormatError
+from .formats import FormatRegistry
+from .memory import MemoryBackend
+from .shmstore import SharedArrayStore, _reattach
+
+__all__ = ["SharedMemoryBackend", "node_id"]
+
+#: environment variable that overrides :func:`node_id`
+NODE_ENV = "POLYSTORE_NODE_ID"
+
+
+def node_id() -> str:
+    """Identity of this machine (boot): host name and kernel boot id.
+
+    Processes that share ``/dev/shm`` share it. Set ``POLYSTORE_NODE_ID`` to
+    override it, for example in containers that mount one ``/dev/shm``.
+    """
+    override = os.environ.get(NODE_ENV)
+    if override:
+        return override
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
+# One-byte tags of the values kept as bytes; arrays are stored natively.
+_DIR, _TEXT, _BYTES, _JSON, _NPZ = b"D", b"S", b"B", b"J", b"Z"
+
+
+def _encode(value: Any) -> bytes:
+    if value is None:
+        return _DIR
+    if isinstance(value, str):
+        return _TEXT + value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytes):
+        return _BYTES + value
+    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **value)
+        return _NPZ + buf.getvalue()
+    return _JSON + json.dumps(value).encode("utf-8")
+
+
+def _decode(blob: bytes) -> Any:
+    tag, body = blob[:1], blob[1:]
+    if tag == _DIR:
+        return None
+    if tag == _TEXT:
+        return body.decode("utf-8", "surrogatepass")
+    if tag == _BYTES:
+        return body
+    if tag == _NPZ:
+        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    return json.loads(body.decode("utf-8"))
+
+
+class _StoreDict(MutableMapping[str, Any]):
+    """The mapping interface :class:`MemoryBackend` needs, over a shared array store.
+
+    ``pop`` deletes without reading the value back (the backend only needs to
+    know that the key is gone), and returns ``None`` for a present key.
+    """
+
+    def __init__(self, store: SharedArrayStore) -> None:
+        self.store = store
+
+    def __getitem__(self, key: str) -> Any:
+        view, flags = self.store._get(key)
+        if flags & _shm_index.F_BYTES:
+            return _decode(view.tobytes())
+        return view
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise UnsupportedFormatError(
+                    key,
+                    reason="shared memory holds no Python objects, so object arrays "
+                    "(which need pickle) cannot be stored in the shm backend",
+                )
+            self.store.put(key, value)
+        else:
+            self.store.put_bytes(key, _encode(value))
+
+    def __delitem__(self, key: str) -> None:
+        self.store.delete(key)
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        try:
+            self.store.delete(key)
+        except KeyError:
+            return default
+        return None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.store
+
+    def keys(self) -> Any:
+        return self.store.keys()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.store.keys())
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+class SharedMemoryBackend(MemoryBackend):
+    """A file tree in shared memory, visible to every process on this machine.
+
+    Args:
+        store: the store to use: ``None`` creates one that this backend owns
+            (and removes at :meth:`close`); a :class:`~polystore.SharedArrayStore`
+            or a store name uses an existing one, which stays open.
+        max_bytes: cap on the shared memory of a store created here.
+        formats: accepted formats, as for :class:`~polystore.MemoryBackend`.
+
+    The backend pickles to the name of its store, so a registry holding it can
+    be sent to spawned workers, which then see the same files. Arrays load as
+    read-only views of shared memory.
+    """
+
+    name = "shm"
+
+    def __init__(
+        self,
+        store: SharedArrayStore | str | None = None,
+        *,
+        max_bytes: int | None = None,
+        formats: FormatRegistry | None = None,
+    ) -> None:
+        if store is None:
+            self._shm, self._owns_shm = SharedArrayStore(max_bytes=max_bytes), True
+        elif isinstance(store, str):
+            self._shm, self._owns_shm = SharedArrayStore.attach(store), True
+        elif isinstance(store, SharedArrayStore):
+            self._shm, self._owns_shm = store, False
+        else:
+            raise TypeError(
+                f"store must be a SharedArrayStore, a store name or None, got {type(store).__name__}"
+            )
+        super().__init__(shared_dict=_StoreDict(self._shm), formats=formats, store=None)
+        self._node = node_id()
+
+    @property
+    def array_store(self) -> SharedArrayStore:
+        """The shared array store that holds this backend's files."""
+        return self._shm
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        owner_pid, name = self._shm.__reduce__()[1]
+        return (_rebuild, (self._node, owner_pid, name, self.formats))
+
+    def close(self) -> None:
+        """Remove the store if this backend created it; otherwise just let go of it."""
+        if self._owns_shm:
+            self._shm.close()
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryBackend({self._shm.name!r})"
+
+
+def _rebuild(node: str, owner_pid: int, name: str, formats: FormatRegistry) -> StorageBackend:
+    here = node_id()
+    if node != here:
+        return UnavailableBackend(
+            "shm",
+            f"the shm backend keeps its files in the shared memory of node {node!r}, but this "
+            f"process runs on {here!r}; use a backend every machine reaches (disk, zarr) there",
+        )
+    backend = SharedMemoryBackend.__new__(SharedMemoryBackend)
+    backend._shm, backend._owns_shm = _reattach(owner_pid, name), True
+    MemoryBackend.__init__(
+        backend, shared_dict=_StoreDict(backend._shm), formats=formats, store=None
+    )
+    backend._node = node
+    return backend
