@@ -168,7 +168,8 @@ class SharedMemoryBackend(MemoryBackend):
             self._shm, self._owns_shm = store, False
         else:
             raise TypeError(
-                f"store must be a SharedArrayStore, a store name or None, got {type(store).__name__}"
+                "store must be a SharedArrayStore, a store name or None, "
+                f"got {type(store).__name__}"
             )
         super().__init__(shared_dict=_StoreDict(self._shm), formats=formats, store=None)
         self._node = node_id()

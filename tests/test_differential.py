@@ -94,7 +94,7 @@ class SameAnswers(RuleBasedStateMachine):
     def list_dir(self, directory: str) -> None:
         self._same(lambda b: b.list_dir(directory))
 
-    @rule(directory=st.sampled_from(DIRS + ["a/x.npy", "a/x.npy/deeper"]))
+    @rule(directory=st.sampled_from([*DIRS, "a/x.npy", "a/x.npy/deeper"]))
     def ensure_directory(self, directory: str) -> None:
         self._same(lambda b: b.ensure_directory(directory))
 

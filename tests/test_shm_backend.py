@@ -60,6 +60,5 @@ def test_other_node_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_object_arrays_are_refused_even_with_allow_pickle() -> None:
-    with SharedMemoryBackend() as backend:
-        with pytest.raises(ValueError, match="object"):
-            backend.save(np.array([None], dtype=object), "o.npy", allow_pickle=True)
+    with SharedMemoryBackend() as backend, pytest.raises(ValueError, match="object"):
+        backend.save(np.array([None], dtype=object), "o.npy", allow_pickle=True)
