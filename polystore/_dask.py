@@ -15,7 +15,7 @@ from . import pools
 __all__ = ["FactoryPlugin"]
 
 
-class FactoryPlugin(WorkerPlugin):  # type: ignore[misc]
+class FactoryPlugin(WorkerPlugin):
     """Installs a :class:`~polystore.FileManagerFactory` in each worker process."""
 
     def __init__(self, factory: pools.FileManagerFactory) -> None:
