@@ -1,0 +1,618 @@
+"""One process's view of a shared-array store: mappings, the lock and the allocator.
+
+An :class:`Arena` maps the control segment of a store (layout in
+:mod:`polystore._shm_index`) and the data segments it touches, and keeps them
+mapped for reuse: a steady-state put copies into memory that is already mapped
+and faulted in, and a steady-state get only builds a view.
+
+Concurrency: every change to the control segment happens under ``flock`` on
+the control file (the kernel drops it when its holder dies) plus a thread lock
+for the threads of one process. Array bytes are copied outside the lock into a
+block no one else can see until the put installs it.
+
+Blocks are recycled, never unmapped under a reader: a block replaced or
+deleted while views of it exist is *retired* and returns to its free list only
+when the last view dies. Each process counts its views per block in its own
+row of the pin table, so the pins of a process that died can be taken back.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+import weakref
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _shm_index as ix
+from .exceptions import ShmFullError, StorageError, StoreClosedError
+
+__all__ = ["Arena", "Meta", "lookup", "remember"]
+
+#: (meta seq, dtype, shape, element count, order, flags, dtype text) of a stored value
+Meta = tuple[int, np.dtype[Any], tuple[int, ...], int, Literal["C", "F"], int, bytes]
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+_all_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for arena in list(_all_arenas):
+        arena._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def shm_free_bytes() -> int:
+    """Bytes an unprivileged process may still allocate in ``/dev/shm``."""
+    st = os.statvfs(ix.SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def _populate(mm: mmap.mmap, fd: int, size: int) -> None:
+    """Fault in every page of a mapping now, or fail here instead of by SIGBUS later."""
+    try:
+        mm.madvise(MADV_POPULATE_WRITE, 0, size)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # Kernels before 5.14 lack MADV_POPULATE_WRITE; reserving the pages
+        # still turns "tmpfs is full" into ENOSPC here rather than SIGBUS later.
+        os.posix_fallocate(fd, 0, size)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # already gone: what we wanted
+
+
+class Arena(ix.Tables):
+    """The mapped control segment of one store, as seen from this process.
+
+    Attributes:
+        owner_pid: pid of the process that created the store.
+        name: the store's name.
+        handles: number of open :class:`~polystore.SharedArrayStore` objects using it.
+        leave_when_unused: leave the store once no handle and no view remains.
+        closed: set once this process no longer uses the store.
+    """
+
+    def __init__(self, owner_pid: int, name: str, fd: int, layout: ix.Layout) -> None:
+        self._mm = mmap.mmap(fd, layout.size)
+        super().__init__(self._mm, layout)
+        self.owner_pid = owner_pid
+        self.name = name
+        self.path = ix.ctl_path(owner_pid, name)
+        self.handles = 0
+        self.leave_when_unused = False
+        self.closed = False
+        self._fd = fd
+        self._ino = os.fstat(fd).st_ino
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+        self.slot = -1
+        self.pin_base = 0
+        self._epoch = -1
+        self.ro_maps: dict[int, tuple[int, mmap.mmap]] = {}
+        self.rw_maps: dict[int, tuple[int, mmap.mmap]] = {}
+        self._refs: dict[int, tuple[weakref.ref[Any], int]] = {}
+        self._pending: list[int] = []
+        #: decoded description of each entry's value, valid while its E_MSEQ matches
+        self.meta: dict[int, Meta] = {}
+        _all_arenas.add(self)
+
+    # -- lifetime ---------------------------------------------------------------
+    def _after_fork(self) -> None:
+        # The child shares the parent's open file description, hence its
+        # flock: it needs a description (and a process slot) of its own. Views
+        # the parent pinned remain the parent's business.
+        self._lock = threading.Lock()
+        self._holder = None
+        self.slot = -1
+        self._refs.clear()
+        self._pending.clear()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _reopen(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise self.closed_error() from None
+        if os.fstat(fd).st_ino != self._ino:
+            os.close(fd)
+            raise self.closed_error()
+        self._fd = fd
+
+    def closed_error(self) -> StoreClosedError:
+        """The error for any use of the store after it was closed."""
+        return StoreClosedError(f"shared array store {self.name!r} is closed")
+
+    def shutdown(self) -> None:
+        """Stop using the store in this process (views handed out stay valid)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.ro_maps.clear()
+            self.rw_maps.clear()
+            self._refs.clear()
+            self._pending.clear()
+            self.release_views()
+            self._mm.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        _forget(self)
+
+    def leave(self) -> None:
+        """Give back this process's slot and pins, then shut down."""
+        if self.closed:
+            return
+        if self.slot >= 0:
+            try:
+                self.acquire()
+            except StoreClosedError:
+                pass  # the owner closed the store: nothing left to give back
+            else:
+                try:
+                    self._reclaim(self.slot)
+                    self.slot = -1
+                finally:
+                    self.release()
+        self.shutdown()
+
+    def destroy(self) -> None:
+        """Owner only: mark the store closed for everyone and unlink all its files."""
+        if self.closed:
+            return
+        try:
+            self.acquire()
+        except StoreClosedError:
+            pass  # closed already; still make sure no file remains
+        else:
+            try:
+                self.h[ix.H_CLOSED] = 1
+            finally:
+                self.release()
+        prefix = f"{ix.PREFIX}{self.owner_pid}-{self.name}."
+        names = [n for n in os.listdir(ix.SHM_DIR) if n.startswith(prefix)]
+        # Data segments first: a control file whose data is gone would look
+        # like the remains of a crashed owner to `python -m polystore gc`.
+        for filename in sorted(names, key=lambda n: n.endswith(".ctl")):
+            _unlink_quietly(os.path.join(ix.SHM_DIR, filename))
+        self.shutdown()
+
+    def drop_handle(self, explicit: bool) -> None:
+        """One handle fewer.
+
+        A handle that is merely garbage collected (say, a store unpickled for
+        one task of a pool) keeps the arena for the next one, mappings and
+        all. After an explicit close of the last handle the process leaves the
+        store as soon as no view of it remains.
+        """
+        self.handles -= 1
+        if explicit:
+            self.leave_when_unused = True
+        if self.handles <= 0 and self.leave_when_unused and not self._refs:
+            self.leave()
+
+    # -- locking ---------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the store lock; raise :class:`StoreClosedError` if the store is closed."""
+        self._lock.acquire()
+        try:
+            if self.closed:
+                raise self.closed_error()
+            if self._fd < 0:
+                self._reopen()
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self.h[ix.H_CLOSED]:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                raise self.closed_error()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._holder = threading.get_ident()
+        if self.h[ix.H_EPOCH] != self._epoch:
+            self._prune()
+
+    def release(self) -> None:
+        """Release the store lock, first dropping pins whose views died meanwhile."""
+        try:
+            while self._pending:
+                self._unpin(self._pending.pop())
+        finally:
+            self._holder = None
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._lock.release()
+
+    def _prune(self) -> None:
+        # Some process unlinked segments: drop our mappings of them so their
+        # memory can return to the system (live views keep theirs mapped).
+        self._epoch = self.h[ix.H_EPOCH]
+        sq = self.sq
+        for cache in (self.ro_maps, self.rw_maps):
+            for s, (gen, _) in list(cache.items()):
+                k = s * ix.SEG_FIELDS
+                if sq[k + ix.S_STATE] != ix.SEG_LIVE or sq[k + ix.S_GEN] != gen:
+                    del cache[s]
+
+    # -- mappings -------------------------------------------------------------------------
+    def map_segment(self, s: int, gen: int, writable: bool) -> mmap.mmap:
+        """This process's mapping of a data segment (cached)."""
+        cache = self.rw_maps if writable else self.ro_maps
+        item = cache.get(s)
+        if item is not None and item[0] == gen:
+            return item[1]
+        path = ix.seg_path(self.owner_pid, self.name, s, gen)
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise self.closed_error() from None
+        try:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, 0, prot=prot)
+            if writable:
+                # Populating at once costs less than faulting page by page,
+                # and this mapping is kept for the next puts.
+                _populate(mm, fd, len(mm))
+        finally:
+            os.close(fd)
+        cache[s] = (gen, mm)
+        return mm
+
+    def block_location(self, b: int) -> tuple[int, int, int]:
+        """(segment, generation, offset) of a block pinned or owned by this process."""
+        bq = self.bq
+        s = bq[b * ix.BLK_FIELDS + ix.B_SEG]
+        return s, self.sq[s * ix.SEG_FIELDS + ix.S_GEN], bq[b * ix.BLK_FIELDS + ix.B_OFF]
+
+    # -- processes and pins ---------------------------------------------------------------
+    def my_slot(self) -> int:
+        """This process's row in the process table, claimed on first use (locked)."""
+        if self.slot >= 0:
+            return self.slot
+        free = np.flatnonzero(self.proc_np[:, ix.P_PID] == 0)
+        if not len(free):
+            self.reap()
+            free = np.flatnonzero(self.proc_np[:, ix.P_PID] == 0)
+            if not len(free):
+                raise StorageError(
+                    f"shared array store {self.name!r} is used by {self.layout.max_procs} "
+                    "processes already; create it with a larger max_procs"
+                )
+        p = int(free[0])
+        pid, start = ix.my_identity()
+        self.pq[p * ix.PROC_FIELDS + ix.P_START] = start
+        self.pq[p * ix.PROC_FIELDS + ix.P_PID] = pid
+        self.slot = p
+        self.pin_base = p * self.layout.max_blocks
+        _register_exit_hook()
+        return p
+
+    def pin(self, b: int) -> None:
+        """Count one more view of block ``b`` held by this process (locked)."""
+        self.pins[self.pin_base + b] += 1
+        self.bq[b * ix.BLK_FIELDS + ix.B_PINS] += 1
+
+    def _unpin(self, b: int) -> None:
+        i = self.pin_base + b
+        if self.slot < 0 or self.pins[i] <= 0:
+            return
+        self.pins[i] -= 1
+        k = b * ix.BLK_FIELDS
+        self.bq[k + ix.B_PINS] -= 1
+        if self.bq[k + ix.B_PINS] == 0 and self.bq[k + ix.B_STATE] == ix.RETIRED:
+            self.free(b)
+
+    def unpin(self, b: int) -> None:
+        """Drop one view of block ``b`` (takes the lock)."""
+        self.acquire()
+        try:
+            self._unpin(b)
+        finally:
+            self.release()
+
+    def track(self, view_base: Any, b: int) -> None:
+        """Unpin block ``b`` when ``view_base``, which every view of it keeps alive, dies."""
+        ref = weakref.ref(view_base, self._view_dead)
+        self._refs[id(ref)] = (ref, b)
+
+    def _view_dead(self, ref: weakref.ref[Any]) -> None:
+        item = self._refs.pop(id(ref), None)
+        if item is None or self.closed:
+            return
+        if self._holder == threading.get_ident():
+            # The garbage collector ran inside one of our own critical
+            # sections: the unpin happens when that section releases the lock.
+            self._pending.append(item[1])
+            return
+        try:
+            self.unpin(item[1])
+        except StoreClosedError:
+            return  # the owner closed the store; there is nothing to give back
+        if self.handles <= 0 and self.leave_when_unused and not self._refs:
+            self.leave()
+
+    def reap(self) -> None:
+        """Take back the pins, blocks and segments of processes that died (locked)."""
+        pq = self.pq
+        for p in np.flatnonzero(self.proc_np[:, ix.P_PID]).tolist():
+            k = p * ix.PROC_FIELDS
+            if p != self.slot and not ix.is_alive(pq[k + ix.P_PID], pq[k + ix.P_START]):
+                self._reclaim(p)
+
+    def _reclaim(self, p: int) -> None:
+        hw = self.h[ix.H_BLK_HW]
+        row = self.pins_np[p]
+        bq = self.bq
+        for b in np.flatnonzero(row[:hw]).tolist():
+            k = b * ix.BLK_FIELDS
+            bq[k + ix.B_PINS] -= int(row[b])
+            row[b] = 0
+            if bq[k + ix.B_PINS] == 0 and bq[k + ix.B_STATE] == ix.RETIRED:
+                self.free(b)
+        blk = self.blk_np[:hw]
+        writing = (blk[:, ix.B_OWNER] == p) & (blk[:, ix.B_STATE] == ix.WRITING)
+        for b in np.flatnonzero(writing).tolist():
+            self.free(b)  # a put that never finished
+        seg = self.seg_np
+        creating = (seg[:, ix.S_STATE] == ix.SEG_CREATING) & (seg[:, ix.S_OWNER] == p)
+        for s in np.flatnonzero(creating).tolist():
+            self.drop_reservation(s)
+        self.proc_np[p] = 0
+
+    # -- blocks ---------------------------------------------------------------------------
+    def pop_free(self, cls: int) -> int:
+        """Take a free block of class ``cls`` (see :meth:`first_free`); -1 if none (locked)."""
+        b = self.first_free(cls)
+        if b >= 0:
+            self.unlink_free(b)
+            k = b * ix.BLK_FIELDS
+            self.bq[k + ix.B_STATE] = ix.WRITING
+            self.bq[k + ix.B_OWNER] = self.slot
+            self._seg_use(self.bq[k + ix.B_SEG], +1)
+        return b
+
+    def free(self, b: int) -> None:
+        """Return block ``b`` to its free list (locked)."""
+        self.push_free(b)
+        self._seg_use(self.bq[b * ix.BLK_FIELDS + ix.B_SEG], -1)
+
+    def retire(self, b: int) -> None:
+        """Block ``b`` no longer holds a current value: free it once no view remains."""
+        k = b * ix.BLK_FIELDS
+        if self.bq[k + ix.B_PINS] == 0:
+            self.free(b)
+        else:
+            self.bq[k + ix.B_STATE] = ix.RETIRED
+
+    def reusable(self, b: int, cls: int) -> bool:
+        """Whether block ``b`` has class ``cls`` and no process holds a view of it (locked)."""
+        k = b * ix.BLK_FIELDS
+        return self.bq[k + ix.B_PINS] == 0 and self.bq[k + ix.B_CLS] == cls
+
+    def mark_live(self, b: int) -> None:
+        """Block ``b`` now holds an installed value (locked)."""
+        k = b * ix.BLK_FIELDS
+        self.bq[k + ix.B_STATE] = ix.LIVE
+        self.bq[k + ix.B_OWNER] = -1
+
+    def abandon(self, b: int) -> None:
+        """Free a block this process took but did not install (takes the lock)."""
+        try:
+            self.acquire()
+        except StoreClosedError:
+            return  # the owner closed the store: the block went with it
+        try:
+            if self.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.WRITING:
+                self.free(b)
+        finally:
+            self.release()
+
+    # -- segments --------------------------------------------------------------------------
+    def _seg_use(self, s: int, delta: int) -> None:
+        k = s * ix.SEG_FIELDS
+        sq, h = self.sq, self.h
+        used = sq[k + ix.S_USED] + delta
+        sq[k + ix.S_USED] = used
+        if used == 0:
+            h[ix.H_IDLE] += sq[k + ix.S_SIZE]
+            sq[k + ix.S_STAMP] = h[ix.H_SEQ]
+            if h[ix.H_IDLE] > h[ix.H_CACHE_BYTES]:
+                self.evict_idle(h[ix.H_IDLE] - h[ix.H_CACHE_BYTES])
+        elif used == 1 and delta > 0:
+            h[ix.H_IDLE] -= sq[k + ix.S_SIZE]
+
+    def evict_idle(self, need: int) -> int:
+        """Unlink idle segments, least recently idle first, until ``need`` bytes are gone."""
+        seg = self.seg_np
+        idle = np.flatnonzero((seg[:, ix.S_STATE] == ix.SEG_LIVE) & (seg[:, ix.S_USED] == 0))
+        freed = 0
+        for s in idle[np.argsort(seg[idle, ix.S_STAMP], kind="stable")].tolist():
+            if freed >= need:
+                break
+            freed += self.sq[s * ix.SEG_FIELDS + ix.S_SIZE]
+            for b in self.blocks_of(s, ix.FREE):
+                self.unlink_free(b)
+                self.drop_desc(b)
+            self._drop_segment(s)
+            self.h[ix.H_IDLE] -= self.sq[s * ix.SEG_FIELDS + ix.S_SIZE]
+        return freed
+
+    def drop_reservation(self, s: int) -> None:
+        """Forget a segment whose creation did not finish (locked)."""
+        for d in self.blocks_of(s, ix.RESERVED):
+            self.drop_desc(d)
+        self._drop_segment(s)
+
+    def _drop_segment(self, s: int) -> None:
+        k = s * ix.SEG_FIELDS
+        gen = self.sq[k + ix.S_GEN]
+        self.sq[k + ix.S_STATE] = ix.SEG_EMPTY
+        self.h[ix.H_TOTAL] -= self.sq[k + ix.S_SIZE]
+        self.h[ix.H_EPOCH] += 1
+        _unlink_quietly(ix.seg_path(self.owner_pid, self.name, s, gen))
+        for cache in (self.ro_maps, self.rw_maps):
+            if s in cache and cache[s][0] == gen:
+                del cache[s]
+
+    def _make_room(self, size: int) -> None:
+        h = self.h
+        limit = h[ix.H_MAX_BYTES]
+        if limit and h[ix.H_TOTAL] + size > limit:
+            self.evict_idle(h[ix.H_TOTAL] + size - limit)
+            if h[ix.H_TOTAL] + size > limit:
+                where = f"shared array store {self.name!r} (max_bytes={limit})"
+                raise ShmFullError(size, max(0, limit - h[ix.H_TOTAL]), where)
+        free = shm_free_bytes()
+        if free < size:
+            self.evict_idle(size - free)
+            free = shm_free_bytes()
+            if free < size:
+                raise ShmFullError(size, free, ix.SHM_DIR)
+
+    def grow(self, cls: int) -> int:
+        """Take a block of class ``cls``, creating a segment if need be (takes the lock)."""
+        nblk, size = ix.segment_shape(cls)
+        self.acquire()
+        try:
+            self.my_slot()
+            self.reap()  # the pins of dead readers may hold the blocks we need
+            b = self.pop_free(cls)
+            if b >= 0:
+                return b
+            s, gen, descs = self._reserve(cls, nblk, size)
+        finally:
+            self.release()
+        path = ix.seg_path(self.owner_pid, self.name, s, gen)
+        try:
+            mm = self._create_file(path, size)
+            self.acquire()
+        except BaseException:
+            self._abandon_reservation(s, path)
+            raise
+        try:
+            k = s * ix.SEG_FIELDS
+            self.sq[k + ix.S_STATE] = ix.SEG_LIVE
+            self.sq[k + ix.S_USED] = 1
+            self.bq[descs[0] * ix.BLK_FIELDS + ix.B_STATE] = ix.WRITING
+            for d in descs[1:]:
+                self.push_free(d)
+        finally:
+            self.release()
+        self.rw_maps[s] = (gen, mm)
+        return descs[0]
+
+    def _reserve(self, cls: int, nblk: int, size: int) -> tuple[int, int, list[int]]:
+        self._make_room(size)
+        empty = np.flatnonzero(self.seg_np[:, ix.S_STATE] == ix.SEG_EMPTY)
+        if not len(empty):
+            raise StorageError(
+                f"shared array store {self.name!r} has {self.layout.max_segs} segments "
+                "already; create it with a larger max_segs"
+            )
+        s = int(empty[0])
+        descs: list[int] = []
+        try:
+            for _ in range(nblk):
+                descs.append(self.new_desc())
+        except MemoryError as exc:
+            for d in descs:
+                self.drop_desc(d)
+            raise StorageError(
+                f"shared array store {self.name!r}: {exc}; create it with a larger max_blocks"
+            ) from None
+        gen = self.sq[s * ix.SEG_FIELDS + ix.S_GEN] + 1
+        self.set_fields(self.sq, s * ix.SEG_FIELDS, {
+            ix.S_GEN: gen, ix.S_SIZE: size, ix.S_CLS: cls, ix.S_NBLK: nblk, ix.S_USED: 0,
+            ix.S_OWNER: self.slot, ix.S_STAMP: 0, ix.S_STATE: ix.SEG_CREATING,
+        })  # fmt: skip
+        step = ix.CLASS_SIZES[cls]
+        for j, d in enumerate(descs):
+            self.set_fields(self.bq, d * ix.BLK_FIELDS, {
+                ix.B_SEG: s, ix.B_OFF: j * step, ix.B_CLS: cls, ix.B_STATE: ix.RESERVED,
+                ix.B_NEXT: -1, ix.B_PREV: -1, ix.B_OWNER: self.slot, ix.B_PINS: 0,
+            })  # fmt: skip
+        self.h[ix.H_TOTAL] += size
+        return s, gen, descs
+
+    def _abandon_reservation(self, s: int, path: str) -> None:
+        try:
+            self.acquire()
+        except StoreClosedError:
+            pass  # the owner closed the store and took the reservation with it
+        else:
+            try:
+                self.drop_reservation(s)
+            finally:
+                self.release()
+        _unlink_quietly(path)
+
+    def _create_file(self, path: str, size: int) -> mmap.mmap:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+            try:
+                _populate(mm, fd, size)
+            except OSError as exc:
+                mm.close()
+                if exc.errno in (errno.ENOMEM, errno.EFAULT, errno.ENOSPC):
+                    raise ShmFullError(size, shm_free_bytes(), ix.SHM_DIR) from exc
+                raise
+        finally:
+            os.close(fd)
+        return mm
+
+
+# -- process-wide bookkeeping ---------------------------------------------------------------
+
+#: the arena of each store this process uses, shared by all its handles
+_arenas: dict[tuple[int, str], Arena] = {}
+_exit_hook_pid = -1
+
+
+def _forget(arena: Arena) -> None:
+    key = (arena.owner_pid, arena.name)
+    if _arenas.get(key) is arena:
+        del _arenas[key]
+
+
+def _leave_all() -> None:
+    for arena in list(_arenas.values()):
+        arena.leave()
+
+
+def _register_exit_hook() -> None:
+    # multiprocessing runs its finalizers at interpreter exit and also when a
+    # fork or forkserver child ends with os._exit(), where atexit does not run.
+    global _exit_hook_pid
+    if _exit_hook_pid == os.getpid():
+        return
+    from multiprocessing import util
+
+    util.Finalize(None, _leave_all, exitpriority=0)
+    _exit_hook_pid = os.getpid()
+
+
+def lookup(owner_pid: int, name: str) -> Arena | None:
+    """The open arena of a store in this process, if any."""
+    arena = _arenas.get((owner_pid, name))
+    return None if arena is None or arena.closed else arena
+
+
+def remember(arena: Arena) -> Arena:
+    """Make ``arena`` the one this process uses for its store."""
+    _arenas[(arena.owner_pid, arena.name)] = arena
+    return arena

@@ -1,0 +1,670 @@
+"""Zero-copy hand-off of numpy arrays between processes, through ``/dev/shm``.
+
+.. code-block:: python
+
+    with SharedArrayStore() as store:          # this process owns the store
+        store.put("frame", image)               # one copy into shared memory
+        pool.submit(work, store, "frame")       # pickles to its name only
+
+    def work(store, key):
+        view = store.get(key)                   # read-only view, no copy
+        ...
+
+A :class:`SharedArrayStore` keeps arrays in pooled shared-memory segments that
+stay mapped and are recycled, so that a steady-state ``put`` costs one
+``memcpy`` into memory that is already faulted in, and a ``get`` costs a lookup
+plus building a view. The key index lives in shared memory too, so a ``put``
+in any process is visible to a ``get`` in every other one with no server
+process in between.
+
+Guarantees:
+
+* A ``put`` is atomic: readers see the old value or the new one, never a mix.
+* A view stays valid and unchanged after its key is overwritten or deleted,
+  and after the store is closed; its memory is recycled when the last view of
+  it dies, in whichever process that is.
+* Only the owner (the process that created the store) removes it: at
+  :meth:`~SharedArrayStore.close`, when the owning object is garbage
+  collected, and at interpreter exit. Workers that die, even by ``SIGKILL``,
+  leak nothing the owner does not remove; if the owner itself is killed,
+  ``python -m polystore gc`` removes what it left.
+* Nothing is ever written past the free space of ``/dev/shm`` or the store's
+  ``max_bytes``: such a put raises :class:`~polystore.ShmFullError` first.
+
+Linux only (it needs ``/dev/shm``). Arrays keep C or Fortran order; any other
+layout is stored in C order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import weakref
+import zlib
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from . import _shm_arena
+from . import _shm_index as ix
+from .exceptions import ShmFullError, StorageError, StoreClosedError
+
+__all__ = ["EntryInfo", "SharedArrayStore"]
+
+#: memory kept in idle segments for reuse before they are unlinked
+DEFAULT_CACHE_BYTES = 1 << 30
+#: puts up to this size copy while holding the store lock (one lock round trip)
+SMALL_PUT = 1 << 20
+
+_EQ = ix.ENT_SIZE // 8
+_dtype_text: dict[np.dtype[Any], bytes] = {}
+_dtype_of: dict[bytes, np.dtype[Any]] = {}
+_keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
+
+
+class EntryInfo(NamedTuple):
+    """What a key holds, read from the index without touching the data."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    nbytes: int
+    kind: Literal["array", "bytes"]
+    order: Literal["C", "F"]
+
+
+def _encode_dtype(dtype: np.dtype[Any]) -> bytes:
+    text = _dtype_text.get(dtype)
+    if text is None:
+        text = ix.encode_dtype(dtype)
+        if len(_dtype_text) < 1024:
+            _dtype_text[dtype] = text
+    return text
+
+
+def _decode_dtype(text: bytes) -> np.dtype[Any]:
+    dtype = _dtype_of.get(text)
+    if dtype is None:
+        dtype = ix.decode_dtype(text)
+        if len(_dtype_of) < 1024:
+            _dtype_of[text] = dtype
+    return dtype
+
+
+def _key(key: object) -> tuple[bytes, bytes, int]:
+    """(key bytes, key bytes + NUL, 31-bit hash) of a valid key."""
+    found = _keys.get(key) if type(key) is str else None
+    if found is None:
+        kb = ix.encode_key(key)
+        found = (kb, kb + b"\0", zlib.crc32(kb) & 0x7FFFFFFF)
+        if type(key) is str:
+            if len(_keys) >= 4096:
+                _keys.clear()
+            _keys[key] = found
+    return found
+
+
+def _meta(
+    mseq: int, dtype: np.dtype[Any], shape: tuple[int, ...], flags: int, dt: bytes
+) -> _shm_arena.Meta:
+    count = 1
+    for extent in shape:
+        count *= extent
+    order: Literal["C", "F"] = "F" if flags & ix.F_FORTRAN else "C"
+    return (mseq, dtype, shape, count, order, flags, dt)
+
+
+def _positive(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _owners_of(name: str) -> list[int]:
+    suffix = f"-{name}.ctl"
+    pids = []
+    for filename in os.listdir(ix.SHM_DIR):
+        if filename.endswith(suffix):
+            parsed = ix.parse_filename(filename)
+            if parsed is not None and parsed[1] == name:
+                pids.append(parsed[0])
+    return sorted(pids)
+
+
+def _create(name: str, config: dict[str, int]) -> _shm_arena.Arena:
+    for pid in _owners_of(name):
+        header = ix.read_header(ix.ctl_path(pid, name))
+        state = (
+            "is in use"
+            if header and ix.is_alive(pid, header[ix.H_START])
+            else ("was left behind by a dead process; remove it with `python -m polystore gc`")
+        )
+        raise StorageError(f"a shared array store named {name!r} (owner pid {pid}) {state}")
+    layout = ix.Layout(
+        config["max_keys"], config["max_blocks"], config["max_procs"], config["max_segs"]
+    )
+    pid, start = ix.my_identity()
+    path = ix.ctl_path(pid, name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, layout.size)  # sparse: only the pages written cost memory
+        arena = _shm_arena.Arena(pid, name, fd, layout)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    h = arena.h
+    for slot, value in (
+        (ix.H_VERSION, ix.VERSION), (ix.H_CTL_SIZE, layout.size), (ix.H_UID, os.getuid()),
+        (ix.H_PID, pid), (ix.H_START, start), (ix.H_MAX_BYTES, config["max_bytes"]),
+        (ix.H_CACHE_BYTES, config["cache_bytes"]), (ix.H_MAX_KEYS, layout.max_keys),
+        (ix.H_MAX_BLOCKS, layout.max_blocks), (ix.H_MAX_PROCS, layout.max_procs),
+        (ix.H_MAX_SEGS, layout.max_segs), (ix.H_ENT_FREE, -1), (ix.H_BLK_FREE, -1),
+        (ix.H_CREATED, int(time.time())),
+    ):  # fmt: skip
+        h[slot] = value
+    for c in range(ix.N_CLASSES):
+        h[ix.H_CLASS0 + c] = -1
+    h[ix.H_MAGIC] = ix.MAGIC  # last: attaching processes check it
+    return _shm_arena.remember(arena)
+
+
+def _open(pid: int, name: str) -> _shm_arena.Arena:
+    arena = _shm_arena.lookup(pid, name)
+    if arena is not None:
+        return arena
+    try:
+        fd = os.open(ix.ctl_path(pid, name), os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise StorageError(f"no shared array store named {name!r} (owner pid {pid})") from None
+    try:
+        header = ix.header_of(fd)
+        uid = os.fstat(fd).st_uid
+        if uid != os.getuid() or (header is not None and header[ix.H_UID] != uid):
+            raise StorageError(
+                f"shared array store {name!r} belongs to user id {uid}, not to this user"
+            )
+        if header is None or header[ix.H_PID] != pid:
+            raise StorageError(f"{ix.ctl_path(pid, name)} is not a shared array store")
+        if not ix.is_alive(pid, header[ix.H_START]):
+            raise StorageError(
+                f"the owner (pid {pid}) of shared array store {name!r} is dead; "
+                "remove what it left with `python -m polystore gc`"
+            )
+        if header[ix.H_CLOSED]:
+            raise StoreClosedError(f"shared array store {name!r} is closed")
+        layout = ix.Layout(
+            header[ix.H_MAX_KEYS], header[ix.H_MAX_BLOCKS],
+            header[ix.H_MAX_PROCS], header[ix.H_MAX_SEGS],
+        )  # fmt: skip
+        arena = _shm_arena.Arena(pid, name, fd, layout)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _shm_arena.remember(arena)
+
+
+def _reattach(owner_pid: int, name: str) -> SharedArrayStore:
+    return SharedArrayStore._bind(_open(owner_pid, name), owner=False)
+
+
+def _close_owned(arena: _shm_arena.Arena) -> None:
+    arena.destroy()
+
+
+class SharedArrayStore:
+    """A key -> numpy array store in shared memory, shared by any number of processes.
+
+    ``SharedArrayStore()`` creates a store owned by the calling process; pass
+    the object (it pickles to its name) or its :attr:`name` to other processes,
+    which then :meth:`attach` to it.
+
+    Args:
+        name: a name for the store (1 to 64 characters from ``A-Za-z0-9_-``);
+            random by default.
+        max_bytes: cap on the shared memory the store maps, idle reuse cache
+            included; by default only the free space of ``/dev/shm`` limits it.
+        cache_bytes: idle segments kept mapped for reuse; beyond this they are
+            unlinked, least recently used first.
+        max_keys: capacity of the key index.
+        max_procs: how many processes may use the store at the same time.
+        max_blocks: capacity of the block table (defaults to ``2 * max_keys``;
+            small arrays take one block each, 64 share one segment).
+        max_segs: capacity of the segment table.
+
+    Raises:
+        StorageError: the name is taken or ``/dev/shm`` is missing.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        max_bytes: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        max_keys: int = 65536,
+        max_procs: int = 128,
+        max_blocks: int | None = None,
+        max_segs: int = 8192,
+    ) -> None:
+        if not os.path.isdir(ix.SHM_DIR):
+            raise StorageError(f"SharedArrayStore needs {ix.SHM_DIR} (Linux)")
+        name = ix.new_store_name() if name is None else ix.check_store_name(name)
+        config = {
+            "max_bytes": 0 if max_bytes is None else _positive(max_bytes, "max_bytes"),
+            "cache_bytes": _positive(cache_bytes, "cache_bytes") if cache_bytes else 0,
+            "max_keys": _positive(max_keys, "max_keys"),
+            "max_procs": _positive(max_procs, "max_procs"),
+            "max_blocks": _positive(max_blocks or 2 * max_keys, "max_blocks"),
+            "max_segs": _positive(max_segs, "max_segs"),
+        }
+        self._init(_create(name, config), owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> SharedArrayStore:
+        """Attach to the store called ``name``, created by another process (or this one).
+
+        Raises:
+            StorageError: no such store, it belongs to another user, or its
+                owner died (``python -m polystore gc`` removes such stores).
+            StoreClosedError: its owner closed it.
+        """
+        ix.check_store_name(name)
+        owners = _owners_of(name)
+        if not owners:
+            raise StorageError(f"no shared array store named {name!r}")
+        for pid in owners[:-1]:
+            try:
+                return cls._bind(_open(pid, name), owner=False)
+            except StorageError:
+                continue  # the remains of a dead owner; a live one may follow
+        return cls._bind(_open(owners[-1], name), owner=False)
+
+    @classmethod
+    def _bind(cls, arena: _shm_arena.Arena, owner: bool) -> SharedArrayStore:
+        self = cls.__new__(cls)
+        self._init(arena, owner)
+        return self
+
+    def _init(self, arena: _shm_arena.Arena, owner: bool) -> None:
+        self._arena = arena
+        self._name = arena.name
+        self._owner_pid = arena.owner_pid
+        self._owns = owner
+        self._closed = False
+        arena.handles += 1
+        arena.leave_when_unused = False
+        self._finalizer: Any
+        if owner:
+            from multiprocessing import util
+
+            # Unlike weakref.finalize, this also runs when a fork/forkserver
+            # child that created a store ends with os._exit().
+            self._finalizer = util.Finalize(self, _close_owned, (arena,), exitpriority=10)
+        else:
+            self._finalizer = weakref.finalize(self, arena.drop_handle, False)
+            self._finalizer.atexit = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reattach, (self._owner_pid, self._name))
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The store's name: what :meth:`attach` takes."""
+        return self._name
+
+    @property
+    def is_owner(self) -> bool:
+        """Whether this object created the store (in this process) and still has it open."""
+        return self._owns and not self._closed and os.getpid() == self._owner_pid
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called on this object or the store is gone."""
+        return self._closed or self._arena.closed
+
+    def _live(self) -> _shm_arena.Arena:
+        if self._closed:
+            raise StoreClosedError(f"shared array store {self._name!r} is closed")
+        return self._arena
+
+    # -- writing ---------------------------------------------------------------------
+    def put(self, key: str, array: Any, *, overwrite: bool = True) -> None:
+        """Store a copy of ``array`` under ``key``, atomically replacing any old value.
+
+        Views of the old value that readers hold stay valid and unchanged.
+
+        Raises:
+            NotShareableError: an object array (it holds pointers into this process).
+            FileExistsError: ``overwrite=False`` and ``key`` exists.
+            ShmFullError: not enough room in ``/dev/shm`` or under ``max_bytes``;
+                nothing was written.
+        """
+        arr = array if type(array) is np.ndarray else np.asarray(array)
+        self._put(key, arr, 0, overwrite)
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Store a copy of a bytes-like object under ``key`` (see :meth:`get_bytes`)."""
+        arr = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        self._put(key, arr, ix.F_BYTES, True)
+
+    def _put(self, key: str, arr: np.ndarray[Any, Any], flags: int, overwrite: bool) -> None:
+        kb, kbz, h = _key(key)
+        dt = _encode_dtype(arr.dtype)
+        nbytes = arr.nbytes
+        # A C-contiguous array exports its bytes as a plain buffer, whatever its
+        # dtype; the transpose of a Fortran-ordered one is C-contiguous.
+        layout = arr.flags
+        src: Any = None  # None: copied element by element, into C order
+        if layout.c_contiguous:
+            src = arr
+        elif layout.f_contiguous:
+            flags |= ix.F_FORTRAN
+            src = arr.T
+        value = (nbytes, arr.dtype, dt, arr.shape, flags)
+        a = self._live()
+        if nbytes > ix.CLASS_SIZES[-1]:
+            raise ShmFullError(nbytes, ix.CLASS_SIZES[-1], f"shared array store {self._name!r}")
+        cls = ix.class_of(nbytes) if nbytes else -1
+        b = -1
+        a.acquire()
+        try:
+            if a.slot < 0:
+                a.my_slot()
+            i, e = a.find(kbz, h)
+            if e >= 0 and not overwrite:
+                raise FileExistsError(errno.EEXIST, "key exists", key)
+            if nbytes == 0:
+                return self._install(a, i, e, kb, -1, value)
+            if nbytes <= SMALL_PUT:
+                # Small values are copied while holding the lock, which makes
+                # overwriting in place safe when no view of the old value exists.
+                old = a.eq[e * _EQ + ix.E_BLOCK] if e >= 0 else -1
+                if old >= 0 and a.reusable(old, cls):
+                    self._copy(a, old, arr, src, nbytes)
+                    return self._install(a, i, e, kb, old, value)
+                b = a.pop_free(cls)
+                if b >= 0:
+                    try:
+                        self._copy(a, b, arr, src, nbytes)
+                    except BaseException:
+                        a.free(b)
+                        raise
+                    return self._install(a, i, e, kb, b, value)
+            else:
+                b = a.pop_free(cls)
+        finally:
+            a.release()
+        if b < 0:
+            b = a.grow(cls)
+        try:
+            self._copy(a, b, arr, src, nbytes)  # outside the lock: no one else sees b
+            a.acquire()
+            try:
+                i, e = a.find(kbz, h)
+                if e >= 0 and not overwrite:
+                    raise FileExistsError(errno.EEXIST, "key exists", key)
+                self._install(a, i, e, kb, b, value)
+            finally:
+                a.release()
+        except BaseException:
+            a.abandon(b)
+            raise
+
+    @staticmethod
+    def _copy(
+        a: _shm_arena.Arena,
+        b: int,
+        arr: np.ndarray[Any, Any],
+        src: Any,
+        nbytes: int,
+    ) -> None:
+        s, gen, off = a.block_location(b)
+        item = a.rw_maps.get(s)
+        mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
+        if src is not None:
+            mm[off : off + nbytes] = src
+        else:
+            dst: np.ndarray[Any, Any] = np.ndarray(arr.shape, arr.dtype, buffer=mm, offset=off)
+            np.copyto(dst, arr, casting="no")
+
+    def _install(
+        self,
+        a: _shm_arena.Arena,
+        i: int,
+        e: int,
+        kb: bytes,
+        b: int,
+        value: tuple[int, np.dtype[Any], bytes, tuple[int, ...], int],
+    ) -> None:
+        """Point key ``kb`` (slot ``i``, entry ``e`` from find) at block ``b`` (locked)."""
+        nbytes, dtype, dt, shape, flags = value
+        seq = a.h[ix.H_SEQ] + 1
+        a.h[ix.H_SEQ] = seq
+        if e >= 0:
+            old = a.eq[e * _EQ + ix.E_BLOCK]
+            meta = a.meta.get(e)
+            if (
+                meta is not None
+                and meta[0] == a.eq[e * _EQ + ix.E_MSEQ]
+                and meta[2] == shape
+                and meta[5] == flags
+                and meta[6] == dt
+            ):
+                a.write_value(e, b, seq, nbytes)
+                self._swap(a, old, b)
+                return
+        else:
+            try:
+                e = a.insert(i, a.ht_hash(kb), kb)
+            except MemoryError as exc:
+                raise StorageError(
+                    f"shared array store {self._name!r}: {exc}; create it with a larger max_keys"
+                ) from None
+            old = -1
+        a.write_entry(e, b, seq, nbytes, dt, shape, flags)
+        a.meta[e] = _meta(seq, dtype, shape, flags, dt)
+        self._swap(a, old, b)
+
+    @staticmethod
+    def _swap(a: _shm_arena.Arena, old: int, b: int) -> None:
+        if b >= 0:
+            a.mark_live(b)
+        if old >= 0 and old != b:
+            a.retire(old)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; views of its value stay valid.
+
+        Raises:
+            KeyError: ``key`` is not in the store.
+        """
+        _, kbz, h = _key(key)
+        a = self._live()
+        a.acquire()
+        try:
+            i, e = a.find(kbz, h)
+            if e < 0:
+                raise KeyError(key)
+            old = a.eq[e * _EQ + ix.E_BLOCK]
+            a.remove(i, e)
+            if old >= 0:
+                a.retire(old)
+        finally:
+            a.release()
+
+    # -- reading ---------------------------------------------------------------------
+    def get(self, key: str) -> np.ndarray[Any, Any]:
+        """A read-only view of the array stored under ``key``; no copy is made.
+
+        Raises:
+            KeyError: ``key`` is not in the store.
+        """
+        return self._get(key)[0]
+
+    def get_bytes(self, key: str) -> bytes:
+        """A copy of the bytes stored under ``key`` by :meth:`put_bytes`.
+
+        Raises:
+            KeyError: ``key`` is not in the store.
+            TypeError: ``key`` holds an array, not bytes.
+        """
+        view, flags = self._get(key)
+        if not flags & ix.F_BYTES:
+            raise TypeError(f"key {key!r} holds an array; use get()")
+        return view.tobytes()
+
+    def _get(self, key: str) -> tuple[np.ndarray[Any, Any], int]:
+        _, kbz, h = _key(key)
+        a = self._live()
+        a.acquire()
+        try:
+            e = a.find(kbz, h)[1]
+            if e < 0:
+                raise KeyError(key)
+            k = e * _EQ
+            b = a.eq[k + ix.E_BLOCK]
+            meta = a.meta.get(e)
+            if meta is None or meta[0] != a.eq[k + ix.E_MSEQ]:
+                meta = self._read_meta(a, e)
+            if b >= 0:
+                if a.slot < 0:
+                    a.my_slot()
+                a.pin(b)
+                s, gen, off = a.block_location(b)
+        finally:
+            a.release()
+        _, dtype, shape, count, order, flags, _ = meta
+        if b < 0:
+            empty = np.empty(shape, dtype, order=order)
+            empty.flags.writeable = False
+            return empty, flags
+        try:
+            item = a.ro_maps.get(s)
+            mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
+            view = np.frombuffer(mm, dtype, count, off)
+        except BaseException:
+            a.unpin(b)
+            raise
+        # Every view derived from `view` keeps view.base alive: when it dies,
+        # no view of the block is left in this process.
+        a.track(view.base, b)
+        if len(shape) != 1:
+            view = view.reshape(shape, order=order)
+        return view, flags
+
+    @staticmethod
+    def _read_meta(a: _shm_arena.Arena, e: int) -> _shm_arena.Meta:
+        dt, shape, flags = a.read_entry(e)
+        meta = _meta(a.eq[e * _EQ + ix.E_MSEQ], _decode_dtype(dt), shape, flags, dt)
+        a.meta[e] = meta
+        return meta
+
+    def info(self, key: str) -> EntryInfo:
+        """Shape, dtype, size and kind of ``key``'s value, without mapping it.
+
+        Raises:
+            KeyError: ``key`` is not in the store.
+        """
+        _, kbz, h = _key(key)
+        a = self._live()
+        a.acquire()
+        try:
+            e = a.find(kbz, h)[1]
+            if e < 0:
+                raise KeyError(key)
+            nbytes = a.eq[e * _EQ + ix.E_NBYTES]
+            dt, shape, flags = a.read_entry(e)
+        finally:
+            a.release()
+        return EntryInfo(
+            shape,
+            _decode_dtype(dt),
+            nbytes,
+            "bytes" if flags & ix.F_BYTES else "array",
+            "F" if flags & ix.F_FORTRAN else "C",
+        )
+
+    def keys(self) -> list[str]:
+        """Every key in the store, sorted."""
+        a = self._live()
+        a.acquire()
+        try:
+            return sorted(a.key_of(e) for e in a.entries())
+        finally:
+            a.release()
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        _, kbz, h = _key(key)
+        a = self._live()
+        a.acquire()
+        try:
+            return a.find(kbz, h)[1] >= 0
+        finally:
+            a.release()
+
+    def __len__(self) -> int:
+        a = self._live()
+        a.acquire()
+        try:
+            return a.h[ix.H_NKEYS]
+        finally:
+            a.release()
+
+    # -- memory ----------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Counters: keys, segments, mapped bytes, idle (reusable) bytes, limits."""
+        a = self._live()
+        a.acquire()
+        try:
+            live = a.seg_np[:, ix.S_STATE] == ix.SEG_LIVE
+            return {
+                "keys": a.h[ix.H_NKEYS],
+                "segments": int(np.count_nonzero(live)),
+                "mapped_bytes": a.h[ix.H_TOTAL],
+                "idle_bytes": a.h[ix.H_IDLE],
+                "max_bytes": a.h[ix.H_MAX_BYTES],
+                "cache_bytes": a.h[ix.H_CACHE_BYTES],
+                "processes": int(np.count_nonzero(a.proc_np[:, ix.P_PID])),
+            }
+        finally:
+            a.release()
+
+    def trim(self) -> int:
+        """Unlink every idle segment now instead of keeping it for reuse; return its bytes."""
+        a = self._live()
+        a.acquire()
+        try:
+            return a.evict_idle(a.h[ix.H_IDLE])
+        finally:
+            a.release()
+
+    # -- lifetime --------------------------------------------------------------------
+    def close(self) -> None:
+        """Owner: remove the store and every segment. Others: detach this object.
+
+        Views already handed out stay valid. Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns and os.getpid() == self._owner_pid:
+            self._finalizer()
+            return
+        if not self._owns:
+            self._finalizer.detach()
+        self._arena.drop_handle(explicit=True)
+
+    def __enter__(self) -> SharedArrayStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.is_owner else "attached"
+        state = "closed" if self.closed else "open"
+        return f"SharedArrayStore({self._name!r}, {role}, {state})"
