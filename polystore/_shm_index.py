@@ -214,15 +214,15 @@ def seg_path(pid: int, name: str, slot: int, gen: int) -> str:
     return f"{SHM_DIR}/{PREFIX}{pid}-{name}.{slot}.{gen}"
 
 
-def parse_filename(filename: str) -> tuple[int, str] | None:
-    """(owner pid, store name) of a polystore store file name, else ``None``."""
-    if not filename.startswith(PREFIX):
+_FILE_RE = re.compile(r"polystore-([0-9]+)-([A-Za-z0-9_][A-Za-z0-9_-]{0,63})\.(ctl|[0-9]+\.[0-9]+)")
+
+
+def parse_filename(filename: str) -> tuple[int, str, bool] | None:
+    """(owner pid, store name, is control segment) of a store's file name, else ``None``."""
+    match = _FILE_RE.fullmatch(filename)
+    if match is None:
         return None
-    pid, _, rest = filename[len(PREFIX) :].partition("-")
-    name = rest.partition(".")[0]
-    if not pid.isdigit() or not _NAME_RE.fullmatch(name):
-        return None
-    return int(pid), name
+    return int(match[1]), match[2], match[3] == "ctl"
 
 
 # -- keys and dtypes ----------------------------------------------------------------

@@ -126,7 +126,7 @@ def _owners_of(name: str) -> list[int]:
     for filename in os.listdir(ix.SHM_DIR):
         if filename.endswith(suffix):
             parsed = ix.parse_filename(filename)
-            if parsed is not None and parsed[1] == name:
+            if parsed is not None and parsed[1] == name and parsed[2]:
                 pids.append(parsed[0])
     return sorted(pids)
 

@@ -1,0 +1,151 @@
+"""Command line: find and reclaim shared array stores in ``/dev/shm``.
+
+``python -m polystore ls``
+    List every :class:`~polystore.SharedArrayStore` with files in ``/dev/shm``:
+    name, owner pid, state, memory used, keys and files.
+
+``python -m polystore gc [--dry-run]``
+    Remove, of the current user's stores, those whose owner is dead (killed
+    before it could close them), and stray segment files left without their
+    control segment. Stores of live owners are never touched.
+
+States: ``live`` (owner running), ``dead`` (owner gone: ``gc`` removes it),
+``closing`` (the owner is removing it right now), ``orphan`` (data segments
+without a control segment: ``gc`` removes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import _shm_index as ix
+
+__all__ = ["StoreFiles", "main", "scan_stores"]
+
+
+@dataclass
+class StoreFiles:
+    """What ``/dev/shm`` holds of one store."""
+
+    pid: int
+    name: str
+    uid: int
+    files: list[str] = field(default_factory=list)
+    bytes: int = 0
+    header: list[int] | None = None
+    has_ctl: bool = False
+
+    @property
+    def state(self) -> str:
+        """``live``, ``dead``, ``closing`` or ``orphan``."""
+        if not self.has_ctl:
+            return "orphan"
+        if self.header is None:
+            # Being created, or torn: only the owner's pid tells which.
+            return "live" if ix.start_time(self.pid) is not None else "dead"
+        if not ix.is_alive(self.pid, self.header[ix.H_START]):
+            return "dead"
+        return "closing" if self.header[ix.H_CLOSED] else "live"
+
+    @property
+    def keys(self) -> int | None:
+        """Number of keys, if the control segment is readable."""
+        return None if self.header is None else self.header[ix.H_NKEYS]
+
+
+def scan_stores() -> list[StoreFiles]:
+    """Every store with files in ``/dev/shm``, sorted by owner pid and name."""
+    groups: dict[tuple[int, str], StoreFiles] = {}
+    try:
+        entries = list(os.scandir(ix.SHM_DIR))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        parsed = ix.parse_filename(entry.name)
+        if parsed is None:
+            continue
+        pid, name, is_ctl = parsed
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed while we looked
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        group = groups.setdefault((pid, name), StoreFiles(pid, name, st.st_uid))
+        group.files.append(entry.path)
+        group.bytes += st.st_blocks * 512  # memory in use, not the sparse size
+        if is_ctl:
+            group.has_ctl = True
+            group.header = ix.read_header(entry.path)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value, units = n / 1024, ["KB", "MB", "GB", "TB"]
+    while value >= 1024 and len(units) > 1:
+        value /= 1024
+        units.pop(0)
+    return f"{value:.1f} {units[0]}"
+
+
+def cmd_ls() -> int:
+    """``ls``: print one line per store."""
+    stores = scan_stores()
+    if not stores:
+        print(f"no shared array stores in {ix.SHM_DIR}")
+        return 0
+    print(f"{'NAME':<24} {'OWNER':>8} {'STATE':<8} {'SIZE':>10} {'KEYS':>6} {'FILES':>6}")
+    for s in stores:
+        keys = "-" if s.keys is None else str(s.keys)
+        print(
+            f"{s.name:<24} {s.pid:>8} {s.state:<8} {_size(s.bytes):>10} {keys:>6} {len(s.files):>6}"
+        )
+    return 0
+
+
+def cmd_gc(dry_run: bool) -> int:
+    """``gc``: remove the current user's dead and orphaned stores."""
+    uid = os.getuid()
+    removed = 0
+    for s in scan_stores():
+        if s.uid != uid or s.state not in ("dead", "orphan"):
+            continue
+        verb = "would remove" if dry_run else "removed"
+        if not dry_run:
+            # data segments first, the control segment last (see Arena.destroy)
+            for path in sorted(s.files, key=lambda p: p.endswith(".ctl")):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass  # someone else removed it meanwhile
+        print(f"{verb} {s.name} (owner pid {s.pid}, {s.state}): {len(s.files)} files, "
+              f"{_size(s.bytes)}")  # fmt: skip
+        removed += 1
+    if not removed:
+        print("nothing to reclaim")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m polystore``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m polystore", description="Find and reclaim polystore shared memory."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list shared array stores in /dev/shm")
+    gc = sub.add_parser("gc", help="remove stores whose owner process is dead")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    args = parser.parse_args(argv)
+    if args.command == "ls":
+        return cmd_ls()
+    return cmd_gc(args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
