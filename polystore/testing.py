@@ -32,9 +32,12 @@ import pytest
 from .base import StorageBackend
 from .exceptions import (
     BackendNotFoundError,
+    LockRequiredError,
     LockTimeoutError,
     MetadataNotFoundError,
+    MissingDependencyError,
     NotShareableError,
+    ReservedNameError,
     SandboxError,
     ShmFullError,
     StorageError,
@@ -425,4 +428,7 @@ EXCEPTION_SAMPLES: list[BaseException] = [
     NotShareableError("local only"),
     ShmFullError(100, 10, "/dev/shm"),
     StoreClosedError("closed"),
+    MissingDependencyError("zarr>=3", "zarr"),
+    LockRequiredError("memory://a.zarr", "unaligned region"),
+    ReservedNameError("a/.polystore-x", ".polystore-"),
 ]
