@@ -109,7 +109,8 @@ def test_pickle_keeps_recipes_and_refuses_private_backends() -> None:
 def test_building_a_registry_imports_no_backend(run_python: Any) -> None:
     proc = run_python(
         """
-                import polystore
+        import sys
+        import polystore
         registry = polystore.BackendRegistry()
         names = list(registry)
         print(sorted(m for m in sys.modules if m.startswith(("polystore.", "zarr"))))
