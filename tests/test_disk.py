@@ -374,3 +374,15 @@ def test_import_does_not_load_portalocker(run_python: Any) -> None:
         """
     )
     assert proc.stdout.strip() == "False"
+
+
+def test_spec_example_through_file_manager(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polystore import FileManager
+
+    monkeypatch.chdir(root)
+    fm = FileManager({"disk": DiskBackend()})
+    data = np.array([1, 2, 3])
+    fm.save(data, "output.npy", backend="disk", metadata={"key": "value"})
+    assert_same_value(fm.load("output.npy", backend="disk"), data)
+    assert fm.load_metadata("output.npy", backend="disk") == {"key": "value"}
+    assert fm.list_files(".", backend="disk") == ["./output.npy"]
