@@ -8,6 +8,7 @@ without ever climbing above ``/``.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from collections.abc import Iterable
@@ -42,7 +43,13 @@ def as_str(path: object, what: str = "path") -> str:
 
 def virtual(path: object) -> str:
     """Normalise ``path`` to an absolute virtual POSIX path (``/`` is the root)."""
-    text = as_str(path).replace("\\", "/") if os.sep == "\\" else as_str(path)
+    return _virtual(as_str(path))
+
+
+@functools.lru_cache(maxsize=8192)
+def _virtual(text: str) -> str:
+    if os.sep == "\\":
+        text = text.replace("\\", "/")
     parts: list[str] = []
     for part in text.split("/"):
         if part in ("", "."):
@@ -55,7 +62,8 @@ def virtual(path: object) -> str:
     return "/" + "/".join(parts)
 
 
-def virtual_parents(vpath: str) -> list[str]:
+@functools.lru_cache(maxsize=8192)
+def virtual_parents(vpath: str) -> tuple[str, ...]:
     """Ancestors of a virtual path, nearest last, without ``/`` itself."""
     out: list[str] = []
     parent = posixpath.dirname(vpath)
@@ -63,12 +71,20 @@ def virtual_parents(vpath: str) -> list[str]:
         out.append(parent)
         parent = posixpath.dirname(parent)
     out.reverse()
-    return out
+    return tuple(out)
 
 
 def split_ext(path: str) -> str:
-    """Lower-case extension of the last component, with the dot (``""`` if none)."""
-    return os.path.splitext(path)[1].lower()
+    """Lower-case extension of the last component, with the dot (``""`` if none).
+
+    Same answer as :func:`os.path.splitext`: leading dots of a name do not
+    start an extension.
+    """
+    name = path[path.rfind("/") + 1 :]
+    dot = name.rfind(".")
+    if dot <= 0 or name[:dot].strip(".") == "":
+        return ""
+    return name[dot:].lower()
 
 
 def join_listing(directory: str, relatives: Iterable[str]) -> list[str]:
