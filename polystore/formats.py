@@ -14,7 +14,6 @@ copy of the built-in one, which a user may extend and hand to a backend.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
@@ -168,15 +167,21 @@ class JsonFormat(Format):
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
         try:
+            import json  # deferred: keeps `import polystore` cheap
+
             return json.loads(json.dumps(data, allow_nan=True))
         except (TypeError, ValueError) as exc:
             reason = f"value is not JSON-serialisable: {exc}"
             raise UnsupportedFormatError(path, reason=reason) from exc
 
     def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
+        import json
+
         stream.write(json.dumps(value, indent=kwargs.get("indent")).encode("utf-8"))
 
     def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
+        import json
+
         return json.loads(stream.read().decode("utf-8"))
 
 

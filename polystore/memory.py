@@ -19,8 +19,7 @@ import errno
 import os
 import posixpath
 from collections.abc import Iterable, MutableMapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -39,8 +38,7 @@ _META = "#meta:"
 DEFAULT_SHM_THRESHOLD = 64 * 1024
 
 
-@dataclass(frozen=True)
-class ShmRef:
+class ShmRef(NamedTuple):
     """Descriptor of an array held in a :class:`~polystore.SharedArrayStore`."""
 
     store: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from .base import StorageBackend, UnavailableBackend
@@ -23,16 +22,27 @@ __all__ = ["ENTRY_POINT_GROUP", "BackendRegistry"]
 ENTRY_POINT_GROUP = "polystore.backends"
 
 
-@dataclass(frozen=True)
 class _Spec:
     """How to build a backend that has not been built yet."""
 
-    target: str | type[StorageBackend]
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    #: extra to install when the import fails
-    extra: str | None = None
-    #: a default-built instance is private to the process that builds it
-    process_local: bool = False
+    __slots__ = ("extra", "kwargs", "process_local", "target")
+
+    def __init__(
+        self,
+        target: str | type[StorageBackend],
+        kwargs: Mapping[str, Any] | None = None,
+        extra: str | None = None,
+        process_local: bool = False,
+    ) -> None:
+        self.target = target
+        self.kwargs = dict(kwargs or {})
+        #: extra to install when the import fails
+        self.extra = extra
+        #: a default-built instance is private to the process that builds it
+        self.process_local = process_local
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Spec, (self.target, self.kwargs, self.extra, self.process_local))
 
     def build(self, name: str) -> StorageBackend:
         cls = self.target if isinstance(self.target, type) else self._import(name)
