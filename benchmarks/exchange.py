@@ -202,10 +202,10 @@ class Ray(Method):
     name = "Ray object store"
 
     def start(self, ctx: Any) -> Any:
-        import ray
+        import importlib
 
+        self.ray = ray = importlib.import_module("ray")
         ray.init(include_dashboard=False, log_to_driver=False)
-        self.ray = ray
         return ray.get_runtime_context().gcs_address
 
     def put(self, arr: np.ndarray, i: int) -> Any:
@@ -215,10 +215,10 @@ class Ray(Method):
         self.ray.shutdown()
 
     def open(self, arg: Any) -> None:
-        import ray
+        import importlib
 
+        self.ray = ray = importlib.import_module("ray")
         ray.init(address=arg, log_to_driver=False)
-        self.ray = ray
 
     def get(self, token: Any, shape: tuple[int, ...]) -> Any:
         return self.ray.get(token)
@@ -228,11 +228,9 @@ METHODS: list[type[Method]] = [Polystore, ManagerDict, Queue, FreshSharedMemory,
 
 
 def ray_available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 # -- the two processes ------------------------------------------------------------------
@@ -397,8 +395,7 @@ def report(
     ))  # fmt: skip
     for name, res in results.items():
         cells = [
-            f"{fmt_time(res[s]['sum'])} ({res[s]['sum'] / memcpy[s]:.1f}x)".rjust(20)
-            for s in sizes
+            f"{fmt_time(res[s]['sum'])} ({res[s]['sum'] / memcpy[s]:.1f}x)".rjust(20) for s in sizes
         ]
         print(name.ljust(width) + "".join(cells))
     ours = results[Polystore.name]

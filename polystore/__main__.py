@@ -1,13 +1,14 @@
 """Command line: find and reclaim shared array stores in ``/dev/shm``.
 
-``python -m polystore ls``
+``python -m polystore ls [NAME ...]``
     List every :class:`~polystore.SharedArrayStore` with files in ``/dev/shm``:
     name, owner pid, state, memory used, keys and files.
 
-``python -m polystore gc [--dry-run]``
+``python -m polystore gc [--dry-run] [NAME ...]``
     Remove, of the current user's stores, those whose owner is dead (killed
     before it could close them), and stray segment files left without their
-    control segment. Stores of live owners are never touched.
+    control segment. Stores of live owners are never touched. Given names,
+    only the stores so named are considered.
 
 States: ``live`` (owner running), ``dead`` (owner gone: ``gc`` removes it),
 ``closing`` (the owner is removing it right now), ``orphan`` (data segments
@@ -94,9 +95,13 @@ def _size(n: int) -> str:
     return f"{value:.1f} {units[0]}"
 
 
-def cmd_ls() -> int:
+def _named(names: Sequence[str]) -> list[StoreFiles]:
+    return [s for s in scan_stores() if not names or s.name in names]
+
+
+def cmd_ls(names: Sequence[str] = ()) -> int:
     """``ls``: print one line per store."""
-    stores = scan_stores()
+    stores = _named(names)
     if not stores:
         print(f"no shared array stores in {ix.SHM_DIR}")
         return 0
@@ -109,11 +114,11 @@ def cmd_ls() -> int:
     return 0
 
 
-def cmd_gc(dry_run: bool) -> int:
+def cmd_gc(dry_run: bool = False, names: Sequence[str] = ()) -> int:
     """``gc``: remove the current user's dead and orphaned stores."""
     uid = os.getuid()
     removed = 0
-    for s in scan_stores():
+    for s in _named(names):
         if s.uid != uid or s.state not in ("dead", "orphan"):
             continue
         verb = "would remove" if dry_run else "removed"
@@ -138,13 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m polystore", description="Find and reclaim polystore shared memory."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list shared array stores in /dev/shm")
+    ls = sub.add_parser("ls", help="list shared array stores in /dev/shm")
     gc = sub.add_parser("gc", help="remove stores whose owner process is dead")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    for command in (ls, gc):
+        command.add_argument("names", nargs="*", metavar="NAME", help="only stores so named")
     args = parser.parse_args(argv)
     if args.command == "ls":
-        return cmd_ls()
-    return cmd_gc(args.dry_run)
+        return cmd_ls(args.names)
+    return cmd_gc(args.dry_run, args.names)
 
 
 if __name__ == "__main__":
