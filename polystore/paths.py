@@ -14,7 +14,15 @@ import posixpath
 from collections.abc import Iterable
 from typing import TypeAlias
 
-__all__ = ["PathArg", "as_str", "join_listing", "split_ext", "virtual", "virtual_parents"]
+__all__ = [
+    "RESERVED_PREFIX",
+    "PathArg",
+    "as_str",
+    "join_listing",
+    "split_ext",
+    "virtual",
+    "virtual_parents",
+]
 
 PathArg: TypeAlias = "str | os.PathLike[str]"
 
@@ -46,6 +54,10 @@ def virtual(path: object) -> str:
     return _virtual(as_str(path))
 
 
+#: names starting with this hold polystore's own temporary, lock and metadata files
+RESERVED_PREFIX = ".polystore-"
+
+
 @functools.lru_cache(maxsize=8192)
 def _virtual(text: str) -> str:
     if os.sep == "\\":
@@ -58,6 +70,10 @@ def _virtual(text: str) -> str:
             if parts:
                 parts.pop()
             continue
+        if part.startswith(RESERVED_PREFIX):
+            from .exceptions import ReservedNameError
+
+            raise ReservedNameError(text, RESERVED_PREFIX)
         parts.append(part)
     return "/" + "/".join(parts)
 
