@@ -1,4 +1,7 @@
-"""The nodes of a zarr hierarchy, read straight from storage.
+"""Where a zarr backend's paths live, and what the nodes there are.
+
+A :class:`Locator` maps a path to its hierarchy and to the node's key inside it,
+refusing paths that escape the backend's root.
 
 A :class:`Hierarchy` answers the questions the zarr backend asks most often
 (is this key an array, a group or nothing; what are a group's children; what
@@ -21,17 +24,22 @@ import importlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import socket
+import threading
 import uuid
 from collections.abc import Hashable
 from functools import cache
 from typing import Any, Literal
 
-__all__ = ["PRIVATE_DIR", "FsspecTree", "Hierarchy", "LocalTree", "Tree", "publish"]
+from .exceptions import ReservedNameError, SandboxError
+from .paths import RESERVED_PREFIX
+
+__all__ = ["PRIVATE_DIR", "FsspecTree", "Hierarchy", "LocalTree", "Locator", "Tree", "publish"]
 
 #: the directory, at the top of a hierarchy, that holds lock files and temporary arrays
-PRIVATE_DIR = ".polystore"
+PRIVATE_DIR = RESERVED_PREFIX + "zarr"
 
 #: metadata documents: the one that marks an array, the one that marks a group
 _MARKERS = {3: ("zarr.json", "zarr.json"), 2: (".zarray", ".zgroup")}
@@ -196,7 +204,7 @@ class Hierarchy:
         """Sorted names of the nodes directly inside the group ``key``."""
         names = []
         for name in self.tree.names(key):
-            if name in METADATA_NAMES or (not key and name == PRIVATE_DIR):
+            if name in METADATA_NAMES or name.startswith(RESERVED_PREFIX):
                 continue
             if self.kind(_join(key, name)) is not None:
                 names.append(name)
@@ -234,6 +242,110 @@ class Hierarchy:
             self._cleaned = True
             _remove_orphans(tmp)
         return os.path.join(tmp, f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+
+
+# -- from paths to nodes ------------------------------------------------------------
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def canonical(text: str) -> str:
+    """A local path made absolute, or a URL; ``file://`` URLs become local paths."""
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    if _URL.match(text):
+        scheme, rest = text.split("://", 1)
+        rest = posixpath.normpath(rest) if rest else ""
+        return f"{scheme}://{'' if rest == '.' else rest}"
+    return os.path.abspath(text)
+
+
+class Locator:
+    """Finds the hierarchy a path belongs to, and the key of its node there.
+
+    Args:
+        root: the one hierarchy's directory or URL (already :func:`canonical`),
+            or ``None``: then each path's hierarchy is its first ``*.zarr``
+            directory.
+        zarr_format: passed to every :class:`Hierarchy`.
+        storage_options: passed to fsspec for URLs.
+    """
+
+    def __init__(self, root: str | None, zarr_format: int, storage_options: dict[str, Any]) -> None:
+        self.root = root
+        self.zarr_format = zarr_format
+        self.storage_options = storage_options
+        self._hierarchies: dict[str, Hierarchy] = {}
+        self._guard = threading.Lock()
+
+    def locate(self, text: str) -> tuple[Hierarchy, str]:
+        """The hierarchy of the path ``text`` and the key of its node.
+
+        Raises:
+            SandboxError: the path lies outside the root.
+            ValueError: without a root, the path has no ``*.zarr`` directory;
+                or it uses a name reserved for metadata or for polystore.
+        """
+        root = self.root
+        if root is None:
+            return self._locate_store(text)
+        rel = text
+        if _URL.match(text) or os.path.isabs(text):
+            full = canonical(text)
+            top = root.rstrip("/")
+            if full == root:
+                rel = ""
+            elif full.startswith(top + "/"):
+                rel = full[len(top) + 1 :]
+            else:
+                raise SandboxError(text, root)
+        return self._hierarchy(root, implicit_root=True), _clean_key(rel, text, root)
+
+    def _locate_store(self, text: str) -> tuple[Hierarchy, str]:
+        full = canonical(text)
+        if _URL.match(full):
+            scheme, rest = full.split("://", 1)
+            prefix, parts = f"{scheme}://", rest.split("/")
+        else:
+            prefix, parts = "", full.split(os.sep)
+        for i, part in enumerate(parts):
+            if part.lower().endswith(".zarr"):
+                root = prefix + "/".join(parts[: i + 1])
+                key = _clean_key("/".join(parts[i + 1 :]), text, root)
+                return self._hierarchy(root, implicit_root=False), key
+        raise ValueError(
+            f"ZarrBackend() without a root keeps arrays inside '*.zarr' directories, and "
+            f"{text!r} has none; use a path such as 'out/plate.zarr/A/1', or build "
+            "ZarrBackend(root=...)"
+        )
+
+    def _hierarchy(self, root: str, implicit_root: bool) -> Hierarchy:
+        found = self._hierarchies.get(root)
+        if found is not None:
+            return found
+        tree: Tree = FsspecTree(root, self.storage_options) if _URL.match(root) else LocalTree(root)
+        hierarchy = Hierarchy(root, tree, self.zarr_format, implicit_root)
+        with self._guard:
+            return self._hierarchies.setdefault(root, hierarchy)
+
+
+def _clean_key(rel: str, text: str, root: str) -> str:
+    """Resolve ``.`` and ``..`` in a relative path, without leaving the root."""
+    parts: list[str] = []
+    for part in rel.replace(os.sep, "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise SandboxError(text, root)
+            parts.pop()
+            continue
+        if part.startswith(RESERVED_PREFIX):
+            raise ReservedNameError(text, RESERVED_PREFIX)
+        if part in METADATA_NAMES:
+            raise ValueError(f"{text!r}: {part!r} is the name of a zarr metadata document")
+        parts.append(part)
+    return "/".join(parts)
 
 
 _HOST = socket.gethostname().replace("-", "_")

@@ -20,7 +20,7 @@ Which hierarchy a path belongs to depends on ``root``:
   ``/data/plate.zarr``, which is a directory (group) itself. A path without a
   ``.zarr`` component is refused with ``ValueError``.
 
-Each local hierarchy keeps a private directory ``.polystore`` at its top
+Each local hierarchy keeps a private directory ``.polystore-zarr`` at its top
 (temporary arrays and lock files). It never appears in listings, but zarr's
 own member listing of the top group warns that it is not a zarr node.
 
@@ -45,7 +45,7 @@ sharded arrays) that a region covers entirely are written without locks; a
 chunk it covers in part is read, changed and written back under an exclusive
 per-chunk file lock, so no write is lost. Creating the array and changing its
 attributes happen under a per-array lock: racing first writers create it once.
-Locks live in ``<hierarchy>/.polystore/locks`` or in ``lock_dir``, and work
+Locks live in ``<hierarchy>/.polystore-zarr/locks`` or in ``lock_dir``, and work
 where every writer sees that directory on a file system with ``flock``
 semantics (a local disk; NFSv4 across machines). For fsspec URLs there is no
 default lock directory: unaligned region writes are refused with
@@ -61,24 +61,20 @@ import errno
 import functools
 import json
 import os
-import posixpath
-import re
 import shutil
-import threading
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from ._zarr_locks import ChunkLocks, chunks_touched, normalize_region, split_region
-from ._zarr_tree import METADATA_NAMES, PRIVATE_DIR, FsspecTree, Hierarchy, LocalTree, Tree, publish
+from ._zarr_regions import ChunkLocks, as_shape, check_layout, write_region
+from ._zarr_tree import Hierarchy, LocalTree, Locator, canonical, publish
 from .base import Kind, StorageBackend
 from .exceptions import (
     LockRequiredError,
     MetadataNotFoundError,
     MissingDependencyError,
-    SandboxError,
     UnsupportedFormatError,
     os_error,
 )
@@ -101,7 +97,6 @@ _CREATE_OPTIONS = frozenset(
         "config",
     }
 )
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: how often ``load`` reads again when the array keeps being replaced under it
 _READ_ATTEMPTS = 20
 
@@ -115,17 +110,6 @@ def _zarr() -> ModuleType:
     if int(zarr.__version__.split(".")[0]) < 3:
         raise MissingDependencyError(f"zarr>=3 (found {zarr.__version__})", "zarr")
     return zarr
-
-
-def _canonical(text: str) -> str:
-    """A local path made absolute, or a URL; ``file://`` URLs become local paths."""
-    if text.startswith("file://"):
-        text = text[len("file://") :]
-    if _URL.match(text):
-        scheme, rest = text.split("://", 1)
-        rest = posixpath.normpath(rest) if rest else ""
-        return f"{scheme}://{'' if rest == '.' else rest}"
-    return os.path.abspath(text)
 
 
 def _ancestors(key: str) -> list[str]:
@@ -162,12 +146,6 @@ def _check_metadata(metadata: Any) -> dict[str, Any] | None:
     return normalized
 
 
-def _as_shape(value: Any, ndim: int | None = None) -> tuple[int, ...]:
-    if isinstance(value, (int, np.integer)):
-        return (int(value),) * (ndim or 1)
-    return tuple(int(v) for v in value)
-
-
 class ZarrBackend(StorageBackend):
     """Arrays in zarr hierarchies (zarr-python 3), with safe concurrent region writes.
 
@@ -177,7 +155,7 @@ class ZarrBackend(StorageBackend):
             store (see the module documentation).
         zarr_format: 3 (default) or 2, for arrays and groups this backend creates.
         lock_dir: where region-write locks live, instead of each local
-            hierarchy's ``.polystore/locks``; required for unaligned region
+            hierarchy's ``.polystore-zarr/locks``; required for unaligned region
             writes to fsspec URLs. Every writer must use the same directory.
         lock_timeout: seconds to wait for a lock before
             :class:`~polystore.LockTimeoutError`.
@@ -206,13 +184,13 @@ class ZarrBackend(StorageBackend):
     ) -> None:
         if zarr_format not in (2, 3):
             raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
-        self._root = None if root is None else _canonical(as_str(root, "root"))
+        self._root = None if root is None else canonical(as_str(root, "root"))
         self._lock_dir = None if lock_dir is None else os.path.abspath(as_str(lock_dir, "lock_dir"))
         self._lock_timeout = float(lock_timeout)
         self._zarr_format = zarr_format
         self._storage_options = dict(storage_options or {})
-        self._hierarchies: dict[str, Hierarchy] = {}
-        self._guard = threading.Lock()
+        self._locator = Locator(self._root, zarr_format, self._storage_options)
+        self._zarr_checked = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         # rebuilt from configuration: stores and caches are per process
@@ -238,67 +216,11 @@ class ZarrBackend(StorageBackend):
     def _locate(self, path: Any) -> tuple[Hierarchy, str, str]:
         """The hierarchy of ``path``, the node's key inside it, and ``path`` as text."""
         text = as_str(path)
-        if self._root is None:
-            hierarchy, key = self._locate_store(text)
-            return hierarchy, key, text
-        root = self._root
-        rel = text
-        if _URL.match(text) or text.startswith("file://") or os.path.isabs(text):
-            full = _canonical(text)
-            if full == root:
-                rel = ""
-            elif full.startswith(root.rstrip("/") + "/"):
-                rel = full[len(root.rstrip("/")) + 1 :]
-            else:
-                raise SandboxError(text, root)
-        key = self._clean_key(rel, text, root)
-        return self._hierarchy(root, implicit_root=True), key, text
-
-    def _locate_store(self, text: str) -> tuple[Hierarchy, str]:
-        full = _canonical(text)
-        if _URL.match(full):
-            scheme, rest = full.split("://", 1)
-            prefix, parts = f"{scheme}://", rest.split("/")
-        else:
-            prefix, parts = "", full.split(os.sep)
-        for i, part in enumerate(parts):
-            if part.lower().endswith(".zarr"):
-                root = prefix + "/".join(parts[: i + 1])
-                key = self._clean_key("/".join(parts[i + 1 :]), text, root)
-                return self._hierarchy(root, implicit_root=False), key
-        raise ValueError(
-            f"ZarrBackend() without a root keeps arrays inside '*.zarr' directories, and "
-            f"{text!r} has none; use a path such as 'out/plate.zarr/A/1', or build "
-            "ZarrBackend(root=...)"
-        )
-
-    @staticmethod
-    def _clean_key(rel: str, text: str, root: str) -> str:
-        parts: list[str] = []
-        for part in rel.replace(os.sep, "/").split("/"):
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not parts:
-                    raise SandboxError(text, root)
-                parts.pop()
-                continue
-            if part in METADATA_NAMES or (not parts and part == PRIVATE_DIR):
-                raise ValueError(f"{text!r}: {part!r} is a reserved name in a zarr hierarchy")
-            parts.append(part)
-        return "/".join(parts)
-
-    def _hierarchy(self, root: str, implicit_root: bool) -> Hierarchy:
-        found = self._hierarchies.get(root)
-        if found is not None:
-            return found
-        _zarr()  # the missing extra is reported on first use, whatever the call
-        tree: Tree = (
-            FsspecTree(root, self._storage_options) if _URL.match(root) else LocalTree(root)
-        )
-        hierarchy = Hierarchy(root, tree, self._zarr_format, implicit_root)
-        with self._guard:
-            return self._hierarchies.setdefault(root, hierarchy)
+        if not self._zarr_checked:
+            _zarr()  # the missing extra is reported on first use, whatever the call
+            self._zarr_checked = True
+        hierarchy, key = self._locator.locate(text)
+        return hierarchy, key, text
 
     def _locks(self, hierarchy: Hierarchy, key: str) -> ChunkLocks | None:
         if self._lock_dir is not None:
@@ -444,7 +366,7 @@ class ZarrBackend(StorageBackend):
                 "a region write changes an array in place; overwrite=False does not apply"
             )
         target = self._region_target(hierarchy, key, text, array, shape, dtype, attributes, kwargs)
-        self._write_region(hierarchy, key, text, target, array, region)
+        write_region(target, array, region, self._locks(hierarchy, key), text)
 
     # -- helpers ------------------------------------------------------------------
     def _open(self, hierarchy: Hierarchy, key: str, mode: str) -> Any:
@@ -459,7 +381,10 @@ class ZarrBackend(StorageBackend):
             kind = hierarchy.kind(parent)
             if kind == "file":
                 raise os_error(NotADirectoryError, text)
-            if kind is None or not (parent or hierarchy.has_metadata("")):
+            # the top of a backend's root is a directory before it has metadata
+            missing = kind is None or (not parent and not hierarchy.has_metadata(""))
+            if missing:
+                # one call creates this group and every group below it
                 self._create_group(hierarchy, parents[-1], text)
                 return
 
@@ -542,9 +467,9 @@ class ZarrBackend(StorageBackend):
                     "no array to write a region of; pass shape= (and dtype=) to create it",
                 )
             wanted = np.dtype(block.dtype if dtype is None else dtype)
-            self._create_once(hierarchy, key, text, _as_shape(shape), wanted, attributes, options)
+            self._create_once(hierarchy, key, text, as_shape(shape), wanted, attributes, options)
         target = self._open(hierarchy, key, "r+")
-        _check_layout(target, text, shape, dtype, options)
+        check_layout(target, text, shape, dtype, options)
         if attributes and any(target.attrs.get(k) != v for k, v in attributes.items()):
             self._update_attributes(hierarchy, key, text, attributes)
         return target
@@ -593,69 +518,3 @@ class ZarrBackend(StorageBackend):
             )
         with locks.hold(["create"]):
             self._open(hierarchy, key, "r+").update_attributes(attributes)
-
-    def _write_region(
-        self,
-        hierarchy: Hierarchy,
-        key: str,
-        text: str,
-        target: Any,
-        block: np.ndarray[Any, Any],
-        region: Any,
-    ) -> None:
-        box = normalize_region(region, target.shape)
-        size = tuple(stop - start for start, stop in box)
-        try:
-            block = np.broadcast_to(block, size)
-        except ValueError:
-            raise ValueError(
-                f"a block of shape {block.shape} does not fit the region {region!r} of "
-                f"{text!r}, whose shape is {size}"
-            ) from None
-        # the unit zarr rewrites whole is the shard when there are shards
-        grid = target.shards or target.chunks
-        inner, slabs = split_region(box, target.shape, grid)
-        locks = self._locks(hierarchy, key)
-        if slabs and locks is None:
-            raise LockRequiredError(
-                text,
-                f"region {region!r} covers chunks of shape {grid} only in part, and "
-                "fsspec storage has no locks; align the region to the chunks, or pass "
-                "lock_dir= a directory all writers share",
-            )
-        if inner is not None:
-            _write(target, inner, box, block)
-        for slab in slabs:
-            assert locks is not None
-            names = ["c." + ".".join(map(str, coords)) for coords in chunks_touched(slab, grid)]
-            with locks.hold(names):
-                _write(target, slab, box, block)
-
-
-def _write(target: Any, part: tuple[tuple[int, int], ...], box: Any, block: Any) -> None:
-    """Write the ``part`` of ``box`` from ``block`` (which holds all of ``box``)."""
-    where = tuple(slice(start, stop) for start, stop in part)
-    source = tuple(
-        slice(a - origin, b - origin) for (a, b), (origin, _) in zip(part, box, strict=True)
-    )
-    target[where] = block[source]
-
-
-def _check_layout(
-    target: Any, text: str, shape: Any, dtype: Any, options: Mapping[str, Any]
-) -> None:
-    """Refuse a region write whose array differs from what the writer asked for."""
-    problems = []
-    if shape is not None and _as_shape(shape) != tuple(target.shape):
-        problems.append(f"shape {tuple(target.shape)}, not {_as_shape(shape)}")
-    if dtype is not None and np.dtype(dtype) != target.dtype:
-        problems.append(f"dtype {target.dtype}, not {np.dtype(dtype)}")
-    for name, have in (("chunks", target.chunks), ("shards", target.shards)):
-        want = options.get(name)
-        if want is not None and want != "auto" and _as_shape(want, target.ndim) != have:
-            problems.append(f"{name} {have}, not {_as_shape(want, target.ndim)}")
-    if problems:
-        raise ValueError(
-            f"the array at {text!r} exists with {', '.join(problems)}; "
-            "delete it first, or write with its layout"
-        )

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from polystore import BackendRegistry, FileManager
+from polystore._zarr_tree import _HOST
 from polystore.exceptions import (
     LockRequiredError,
     MetadataNotFoundError,
+    ReservedNameError,
     SandboxError,
     UnsupportedFormatError,
 )
@@ -173,20 +175,25 @@ def test_paths_stay_inside_the_root(backend: ZarrBackend, tmp_path: Path) -> Non
     assert not (tmp_path.parent / "outside").exists()
 
 
-@pytest.mark.parametrize("name", [".polystore/x", "g/zarr.json", "g/.zattrs"])
-def test_reserved_names(backend: ZarrBackend, name: str) -> None:
-    with pytest.raises(ValueError, match="reserved"):
+@pytest.mark.parametrize("name", ["g/zarr.json", "g/.zattrs", ".zgroup"])
+def test_metadata_document_names_are_refused(backend: ZarrBackend, name: str) -> None:
+    with pytest.raises(ValueError, match="metadata document"):
         backend.save(np.ones(1), name)
+
+
+def test_private_directory_is_reserved(backend: ZarrBackend) -> None:
+    with pytest.raises(ReservedNameError):
+        backend.save(np.ones(1), ".polystore-zarr/tmp/x")
 
 
 def test_private_directory_stays_out_of_listings(backend: ZarrBackend, tmp_path: Path) -> None:
     backend.save(np.ones(4), "a")
-    backend.save(np.zeros(4), "a")  # goes through .polystore/tmp
+    backend.save(np.zeros(4), "a")  # goes through .polystore-zarr/tmp
     backend.save(np.ones(3), "r", region=(slice(1, 4),), shape=(10,), chunks=(4,))  # locks
-    assert (tmp_path / ".polystore").is_dir()
+    assert (tmp_path / ".polystore-zarr").is_dir()
     assert backend.list_dir(".") == ["a", "r"]
     assert backend.list_files(".", recursive=True) == ["./a", "./r"]
-    assert os.listdir(tmp_path / ".polystore" / "tmp") == []
+    assert os.listdir(tmp_path / ".polystore-zarr" / "tmp") == []
 
 
 def test_the_root_cannot_be_deleted(backend: ZarrBackend) -> None:
@@ -203,11 +210,8 @@ def test_leftovers_of_dead_writers_are_removed(backend: ZarrBackend, tmp_path: P
     dead.start()
     dead.join()
     backend.save(np.ones(1), "first")
-    tmp = tmp_path / ".polystore" / "tmp"
-    host = os.listdir(tmp) or None  # nothing left after a clean save
-    assert host is None
-    from polystore._zarr_tree import _HOST
-
+    tmp = tmp_path / ".polystore-zarr" / "tmp"
+    assert os.listdir(tmp) == []  # nothing left after a clean save
     orphan = tmp / f"{_HOST}-{dead.pid}-{uuid.uuid4().hex}"
     (orphan / "c").mkdir(parents=True)
     ZarrBackend(tmp_path).save(np.ones(1), "second")  # a new process's first save cleans up
@@ -288,7 +292,7 @@ def test_readers_see_old_or_new_array_never_a_mix(tmp_path: Path) -> None:
     finally:
         writer.join(30)
     assert writer.exitcode == 0
-    assert os.listdir(tmp_path / ".polystore" / "tmp") == []
+    assert os.listdir(tmp_path / ".polystore-zarr" / "tmp") == []
 
 
 # -- without the extra -------------------------------------------------------------------

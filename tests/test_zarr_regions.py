@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polystore._zarr_locks import ChunkLocks, chunks_touched, normalize_region, split_region
+from polystore._zarr_regions import ChunkLocks, chunks_touched, normalize_region, split_region
 from polystore.exceptions import LockTimeoutError
 from polystore.zarr_backend import ZarrBackend
 
@@ -107,7 +107,7 @@ def backend(tmp_path: Path) -> ZarrBackend:
 
 
 def _lock_files(root: Path) -> list[str]:
-    locks = root / ".polystore" / "locks"
+    locks = root / ".polystore-zarr" / "locks"
     return sorted(p.name for p in locks.rglob("*.lock")) if locks.exists() else []
 
 
@@ -180,7 +180,8 @@ def test_shards_are_the_unit_of_locking(tmp_path: Path) -> None:
 def test_lock_timeout(backend: ZarrBackend, tmp_path: Path) -> None:
     backend.save(np.ones(8), "t", region=(slice(0, 8),), shape=(16,), chunks=(8,))
     hasty = ZarrBackend(tmp_path, lock_timeout=0.2)
-    holder = ChunkLocks.for_array(str(tmp_path / ".polystore" / "locks"), str(tmp_path), "t", 1)
+    locks = str(tmp_path / ".polystore-zarr" / "locks")
+    holder = ChunkLocks.for_array(locks, str(tmp_path), "t", 1)
     with holder.hold(["c.1"]), pytest.raises(LockTimeoutError):
         hasty.save(np.ones(3), "t", region=(slice(9, 12),))
     hasty.save(np.ones(3), "t", region=(slice(9, 12),))

@@ -1,4 +1,4 @@
-"""Region writes into chunked arrays: which chunks a write shares, and their locks.
+"""Region writes into chunked arrays: which chunks a write shares, their locks, the write.
 
 A zarr chunk is stored as one object, so writing part of a chunk means reading
 the whole chunk, changing it and writing it back. Two processes doing that to
@@ -13,7 +13,8 @@ a slab is written. A writer holds the locks of one slab at a time and takes
 them in sorted order, so two writers can never wait for each other in a cycle.
 The kernel releases the locks of a process that dies.
 
-Nothing here imports zarr: it works on plain shapes and chunk grids.
+:func:`write_region` puts the two together. Nothing here imports zarr: it
+works on shapes, chunk grids and any array that supports slice assignment.
 """
 
 from __future__ import annotations
@@ -24,12 +25,23 @@ import itertools
 import operator
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any, TypeAlias
 
-from .exceptions import LockTimeoutError
+import numpy as np
 
-__all__ = ["Box", "ChunkLocks", "chunks_touched", "normalize_region", "split_region"]
+from .exceptions import LockRequiredError, LockTimeoutError
+
+__all__ = [
+    "Box",
+    "ChunkLocks",
+    "as_shape",
+    "check_layout",
+    "chunks_touched",
+    "normalize_region",
+    "split_region",
+    "write_region",
+]
 
 #: one ``(start, stop)`` pair per dimension
 Box: TypeAlias = "tuple[tuple[int, int], ...]"
@@ -179,3 +191,84 @@ class ChunkLocks:
                 portalocker.unlock(handle)
         finally:
             handle.close()
+
+
+def write_region(
+    target: Any, block: np.ndarray[Any, Any], region: Any, locks: ChunkLocks | None, path: str
+) -> None:
+    """Write ``block`` into ``region`` of the chunked array ``target``.
+
+    Whole chunks are written without locks; each slab of shared chunks under
+    the locks of its chunks. ``block`` is broadcast to the region's shape.
+
+    Raises:
+        LockRequiredError: some chunks are shared and ``locks`` is ``None``;
+            nothing was written.
+        ValueError: the region or the block does not fit.
+    """
+    box = normalize_region(region, target.shape)
+    size = tuple(stop - start for start, stop in box)
+    try:
+        block = np.broadcast_to(block, size)
+    except ValueError:
+        raise ValueError(
+            f"a block of shape {block.shape} does not fit the region {region!r} of "
+            f"{path!r}, whose shape is {size}"
+        ) from None
+    # the unit zarr rewrites whole is the shard when there are shards
+    grid = target.shards or target.chunks
+    inner, slabs = split_region(box, target.shape, grid)
+    if slabs and locks is None:
+        raise LockRequiredError(
+            path,
+            f"region {region!r} covers chunks of shape {grid} only in part, and "
+            "fsspec storage has no locks; align the region to the chunks, or pass "
+            "lock_dir= a directory all writers share",
+        )
+    if inner is not None:
+        _write(target, inner, box, block)
+    for slab in slabs:
+        assert locks is not None
+        names = ["c." + ".".join(map(str, coords)) for coords in chunks_touched(slab, grid)]
+        with locks.hold(names):
+            _write(target, slab, box, block)
+
+
+def _write(target: Any, part: Box, box: Box, block: np.ndarray[Any, Any]) -> None:
+    """Write the ``part`` of ``box`` from ``block`` (which holds all of ``box``)."""
+    where = tuple(slice(start, stop) for start, stop in part)
+    source = tuple(
+        slice(a - origin, b - origin) for (a, b), (origin, _) in zip(part, box, strict=True)
+    )
+    target[where] = block[source]
+
+
+def as_shape(value: Any, ndim: int | None = None) -> tuple[int, ...]:
+    """A shape given as an int (repeated ``ndim`` times) or a sequence, as a tuple."""
+    if isinstance(value, (int, np.integer)):
+        return (int(value),) * (ndim or 1)
+    return tuple(int(v) for v in value)
+
+
+def check_layout(
+    target: Any, path: str, shape: Any, dtype: Any, options: Mapping[str, Any]
+) -> None:
+    """Refuse a region write whose array differs from what the writer asked for.
+
+    Raises:
+        ValueError: shape, dtype, chunks or shards differ; the message lists them.
+    """
+    problems = []
+    if shape is not None and as_shape(shape) != tuple(target.shape):
+        problems.append(f"shape {tuple(target.shape)}, not {as_shape(shape)}")
+    if dtype is not None and np.dtype(dtype) != target.dtype:
+        problems.append(f"dtype {target.dtype}, not {np.dtype(dtype)}")
+    for name, have in (("chunks", target.chunks), ("shards", target.shards)):
+        want = options.get(name)
+        if want is not None and want != "auto" and as_shape(want, target.ndim) != have:
+            problems.append(f"{name} {have}, not {as_shape(want, target.ndim)}")
+    if problems:
+        raise ValueError(
+            f"the array at {path!r} exists with {', '.join(problems)}; "
+            "delete it first, or write with its layout"
+        )
