@@ -148,12 +148,44 @@ class DiskBackend(StorageBackend):
             parts = text.replace(os.sep, "/").split("/")
             if any(is_reserved(part) for part in parts):
                 raise ReservedNameError(text, RESERVED_PREFIX)
-        if self.root is None:
+        root = self.root
+        if root is None:
             return text
-        real = os.path.realpath(os.path.join(self.root, text))
+        full = os.path.join(root, text)
+        resolved = self._plain_path(root, full)
+        if resolved is not None:
+            return resolved
+        real = os.path.realpath(full)
         if not self._inside(real):
-            raise SandboxError(text, self.root)
+            raise SandboxError(text, root)
         return real
+
+    @staticmethod
+    def _plain_path(root: str, full: str) -> str | None:
+        """``full`` normalised, if it lies in ``root`` without ``..`` or links; else ``None``.
+
+        The common case costs one ``lstat`` per name below the root instead
+        of :func:`os.path.realpath`'s walk from ``/``.
+        """
+        base = root.rstrip(os.sep)
+        if full != root and not full.startswith(base + os.sep):
+            return None
+        parts = [p for p in full[len(base):].split(os.sep) if p not in ("", ".")]
+        if ".." in parts:
+            return None
+        path = base
+        for i, part in enumerate(parts):
+            path = path + os.sep + part
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                # Nothing below a missing name can be a link.
+                return os.sep.join([path, *parts[i + 1:]])
+            except OSError:
+                return None  # let realpath and the operation itself report it
+            if stat.S_ISLNK(mode):
+                return None
+        return path or os.sep
 
     def _inside(self, real: str) -> bool:
         assert self.root is not None

@@ -48,19 +48,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from io import BufferedWriter
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from .exceptions import LockTimeoutError, UnsupportedFormatError
 from .paths import as_str
-
-if TYPE_CHECKING:
-    import portalocker
 
 __all__ = [
     "DIR_LOCK_NAME",
@@ -194,10 +192,34 @@ def write_atomic(path: str, payload: bytes, *, fsync: bool = False) -> None:
 # -- locking -------------------------------------------------------------------
 
 
-def _portalocker() -> Any:
-    import portalocker
+class _Portalocker(NamedTuple):
+    lock: Callable[[int, Any], None]
+    unlock: Callable[[int], None]
+    already_locked: type[Exception]
+    failed: type[Exception]
+    flags: dict[tuple[bool, bool], Any]  # (shared, wait) -> LockFlags
 
-    return portalocker
+
+@functools.cache
+def _portalocker() -> _Portalocker:
+    import portalocker
+    from portalocker import portalocker as implementation
+
+    # Pin flock: its locks belong to an open file, so threads exclude each
+    # other and closing an unrelated descriptor releases nothing, which
+    # lockf-style locks do not promise. (Older portalocker only has the
+    # module-level functions, whose default is flock too.)
+    flock_locker = getattr(implementation, "FlockLocker", None)
+    api = flock_locker() if flock_locker is not None else portalocker
+    f = portalocker.LockFlags
+    flags = {
+        (shared, wait): (f.SHARED if shared else f.EXCLUSIVE) | (0 if wait else f.NON_BLOCKING)
+        for shared in (False, True)
+        for wait in (False, True)
+    }
+    return _Portalocker(
+        api.lock, api.unlock, portalocker.AlreadyLocked, portalocker.LockException, flags
+    )
 
 
 def _open_lock_file(path: str) -> int:
@@ -218,14 +240,14 @@ def _is_current(fd: int, path: str) -> bool:
     return (mine.st_ino, mine.st_dev) == (named.st_ino, named.st_dev)
 
 
-def _flock(fd: int, flags: portalocker.LockFlags) -> bool:
+def _flock(fd: int, *, shared: bool, wait: bool) -> bool:
     """Lock ``fd``; ``False`` if a non-blocking attempt found it taken."""
     pl = _portalocker()
     try:
-        pl.lock(fd, flags)
-    except pl.AlreadyLocked:
+        pl.lock(fd, pl.flags[shared, wait])
+    except pl.already_locked:
         return False
-    except pl.LockException as exc:
+    except pl.failed as exc:
         # Hand back the operating system's error (ENOLCK, EBADF, ...) rather
         # than portalocker's wrapper, so callers can catch OSError.
         if isinstance(exc.__cause__, OSError):
@@ -255,15 +277,13 @@ def acquire(
     Raises:
         LockTimeoutError: the lock was still held by another after ``timeout``.
     """
-    pl = _portalocker()
-    mode = pl.LockFlags.SHARED if shared else pl.LockFlags.EXCLUSIVE
     start = time.monotonic()
     while True:
         fd = _open_lock_file(path)
         try:
             if timeout is None:
-                _flock(fd, mode)
-            elif not _flock_until(fd, mode, start + timeout):
+                _flock(fd, shared=shared, wait=True)
+            elif not _flock_until(fd, shared, start + timeout):
                 raise LockTimeoutError(name or path, timeout)
             if not removable or _is_current(fd, path):
                 return fd
@@ -274,11 +294,10 @@ def acquire(
         os.close(fd)
 
 
-def _flock_until(fd: int, mode: portalocker.LockFlags, deadline: float) -> bool:
+def _flock_until(fd: int, shared: bool, deadline: float) -> bool:
     """Poll for the lock until ``deadline`` (flock itself cannot time out)."""
-    nonblocking = mode | _portalocker().LockFlags.NON_BLOCKING
     delay = _POLL_START
-    while not _flock(fd, nonblocking):
+    while not _flock(fd, shared=shared, wait=False):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
@@ -289,20 +308,19 @@ def _flock_until(fd: int, mode: portalocker.LockFlags, deadline: float) -> bool:
 
 def release(fd: int, path: str, *, shared: bool = False, removable: bool = True) -> None:
     """Unlock and close a descriptor from :func:`acquire`, removing the lock file if we may."""
-    pl = _portalocker()
     try:
         # Removing the file is safe only under an exclusive lock: a shared
         # holder first tries to become the only holder, and leaves the file to
         # the last one if it cannot.
         if (
             removable
-            and (not shared or _flock(fd, pl.LockFlags.EXCLUSIVE | pl.LockFlags.NON_BLOCKING))
+            and (not shared or _flock(fd, shared=False, wait=False))
             and _is_current(fd, path)
         ):
             remove_quietly(path)
         # Unlock explicitly: a forked child may share this descriptor, and
         # closing our copy would not release the lock for it.
-        pl.unlock(fd)
+        _portalocker().unlock(fd)
     finally:
         os.close(fd)
 
@@ -478,7 +496,7 @@ def remove_stale(
 
 def _stale_temp(name: str, path: str, now: float, max_age: float) -> bool:
     """Remove a dead writer's temporary file; ``True`` if it was removed."""
-    head = name[len(TEMP_PREFIX):].split("-", 1)[0]
+    head = name[len(TEMP_PREFIX) :].split("-", 1)[0]
     owner = int(head) if head.isdigit() else None
     try:
         age = now - os.stat(path, follow_symlinks=False).st_mtime
@@ -494,7 +512,7 @@ def _stale_temp(name: str, path: str, now: float, max_age: float) -> bool:
 
 
 def _remove_orphan_metadata(directory: str, name: str, lock_timeout: float | None) -> bool:
-    data_name = name[len(META_PREFIX):-len(".json")]
+    data_name = name[len(META_PREFIX) : -len(".json")]
     data_path = os.path.join(directory, data_name)
     if data_name.startswith("#") or os.path.lexists(data_path):
         return False  # a hashed name cannot be traced back to its file
