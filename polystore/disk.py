@@ -63,7 +63,6 @@ from .locks import (
     META_PREFIX,
     RESERVED_PREFIX,
     STALE_AFTER,
-    create_temp,
     directory_lock,
     file_lock,
     fsync_dir,
@@ -72,6 +71,7 @@ from .locks import (
     remove_quietly,
     remove_stale,
     reserved_name,
+    write_temp,
 )
 from .paths import as_str, join_listing
 
@@ -212,39 +212,20 @@ class DiskBackend(StorageBackend):
         return os_error(FileNotFoundError, text)
 
     # -- writing --------------------------------------------------------------
-    def _write_temp(
-        self, directory: str, text: str, writer: Callable[[IO[bytes]], object], durable: bool
-    ) -> str:
-        """Write a complete temporary file in ``directory``; return its path."""
-        try:
-            f, tmp = create_temp(directory)
-        except FileNotFoundError:
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except FileExistsError:
-                raise os_error(NotADirectoryError, text) from None
-            f, tmp = create_temp(directory)
-        try:
-            with f:
-                writer(f)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-        except BaseException:
-            remove_quietly(tmp)
-            raise
-        return tmp
-
     @staticmethod
-    def _check_target(target: str, text: str, overwrite: bool) -> None:
-        """Refuse early, before writing, what the commit would refuse anyway."""
+    def _kind_of(target: str) -> Kind | None:
         try:
             st = os.stat(target)
         except (FileNotFoundError, NotADirectoryError):
-            return
-        if stat.S_ISDIR(st.st_mode):
+            return None
+        return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+
+    def _check_target(self, target: str, text: str, overwrite: bool) -> None:
+        """Refuse early, before writing, what the commit would refuse anyway."""
+        kind = self._kind_of(target)
+        if kind == "dir":
             raise os_error(IsADirectoryError, text)
-        if not overwrite:
+        if kind == "file" and not overwrite:
             raise os_error(FileExistsError, text)
 
     def _write_and_commit(
@@ -259,11 +240,11 @@ class DiskBackend(StorageBackend):
         """Write ``target`` (and its metadata) to temporary files, then rename them into place."""
         directory = os.path.dirname(target)
         sidecar = self._sidecar(target)
-        tmp = self._write_temp(directory, text, writer, durable)
+        tmp = write_temp(directory, writer, fsync=durable)
         meta_tmp = None
         try:
             if meta is not None:
-                meta_tmp = self._write_temp(directory, text, lambda f: f.write(meta), durable)
+                meta_tmp = write_temp(directory, lambda f: f.write(meta), fsync=durable)
             with directory_lock(directory, self.lock_timeout):
                 if overwrite:
                     # Old metadata goes first: if we die before the end, the file
@@ -330,12 +311,7 @@ class DiskBackend(StorageBackend):
             return fmt.read(f, text, **kwargs)
 
     def kind(self, path: Any) -> Kind | None:
-        target = self._resolve(as_str(path))
-        try:
-            st = os.stat(target)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        return self._kind_of(self._resolve(as_str(path)))
 
     def _scandir(self, directory: str, text: str) -> os._ScandirIterator[str]:
         try:
@@ -436,14 +412,10 @@ class DiskBackend(StorageBackend):
     def _same_format(self, src: str, dst: str) -> bool:
         return self.formats.for_path(src) == self.formats.for_path(dst)
 
-    @staticmethod
-    def _require_file(source: str, text: str) -> None:
-        try:
-            st = os.stat(source)
-        except (FileNotFoundError, NotADirectoryError):
-            raise os_error(FileNotFoundError, text) from None
-        if stat.S_ISDIR(st.st_mode):
-            raise os_error(IsADirectoryError, text)
+    def _require_file(self, source: str, text: str) -> None:
+        kind = self._kind_of(source)
+        if kind != "file":
+            raise os_error(IsADirectoryError if kind else FileNotFoundError, text)
 
     def _read_sidecar(self, target: str) -> bytes | None:
         try:

@@ -54,8 +54,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from io import BufferedWriter
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from .exceptions import LockTimeoutError, UnsupportedFormatError
 from .paths import as_str
@@ -117,14 +116,39 @@ def lock_path(path: str | os.PathLike[str]) -> str:
 # -- temporary files and atomic replacement ---------------------------------
 
 
-def create_temp(directory: str) -> tuple[BufferedWriter, str]:
-    """Create a new temporary file in ``directory``; return it open for writing, and its path.
+def write_temp(directory: str, writer: Callable[[BinaryIO], object], *, fsync: bool = False) -> str:
+    """Write a new hidden temporary file in ``directory`` with ``writer(file)``; return its path.
 
-    The file gets the permissions a plain ``open(path, "w")`` would give, not
-    the owner-only ones of :mod:`tempfile`, because it becomes the data file.
+    Missing directories are created. The file gets the permissions a plain
+    ``open(path, "w")`` would give (not :mod:`tempfile`'s owner-only ones),
+    because it becomes the data file. It is removed again if ``writer`` fails.
+
+    Raises:
+        NotADirectoryError: ``directory`` or one of its parents is a file.
     """
     path = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
-    return open(path, "xb"), path
+    f = _create(path, directory)
+    try:
+        with f:  # closing flushes, and can fail too (a full disk)
+            writer(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        remove_quietly(path)
+        raise
+    return path
+
+
+def _create(path: str, directory: str) -> BinaryIO:
+    try:
+        return open(path, "xb")
+    except FileNotFoundError:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except FileExistsError:
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory) from None
+        return open(path, "xb")
 
 
 def link_new(src: str, target: str, what: str) -> None:
@@ -174,13 +198,8 @@ def remove_quietly(path: str) -> None:
 def write_atomic(path: str, payload: bytes, *, fsync: bool = False) -> None:
     """Replace ``path`` with ``payload``: readers see the old or the new bytes, never a mix."""
     directory = os.path.dirname(path)
-    f, tmp = create_temp(directory)
+    tmp = write_temp(directory, lambda f: f.write(payload), fsync=fsync)
     try:
-        with f:
-            f.write(payload)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         remove_quietly(tmp)
