@@ -171,6 +171,14 @@ class BackendTests:
         assert backend.is_file(str(path))
         assert_same_value(backend.load(path), np.ones(2))
 
+    def test_reserved_names(self, backend: StorageBackend) -> None:
+        for path in (".polystore-x.npy", "d/.polystore-lock/x.npy"):
+            with pytest.raises(ReservedNameError):
+                backend.save(np.ones(1), path)
+            with pytest.raises(ReservedNameError):
+                backend.load(path)
+        assert backend.list_files(".", recursive=True) == []
+
     # -- save semantics -----------------------------------------------------
     def test_save_creates_parents(self, backend: StorageBackend) -> None:
         backend.save(np.ones(1), "a/b/c/x.npy")
