@@ -32,6 +32,9 @@ autodoc_default_options = {
 }
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# The docs environment installs Sphinx only; polystore.testing imports pytest at
+# module level, and nothing else documented here needs more than numpy.
+autodoc_mock_imports = ["pytest"]
 
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
