@@ -39,6 +39,10 @@ Meta = tuple[int, np.dtype[Any], tuple[int, ...], int, Literal["C", "F"], int, b
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 _all_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
+# Bound once: the lock is taken on every call, and these save lookups there.
+_flock, _LOCK_EX, _LOCK_UN, _LOCK_NB = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN, fcntl.LOCK_NB
+_get_ident = threading.get_ident
+_H_CLOSED, _H_EPOCH = ix.H_CLOSED, ix.H_EPOCH
 
 
 def _after_fork_in_child() -> None:
@@ -207,24 +211,34 @@ class Arena(ix.Tables):
             self.leave()
 
     # -- locking ---------------------------------------------------------------------
-    def acquire(self) -> None:
-        """Take the store lock; raise :class:`StoreClosedError` if the store is closed."""
-        self._lock.acquire()
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the store lock; raise :class:`StoreClosedError` if the store is closed.
+
+        With ``blocking=False``, return ``False`` instead of waiting.
+        """
+        if not self._lock.acquire(blocking):
+            return False
         try:
-            if self.closed:
-                raise self.closed_error()
-            if self._fd < 0:
+            if self._fd < 0 or self.closed:
+                if self.closed:
+                    raise self.closed_error()
                 self._reopen()
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-            if self.h[ix.H_CLOSED]:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-                raise self.closed_error()
+            _flock(self._fd, _LOCK_EX if blocking else _LOCK_EX | _LOCK_NB)
+        except BlockingIOError:
+            self._lock.release()
+            return False
         except BaseException:
             self._lock.release()
             raise
-        self._holder = threading.get_ident()
-        if self.h[ix.H_EPOCH] != self._epoch:
+        h = self.h
+        if h[_H_CLOSED] or h[_H_EPOCH] != self._epoch:
+            if h[_H_CLOSED]:
+                _flock(self._fd, _LOCK_UN)
+                self._lock.release()
+                raise self.closed_error()
             self._prune()
+        self._holder = _get_ident()
+        return True
 
     def release(self) -> None:
         """Release the store lock, first dropping pins whose views died meanwhile."""
@@ -233,7 +247,7 @@ class Arena(ix.Tables):
                 self._unpin(self._pending.pop())
         finally:
             self._holder = None
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            _flock(self._fd, _LOCK_UN)
             self._lock.release()
 
     def _prune(self) -> None:
@@ -332,15 +346,25 @@ class Arena(ix.Tables):
         item = self._refs.pop(id(ref), None)
         if item is None or self.closed:
             return
-        if self._holder == threading.get_ident():
+        me = _get_ident()
+        if self._holder == me:
             # The garbage collector ran inside one of our own critical
             # sections: the unpin happens when that section releases the lock.
             self._pending.append(item[1])
             return
+        # Waiting for this store's lock while holding another's could deadlock
+        # with a process doing the reverse: then only try, and defer on failure.
+        blocking = not any(other._holder == me for other in list(_arenas.values()))
         try:
-            self.unpin(item[1])
+            if not self.acquire(blocking):
+                self._pending.append(item[1])
+                return
         except StoreClosedError:
             return  # the owner closed the store; there is nothing to give back
+        try:
+            self._unpin(item[1])
+        finally:
+            self.release()
         if self.handles <= 0 and self.leave_when_unused and not self._refs:
             self.leave()
 

@@ -391,6 +391,12 @@ class Tables:
         ht, eb, mask = self.ht, self.eb, self.mask
         n = len(kbz)
         i = h & mask
+        v = ht[i]
+        if v > 0 and v >> 32 == h:  # the usual case: found at the first probe
+            e = (v & _HASH_MASK) - 1
+            o = e * ENT_SIZE + E_KEY
+            if eb[o : o + n] == kbz:
+                return i, e
         tomb = -1
         while True:
             v = ht[i]

@@ -57,7 +57,10 @@ DEFAULT_CACHE_BYTES = 1 << 30
 #: puts up to this size copy while holding the store lock (one lock round trip)
 SMALL_PUT = 1 << 20
 
-_EQ = ix.ENT_SIZE // 8
+# Table geometry and field numbers, bound here for the hot paths.
+_EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
+_E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
+_B_SEG, _B_OFF, _B_PINS, _S_GEN = ix.B_SEG, ix.B_OFF, ix.B_PINS, ix.S_GEN
 _dtype_text: dict[np.dtype[Any], bytes] = {}
 _dtype_of: dict[bytes, np.dtype[Any]] = {}
 _keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
@@ -420,7 +423,9 @@ class SharedArrayStore:
         src: Any,
         nbytes: int,
     ) -> None:
-        s, gen, off = a.block_location(b)
+        k = b * _BLK  # Arena.block_location, inlined
+        s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
+        gen = a.sq[s * _SEG + _S_GEN]
         item = a.rw_maps.get(s)
         mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
         if src is not None:
@@ -516,6 +521,7 @@ class SharedArrayStore:
         return view.tobytes()
 
     def _get(self, key: str) -> tuple[np.ndarray[Any, Any], int]:
+        """(read-only view, flags) of a key's value: the hot path, kept flat."""
         _, kbz, h = _key(key)
         a = self._live()
         a.acquire()
@@ -524,15 +530,20 @@ class SharedArrayStore:
             if e < 0:
                 raise KeyError(key)
             k = e * _EQ
-            b = a.eq[k + ix.E_BLOCK]
+            b = a.eq[k + _E_BLOCK]
             meta = a.meta.get(e)
-            if meta is None or meta[0] != a.eq[k + ix.E_MSEQ]:
+            if meta is None or meta[0] != a.eq[k + _E_MSEQ]:
                 meta = self._read_meta(a, e)
             if b >= 0:
                 if a.slot < 0:
                     a.my_slot()
-                a.pin(b)
-                s, gen, off = a.block_location(b)
+                # pin the block (Arena.pin) and find it (Arena.block_location)
+                a.pins[a.pin_base + b] += 1
+                bq = a.bq
+                k = b * _BLK
+                bq[k + _B_PINS] += 1
+                s, off = bq[k + _B_SEG], bq[k + _B_OFF]
+                gen = a.sq[s * _SEG + _S_GEN]
         finally:
             a.release()
         _, dtype, shape, count, order, flags, _ = meta
