@@ -169,6 +169,13 @@ class ZarrBackend(StorageBackend):
     ``region=``, and ``shape=``/``dtype=`` to create the array on first use.
     zarr is imported on first use; without it every call raises
     :class:`~polystore.exceptions.MissingDependencyError`.
+
+    Example: each worker writes its tile; the first one creates the array::
+
+        backend = ZarrBackend("out")
+        backend.save(tile, "plate.zarr/A/1", region=(slice(0, 512), slice(512, 1024)),
+                     shape=(2048, 2048), dtype="uint16", chunks=(256, 256))
+        image = backend.load("plate.zarr/A/1")
     """
 
     name = "zarr"
