@@ -40,6 +40,8 @@ __all__ = [
 
 _factories: weakref.WeakSet[FileManagerFactory] = weakref.WeakSet()
 _current: FileManagerFactory | None = None
+#: factories unpickled in this process (received from another one), by token
+_received: dict[str, FileManagerFactory] = {}
 
 
 def _reset_after_fork() -> None:
@@ -105,6 +107,9 @@ class FileManagerFactory:
         for existing in list(_factories):
             if existing._token == token:
                 return existing
+        received = _received.get(token)
+        if received is not None:
+            return received
         factory = cls.__new__(cls)
         factory._payload = payload
         factory._registry = None
@@ -112,6 +117,9 @@ class FileManagerFactory:
         factory._local = threading.local()
         factory._lock = threading.Lock()
         _factories.add(factory)
+        # Keep it: joblib and Dask unpickle a factory per batch of tasks, and each
+        # copy must find the same FileManagers instead of building new ones.
+        _received[token] = factory
         return factory
 
     def __reduce__(self) -> tuple[Any, ...]:

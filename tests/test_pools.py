@@ -54,11 +54,11 @@ def fail_backend(name: str) -> None:
     polystore.current_filemanager().load("x.npy", backend=name)
 
 
-def with_factory(factory: FileManagerFactory, index: int) -> str:
+def with_factory(factory: FileManagerFactory, index: int) -> tuple[int, int, str]:
     fm = factory()
     path = f"joblib/{index}.npy"
     fm.save(np.full(8, index), path, backend="memory")
-    return path
+    return os.getpid(), id(fm), path
 
 
 @pytest.fixture
@@ -106,8 +106,15 @@ def test_multiprocessing_pool(factory: FileManagerFactory) -> None:
 def test_joblib_loky(factory: FileManagerFactory) -> None:
     joblib = pytest.importorskip("joblib")
     with joblib.parallel_config(backend="loky", n_jobs=2):
-        paths = joblib.Parallel()(joblib.delayed(with_factory)(factory, i) for i in range(4))
+        results = joblib.Parallel(batch_size=1)(
+            joblib.delayed(with_factory)(factory, i) for i in range(40)
+        )
+    paths = [path for _, _, path in results]
     assert factory().list_files("joblib", backend="memory") == sorted(paths)
+    managers: dict[int, set[int]] = {}
+    for pid, fm_id, _ in results:
+        managers.setdefault(pid, set()).add(fm_id)
+    assert all(len(ids) == 1 for ids in managers.values()), managers
     from joblib.externals.loky import get_reusable_executor
 
     get_reusable_executor().shutdown(wait=True, kill_workers=True)
