@@ -1,14 +1,16 @@
-"""One process's view of a shared-array store: mappings, the lock and the allocator.
+"""One process's view of a shared-array store: mappings, the lock, pins, lifetime.
 
 An :class:`Arena` maps the control segment of a store (layout in
-:mod:`polystore._shm_index`) and the data segments it touches, and keeps them
-mapped for reuse: a steady-state put copies into memory that is already mapped
-and faulted in, and a steady-state get only builds a view.
+:mod:`polystore._shm_index`, allocation in :mod:`polystore._shm_alloc`) and
+the data segments it touches, and keeps them mapped for reuse: a steady-state
+put copies into memory that is already mapped and faulted in, and a
+steady-state get only builds a view. All handles of one store in a process
+share its arena.
 
 Concurrency: every change to the control segment happens under ``flock`` on
 the control file (the kernel drops it when its holder dies) plus a thread lock
-for the threads of one process. Array bytes are copied outside the lock into a
-block no one else can see until the put installs it.
+for the threads of one process. Large values are copied outside the lock into
+a block no one else can see until the put installs it.
 
 Blocks are recycled, never unmapped under a reader: a block replaced or
 deleted while views of it exist is *retired* and returns to its free list only
@@ -18,25 +20,24 @@ row of the pin table, so the pins of a process that died can be taken back.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
 import threading
+import time
 import weakref
 from typing import Any, Literal
 
 import numpy as np
 
 from . import _shm_index as ix
-from .exceptions import ShmFullError, StorageError, StoreClosedError
+from ._shm_alloc import Allocator, populate, unlink_quietly
+from .exceptions import StorageError, StoreClosedError
 
-__all__ = ["Arena", "Meta", "lookup", "remember"]
+__all__ = ["Arena", "Meta", "create_store", "lookup", "open_store", "owners_of", "remember"]
 
 #: (meta seq, dtype, shape, element count, order, flags, dtype text) of a stored value
 Meta = tuple[int, np.dtype[Any], tuple[int, ...], int, Literal["C", "F"], int, bytes]
-
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 _all_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
 # Bound once: the lock is taken on every call, and these save lookups there.
@@ -53,32 +54,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def shm_free_bytes() -> int:
-    """Bytes an unprivileged process may still allocate in ``/dev/shm``."""
-    st = os.statvfs(ix.SHM_DIR)
-    return st.f_bavail * st.f_frsize
-
-
-def _populate(mm: mmap.mmap, fd: int, size: int) -> None:
-    """Fault in every page of a mapping now, or fail here instead of by SIGBUS later."""
-    try:
-        mm.madvise(MADV_POPULATE_WRITE, 0, size)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        # Kernels before 5.14 lack MADV_POPULATE_WRITE; reserving the pages
-        # still turns "tmpfs is full" into ENOSPC here rather than SIGBUS later.
-        os.posix_fallocate(fd, 0, size)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass  # already gone: what we wanted
-
-
-class Arena(ix.Tables):
+class Arena(Allocator):
     """The mapped control segment of one store, as seen from this process.
 
     Attributes:
@@ -193,7 +169,7 @@ class Arena(ix.Tables):
         # Data segments first: a control file whose data is gone would look
         # like the remains of a crashed owner to `python -m polystore gc`.
         for filename in sorted(names, key=lambda n: n.endswith(".ctl")):
-            _unlink_quietly(os.path.join(ix.SHM_DIR, filename))
+            unlink_quietly(os.path.join(ix.SHM_DIR, filename))
         self.shutdown()
 
     def drop_handle(self, explicit: bool) -> None:
@@ -279,7 +255,7 @@ class Arena(ix.Tables):
             if writable:
                 # Populating at once costs less than faulting page by page,
                 # and this mapping is kept for the next puts.
-                _populate(mm, fd, len(mm))
+                populate(mm, fd, len(mm))
         finally:
             os.close(fd)
         cache[s] = (gen, mm)
@@ -368,70 +344,7 @@ class Arena(ix.Tables):
         if self.handles <= 0 and self.leave_when_unused and not self._refs:
             self.leave()
 
-    def reap(self) -> None:
-        """Take back the pins, blocks and segments of processes that died (locked)."""
-        pq = self.pq
-        for p in np.flatnonzero(self.proc_np[:, ix.P_PID]).tolist():
-            k = p * ix.PROC_FIELDS
-            if p != self.slot and not ix.is_alive(pq[k + ix.P_PID], pq[k + ix.P_START]):
-                self._reclaim(p)
-
-    def _reclaim(self, p: int) -> None:
-        hw = self.h[ix.H_BLK_HW]
-        row = self.pins_np[p]
-        bq = self.bq
-        for b in np.flatnonzero(row[:hw]).tolist():
-            k = b * ix.BLK_FIELDS
-            bq[k + ix.B_PINS] -= int(row[b])
-            row[b] = 0
-            if bq[k + ix.B_PINS] == 0 and bq[k + ix.B_STATE] == ix.RETIRED:
-                self.free(b)
-        blk = self.blk_np[:hw]
-        writing = (blk[:, ix.B_OWNER] == p) & (blk[:, ix.B_STATE] == ix.WRITING)
-        for b in np.flatnonzero(writing).tolist():
-            self.free(b)  # a put that never finished
-        seg = self.seg_np
-        creating = (seg[:, ix.S_STATE] == ix.SEG_CREATING) & (seg[:, ix.S_OWNER] == p)
-        for s in np.flatnonzero(creating).tolist():
-            self.drop_reservation(s)
-        self.proc_np[p] = 0
-
-    # -- blocks ---------------------------------------------------------------------------
-    def pop_free(self, cls: int) -> int:
-        """Take a free block of class ``cls`` (see :meth:`first_free`); -1 if none (locked)."""
-        b = self.first_free(cls)
-        if b >= 0:
-            self.unlink_free(b)
-            k = b * ix.BLK_FIELDS
-            self.bq[k + ix.B_STATE] = ix.WRITING
-            self.bq[k + ix.B_OWNER] = self.slot
-            self._seg_use(self.bq[k + ix.B_SEG], +1)
-        return b
-
-    def free(self, b: int) -> None:
-        """Return block ``b`` to its free list (locked)."""
-        self.push_free(b)
-        self._seg_use(self.bq[b * ix.BLK_FIELDS + ix.B_SEG], -1)
-
-    def retire(self, b: int) -> None:
-        """Block ``b`` no longer holds a current value: free it once no view remains."""
-        k = b * ix.BLK_FIELDS
-        if self.bq[k + ix.B_PINS] == 0:
-            self.free(b)
-        else:
-            self.bq[k + ix.B_STATE] = ix.RETIRED
-
-    def reusable(self, b: int, cls: int) -> bool:
-        """Whether block ``b`` has class ``cls`` and no process holds a view of it (locked)."""
-        k = b * ix.BLK_FIELDS
-        return self.bq[k + ix.B_PINS] == 0 and self.bq[k + ix.B_CLS] == cls
-
-    def mark_live(self, b: int) -> None:
-        """Block ``b`` now holds an installed value (locked)."""
-        k = b * ix.BLK_FIELDS
-        self.bq[k + ix.B_STATE] = ix.LIVE
-        self.bq[k + ix.B_OWNER] = -1
-
+    # -- taking blocks (the allocator needs the lock here) -------------------------------
     def abandon(self, b: int) -> None:
         """Free a block this process took but did not install (takes the lock)."""
         try:
@@ -443,68 +356,6 @@ class Arena(ix.Tables):
                 self.free(b)
         finally:
             self.release()
-
-    # -- segments --------------------------------------------------------------------------
-    def _seg_use(self, s: int, delta: int) -> None:
-        k = s * ix.SEG_FIELDS
-        sq, h = self.sq, self.h
-        used = sq[k + ix.S_USED] + delta
-        sq[k + ix.S_USED] = used
-        if used == 0:
-            h[ix.H_IDLE] += sq[k + ix.S_SIZE]
-            sq[k + ix.S_STAMP] = h[ix.H_SEQ]
-            if h[ix.H_IDLE] > h[ix.H_CACHE_BYTES]:
-                self.evict_idle(h[ix.H_IDLE] - h[ix.H_CACHE_BYTES])
-        elif used == 1 and delta > 0:
-            h[ix.H_IDLE] -= sq[k + ix.S_SIZE]
-
-    def evict_idle(self, need: int) -> int:
-        """Unlink idle segments, least recently idle first, until ``need`` bytes are gone."""
-        seg = self.seg_np
-        idle = np.flatnonzero((seg[:, ix.S_STATE] == ix.SEG_LIVE) & (seg[:, ix.S_USED] == 0))
-        freed = 0
-        for s in idle[np.argsort(seg[idle, ix.S_STAMP], kind="stable")].tolist():
-            if freed >= need:
-                break
-            freed += self.sq[s * ix.SEG_FIELDS + ix.S_SIZE]
-            for b in self.blocks_of(s, ix.FREE):
-                self.unlink_free(b)
-                self.drop_desc(b)
-            self._drop_segment(s)
-            self.h[ix.H_IDLE] -= self.sq[s * ix.SEG_FIELDS + ix.S_SIZE]
-        return freed
-
-    def drop_reservation(self, s: int) -> None:
-        """Forget a segment whose creation did not finish (locked)."""
-        for d in self.blocks_of(s, ix.RESERVED):
-            self.drop_desc(d)
-        self._drop_segment(s)
-
-    def _drop_segment(self, s: int) -> None:
-        k = s * ix.SEG_FIELDS
-        gen = self.sq[k + ix.S_GEN]
-        self.sq[k + ix.S_STATE] = ix.SEG_EMPTY
-        self.h[ix.H_TOTAL] -= self.sq[k + ix.S_SIZE]
-        self.h[ix.H_EPOCH] += 1
-        _unlink_quietly(ix.seg_path(self.owner_pid, self.name, s, gen))
-        for cache in (self.ro_maps, self.rw_maps):
-            if s in cache and cache[s][0] == gen:
-                del cache[s]
-
-    def _make_room(self, size: int) -> None:
-        h = self.h
-        limit = h[ix.H_MAX_BYTES]
-        if limit and h[ix.H_TOTAL] + size > limit:
-            self.evict_idle(h[ix.H_TOTAL] + size - limit)
-            if h[ix.H_TOTAL] + size > limit:
-                where = f"shared array store {self.name!r} (max_bytes={limit})"
-                raise ShmFullError(size, max(0, limit - h[ix.H_TOTAL]), where)
-        free = shm_free_bytes()
-        if free < size:
-            self.evict_idle(size - free)
-            free = shm_free_bytes()
-            if free < size:
-                raise ShmFullError(size, free, ix.SHM_DIR)
 
     def grow(self, cls: int) -> int:
         """Take a block of class ``cls``, creating a segment if need be (takes the lock)."""
@@ -538,39 +389,6 @@ class Arena(ix.Tables):
         self.rw_maps[s] = (gen, mm)
         return descs[0]
 
-    def _reserve(self, cls: int, nblk: int, size: int) -> tuple[int, int, list[int]]:
-        self._make_room(size)
-        empty = np.flatnonzero(self.seg_np[:, ix.S_STATE] == ix.SEG_EMPTY)
-        if not len(empty):
-            raise StorageError(
-                f"shared array store {self.name!r} has {self.layout.max_segs} segments "
-                "already; create it with a larger max_segs"
-            )
-        s = int(empty[0])
-        descs: list[int] = []
-        try:
-            for _ in range(nblk):
-                descs.append(self.new_desc())
-        except MemoryError as exc:
-            for d in descs:
-                self.drop_desc(d)
-            raise StorageError(
-                f"shared array store {self.name!r}: {exc}; create it with a larger max_blocks"
-            ) from None
-        gen = self.sq[s * ix.SEG_FIELDS + ix.S_GEN] + 1
-        self.set_fields(self.sq, s * ix.SEG_FIELDS, {
-            ix.S_GEN: gen, ix.S_SIZE: size, ix.S_CLS: cls, ix.S_NBLK: nblk, ix.S_USED: 0,
-            ix.S_OWNER: self.slot, ix.S_STAMP: 0, ix.S_STATE: ix.SEG_CREATING,
-        })  # fmt: skip
-        step = ix.CLASS_SIZES[cls]
-        for j, d in enumerate(descs):
-            self.set_fields(self.bq, d * ix.BLK_FIELDS, {
-                ix.B_SEG: s, ix.B_OFF: j * step, ix.B_CLS: cls, ix.B_STATE: ix.RESERVED,
-                ix.B_NEXT: -1, ix.B_PREV: -1, ix.B_OWNER: self.slot, ix.B_PINS: 0,
-            })  # fmt: skip
-        self.h[ix.H_TOTAL] += size
-        return s, gen, descs
-
     def _abandon_reservation(self, s: int, path: str) -> None:
         try:
             self.acquire()
@@ -581,23 +399,7 @@ class Arena(ix.Tables):
                 self.drop_reservation(s)
             finally:
                 self.release()
-        _unlink_quietly(path)
-
-    def _create_file(self, path: str, size: int) -> mmap.mmap:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-            try:
-                _populate(mm, fd, size)
-            except OSError as exc:
-                mm.close()
-                if exc.errno in (errno.ENOMEM, errno.EFAULT, errno.ENOSPC):
-                    raise ShmFullError(size, shm_free_bytes(), ix.SHM_DIR) from exc
-                raise
-        finally:
-            os.close(fd)
-        return mm
+        unlink_quietly(path)
 
 
 # -- process-wide bookkeeping ---------------------------------------------------------------
@@ -640,3 +442,93 @@ def remember(arena: Arena) -> Arena:
     """Make ``arena`` the one this process uses for its store."""
     _arenas[(arena.owner_pid, arena.name)] = arena
     return arena
+
+
+# -- creating and opening stores -------------------------------------------------------
+
+
+def owners_of(name: str) -> list[int]:
+    """Pids of the processes that own a store called ``name`` (one, unless it leaked)."""
+    suffix = f"-{name}.ctl"
+    pids = []
+    for filename in os.listdir(ix.SHM_DIR):
+        if filename.endswith(suffix):
+            parsed = ix.parse_filename(filename)
+            if parsed is not None and parsed[1] == name and parsed[2]:
+                pids.append(parsed[0])
+    return sorted(pids)
+
+
+def create_store(name: str, config: dict[str, int]) -> Arena:
+    """Create the control segment of a new store owned by this process."""
+    for pid in owners_of(name):
+        header = ix.read_header(ix.ctl_path(pid, name))
+        state = (
+            "is in use"
+            if header and ix.is_alive(pid, header[ix.H_START])
+            else ("was left behind by a dead process; remove it with `python -m polystore gc`")
+        )
+        raise StorageError(f"a shared array store named {name!r} (owner pid {pid}) {state}")
+    layout = ix.Layout(
+        config["max_keys"], config["max_blocks"], config["max_procs"], config["max_segs"]
+    )
+    pid, start = ix.my_identity()
+    path = ix.ctl_path(pid, name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, layout.size)  # sparse: only the pages written cost memory
+        arena = Arena(pid, name, fd, layout)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    h = arena.h
+    for slot, value in (
+        (ix.H_VERSION, ix.VERSION), (ix.H_CTL_SIZE, layout.size), (ix.H_UID, os.getuid()),
+        (ix.H_PID, pid), (ix.H_START, start), (ix.H_MAX_BYTES, config["max_bytes"]),
+        (ix.H_CACHE_BYTES, config["cache_bytes"]), (ix.H_MAX_KEYS, layout.max_keys),
+        (ix.H_MAX_BLOCKS, layout.max_blocks), (ix.H_MAX_PROCS, layout.max_procs),
+        (ix.H_MAX_SEGS, layout.max_segs), (ix.H_ENT_FREE, -1), (ix.H_BLK_FREE, -1),
+        (ix.H_CREATED, int(time.time())),
+    ):  # fmt: skip
+        h[slot] = value
+    for c in range(ix.N_CLASSES):
+        h[ix.H_CLASS0 + c] = -1
+    h[ix.H_MAGIC] = ix.MAGIC  # last: attaching processes check it
+    return remember(arena)
+
+
+def open_store(pid: int, name: str) -> Arena:
+    """This process's arena of an existing store, after checking who owns it."""
+    arena = lookup(pid, name)
+    if arena is not None:
+        return arena
+    try:
+        fd = os.open(ix.ctl_path(pid, name), os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise StorageError(f"no shared array store named {name!r} (owner pid {pid})") from None
+    try:
+        header = ix.header_of(fd)
+        uid = os.fstat(fd).st_uid
+        if uid != os.getuid() or (header is not None and header[ix.H_UID] != uid):
+            raise StorageError(
+                f"shared array store {name!r} belongs to user id {uid}, not to this user"
+            )
+        if header is None or header[ix.H_PID] != pid:
+            raise StorageError(f"{ix.ctl_path(pid, name)} is not a shared array store")
+        if not ix.is_alive(pid, header[ix.H_START]):
+            raise StorageError(
+                f"the owner (pid {pid}) of shared array store {name!r} is dead; "
+                "remove what it left with `python -m polystore gc`"
+            )
+        if header[ix.H_CLOSED]:
+            raise StoreClosedError(f"shared array store {name!r} is closed")
+        layout = ix.Layout(
+            header[ix.H_MAX_KEYS], header[ix.H_MAX_BLOCKS],
+            header[ix.H_MAX_PROCS], header[ix.H_MAX_SEGS],
+        )  # fmt: skip
+        arena = Arena(pid, name, fd, layout)
+    except BaseException:
+        os.close(fd)
+        raise
+    return remember(arena)

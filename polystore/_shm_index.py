@@ -29,6 +29,7 @@ configuration, each page aligned:
 from __future__ import annotations
 
 import bisect
+import functools
 import mmap
 import os
 import re
@@ -240,6 +241,7 @@ def encode_key(key: object) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=1024)
 def encode_dtype(dtype: np.dtype[Any]) -> bytes:
     """A text description of ``dtype`` that :func:`decode_dtype` turns back into it."""
     if dtype.hasobject:
@@ -261,6 +263,7 @@ def encode_dtype(dtype: np.dtype[Any]) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=1024)
 def decode_dtype(data: bytes) -> np.dtype[Any]:
     """Inverse of :func:`encode_dtype`."""
     text = data.decode("utf-8")
@@ -505,77 +508,3 @@ class Tables:
         o = e * ENT_SIZE + E_DTYPE
         first = k + E_SHAPE // 8
         return bytes(self.eb[o : o + dlen]), tuple(self.eq[first : first + ndim]), flags
-
-    # -- blocks ---------------------------------------------------------------------------
-    # Free blocks of one size class form a doubly linked list whose head is in
-    # the header; descriptors not in use form a singly linked list.
-
-    def first_free(self, cls: int) -> int:
-        """A free block of class ``cls`` or, for large classes, up to three classes
-        larger (within 2x); -1 if there is none. The block stays on its list."""
-        hdr = self.h
-        last = cls + 4 if CLASS_SIZES[cls] > SLAB_LIMIT else cls + 1
-        for c in range(cls, min(last, N_CLASSES)):
-            if hdr[H_CLASS0 + c] >= 0:
-                return hdr[H_CLASS0 + c]
-        return -1
-
-    def push_free(self, b: int) -> None:
-        """Put block ``b`` at the head of its free list."""
-        bq, hdr = self.bq, self.h
-        k = b * BLK_FIELDS
-        head = H_CLASS0 + bq[k + B_CLS]
-        first = hdr[head]
-        bq[k + B_STATE] = FREE
-        bq[k + B_OWNER] = -1
-        bq[k + B_PREV] = -1
-        bq[k + B_NEXT] = first
-        if first >= 0:
-            bq[first * BLK_FIELDS + B_PREV] = b
-        hdr[head] = b
-
-    def unlink_free(self, b: int) -> None:
-        """Take block ``b`` off its free list."""
-        bq = self.bq
-        k = b * BLK_FIELDS
-        prev, nxt = bq[k + B_PREV], bq[k + B_NEXT]
-        if prev >= 0:
-            bq[prev * BLK_FIELDS + B_NEXT] = nxt
-        else:
-            self.h[H_CLASS0 + bq[k + B_CLS]] = nxt
-        if nxt >= 0:
-            bq[nxt * BLK_FIELDS + B_PREV] = prev
-
-    def new_desc(self) -> int:
-        """A block descriptor not in use; MemoryError if all are."""
-        hdr = self.h
-        d = hdr[H_BLK_FREE]
-        if d >= 0:
-            hdr[H_BLK_FREE] = self.bq[d * BLK_FIELDS + B_NEXT]
-            return d
-        d = hdr[H_BLK_HW]
-        if d >= self.layout.max_blocks:
-            raise MemoryError(f"no free block descriptor (max_blocks={self.layout.max_blocks})")
-        hdr[H_BLK_HW] = d + 1
-        return d
-
-    def drop_desc(self, d: int) -> None:
-        """Give back descriptor ``d``."""
-        bq = self.bq
-        k = d * BLK_FIELDS
-        for field in range(BLK_FIELDS):
-            bq[k + field] = 0
-        bq[k + B_STATE] = UNUSED
-        bq[k + B_SEG] = -1
-        bq[k + B_NEXT] = self.h[H_BLK_FREE]
-        self.h[H_BLK_FREE] = d
-
-    def set_fields(self, view: memoryview, k: int, values: dict[int, int]) -> None:
-        """Write several int64 fields of one record."""
-        for field, value in values.items():
-            view[k + field] = value
-
-    def blocks_of(self, s: int, state: int) -> list[int]:
-        """Blocks of segment ``s`` in ``state``."""
-        blk = self.blk_np[: self.h[H_BLK_HW]]
-        return np.flatnonzero((blk[:, B_SEG] == s) & (blk[:, B_STATE] == state)).tolist()

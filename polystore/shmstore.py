@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 import weakref
 import zlib
 from typing import Any, Literal, NamedTuple
@@ -61,8 +60,6 @@ SMALL_PUT = 1 << 20
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
 _E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
 _B_SEG, _B_OFF, _B_PINS, _S_GEN = ix.B_SEG, ix.B_OFF, ix.B_PINS, ix.S_GEN
-_dtype_text: dict[np.dtype[Any], bytes] = {}
-_dtype_of: dict[bytes, np.dtype[Any]] = {}
 _keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
 
 
@@ -74,24 +71,6 @@ class EntryInfo(NamedTuple):
     nbytes: int
     kind: Literal["array", "bytes"]
     order: Literal["C", "F"]
-
-
-def _encode_dtype(dtype: np.dtype[Any]) -> bytes:
-    text = _dtype_text.get(dtype)
-    if text is None:
-        text = ix.encode_dtype(dtype)
-        if len(_dtype_text) < 1024:
-            _dtype_text[dtype] = text
-    return text
-
-
-def _decode_dtype(text: bytes) -> np.dtype[Any]:
-    dtype = _dtype_of.get(text)
-    if dtype is None:
-        dtype = ix.decode_dtype(text)
-        if len(_dtype_of) < 1024:
-            _dtype_of[text] = dtype
-    return dtype
 
 
 def _key(key: object) -> tuple[bytes, bytes, int]:
@@ -123,92 +102,8 @@ def _positive(value: object, what: str) -> int:
     return value
 
 
-def _owners_of(name: str) -> list[int]:
-    suffix = f"-{name}.ctl"
-    pids = []
-    for filename in os.listdir(ix.SHM_DIR):
-        if filename.endswith(suffix):
-            parsed = ix.parse_filename(filename)
-            if parsed is not None and parsed[1] == name and parsed[2]:
-                pids.append(parsed[0])
-    return sorted(pids)
-
-
-def _create(name: str, config: dict[str, int]) -> _shm_arena.Arena:
-    for pid in _owners_of(name):
-        header = ix.read_header(ix.ctl_path(pid, name))
-        state = (
-            "is in use"
-            if header and ix.is_alive(pid, header[ix.H_START])
-            else ("was left behind by a dead process; remove it with `python -m polystore gc`")
-        )
-        raise StorageError(f"a shared array store named {name!r} (owner pid {pid}) {state}")
-    layout = ix.Layout(
-        config["max_keys"], config["max_blocks"], config["max_procs"], config["max_segs"]
-    )
-    pid, start = ix.my_identity()
-    path = ix.ctl_path(pid, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-    try:
-        os.ftruncate(fd, layout.size)  # sparse: only the pages written cost memory
-        arena = _shm_arena.Arena(pid, name, fd, layout)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    h = arena.h
-    for slot, value in (
-        (ix.H_VERSION, ix.VERSION), (ix.H_CTL_SIZE, layout.size), (ix.H_UID, os.getuid()),
-        (ix.H_PID, pid), (ix.H_START, start), (ix.H_MAX_BYTES, config["max_bytes"]),
-        (ix.H_CACHE_BYTES, config["cache_bytes"]), (ix.H_MAX_KEYS, layout.max_keys),
-        (ix.H_MAX_BLOCKS, layout.max_blocks), (ix.H_MAX_PROCS, layout.max_procs),
-        (ix.H_MAX_SEGS, layout.max_segs), (ix.H_ENT_FREE, -1), (ix.H_BLK_FREE, -1),
-        (ix.H_CREATED, int(time.time())),
-    ):  # fmt: skip
-        h[slot] = value
-    for c in range(ix.N_CLASSES):
-        h[ix.H_CLASS0 + c] = -1
-    h[ix.H_MAGIC] = ix.MAGIC  # last: attaching processes check it
-    return _shm_arena.remember(arena)
-
-
-def _open(pid: int, name: str) -> _shm_arena.Arena:
-    arena = _shm_arena.lookup(pid, name)
-    if arena is not None:
-        return arena
-    try:
-        fd = os.open(ix.ctl_path(pid, name), os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise StorageError(f"no shared array store named {name!r} (owner pid {pid})") from None
-    try:
-        header = ix.header_of(fd)
-        uid = os.fstat(fd).st_uid
-        if uid != os.getuid() or (header is not None and header[ix.H_UID] != uid):
-            raise StorageError(
-                f"shared array store {name!r} belongs to user id {uid}, not to this user"
-            )
-        if header is None or header[ix.H_PID] != pid:
-            raise StorageError(f"{ix.ctl_path(pid, name)} is not a shared array store")
-        if not ix.is_alive(pid, header[ix.H_START]):
-            raise StorageError(
-                f"the owner (pid {pid}) of shared array store {name!r} is dead; "
-                "remove what it left with `python -m polystore gc`"
-            )
-        if header[ix.H_CLOSED]:
-            raise StoreClosedError(f"shared array store {name!r} is closed")
-        layout = ix.Layout(
-            header[ix.H_MAX_KEYS], header[ix.H_MAX_BLOCKS],
-            header[ix.H_MAX_PROCS], header[ix.H_MAX_SEGS],
-        )  # fmt: skip
-        arena = _shm_arena.Arena(pid, name, fd, layout)
-    except BaseException:
-        os.close(fd)
-        raise
-    return _shm_arena.remember(arena)
-
-
 def _reattach(owner_pid: int, name: str) -> SharedArrayStore:
-    return SharedArrayStore._bind(_open(owner_pid, name), owner=False)
+    return SharedArrayStore._bind(_shm_arena.open_store(owner_pid, name), owner=False)
 
 
 def _close_owned(arena: _shm_arena.Arena) -> None:
@@ -261,7 +156,7 @@ class SharedArrayStore:
             "max_blocks": _positive(max_blocks or 2 * max_keys, "max_blocks"),
             "max_segs": _positive(max_segs, "max_segs"),
         }
-        self._init(_create(name, config), owner=True)
+        self._init(_shm_arena.create_store(name, config), owner=True)
 
     @classmethod
     def attach(cls, name: str) -> SharedArrayStore:
@@ -273,15 +168,15 @@ class SharedArrayStore:
             StoreClosedError: its owner closed it.
         """
         ix.check_store_name(name)
-        owners = _owners_of(name)
+        owners = _shm_arena.owners_of(name)
         if not owners:
             raise StorageError(f"no shared array store named {name!r}")
         for pid in owners[:-1]:
             try:
-                return cls._bind(_open(pid, name), owner=False)
+                return cls._bind(_shm_arena.open_store(pid, name), owner=False)
             except StorageError:
                 continue  # the remains of a dead owner; a live one may follow
-        return cls._bind(_open(owners[-1], name), owner=False)
+        return cls._bind(_shm_arena.open_store(owners[-1], name), owner=False)
 
     @classmethod
     def _bind(cls, arena: _shm_arena.Arena, owner: bool) -> SharedArrayStore:
@@ -354,7 +249,7 @@ class SharedArrayStore:
 
     def _put(self, key: str, arr: np.ndarray[Any, Any], flags: int, overwrite: bool) -> None:
         kb, kbz, h = _key(key)
-        dt = _encode_dtype(arr.dtype)
+        dt = ix.encode_dtype(arr.dtype)
         nbytes = arr.nbytes
         # A C-contiguous array exports its bytes as a plain buffer, whatever its
         # dtype; the transpose of a Fortran-ordered one is C-contiguous.
@@ -568,7 +463,7 @@ class SharedArrayStore:
     @staticmethod
     def _read_meta(a: _shm_arena.Arena, e: int) -> _shm_arena.Meta:
         dt, shape, flags = a.read_entry(e)
-        meta = _meta(a.eq[e * _EQ + ix.E_MSEQ], _decode_dtype(dt), shape, flags, dt)
+        meta = _meta(a.eq[e * _EQ + ix.E_MSEQ], ix.decode_dtype(dt), shape, flags, dt)
         a.meta[e] = meta
         return meta
 
@@ -591,7 +486,7 @@ class SharedArrayStore:
             a.release()
         return EntryInfo(
             shape,
-            _decode_dtype(dt),
+            ix.decode_dtype(dt),
             nbytes,
             "bytes" if flags & ix.F_BYTES else "array",
             "F" if flags & ix.F_FORTRAN else "C",

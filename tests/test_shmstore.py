@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from polystore import _shm_arena
+from polystore import _shm_alloc
 from polystore import _shm_index as ix
 from polystore.exceptions import NotShareableError, ShmFullError, StorageError, StoreClosedError
 from polystore.shmstore import SharedArrayStore
@@ -167,6 +168,60 @@ def test_steady_state_recycles_memory(store: SharedArrayStore) -> None:
         assert store.stats()["mapped_bytes"] == before
 
 
+def pins_of(store: SharedArrayStore, key: str) -> int:
+    """Views of ``key``'s block that the store counts, across all processes."""
+    a = store._arena
+    a.acquire()
+    try:
+        e = a.find(key.encode() + b"\0", zlib.crc32(key.encode()) & 0x7FFFFFFF)[1]
+        b = a.eq[e * (ix.ENT_SIZE // 8) + ix.E_BLOCK]
+        return int(a.bq[b * ix.BLK_FIELDS + ix.B_PINS])
+    finally:
+        a.release()
+
+
+def test_views_pin_their_block_until_they_die(store: SharedArrayStore) -> None:
+    store.put("k", np.arange(1000.0))
+    views = [store.get("k") for _ in range(3)]
+    derived = views[0][::2]
+    assert pins_of(store, "k") == 3
+    del views[1:]
+    assert pins_of(store, "k") == 1
+    del views[0]
+    assert pins_of(store, "k") == 1  # `derived` keeps the first view's buffer alive
+    del derived
+    assert pins_of(store, "k") == 0
+
+
+def test_view_dying_inside_a_critical_section_is_unpinned_at_release(
+    store: SharedArrayStore,
+) -> None:
+    store.put("k", np.arange(1000.0))
+    view = store.get("k")
+    a = store._arena
+    a.acquire()  # as if the garbage collector ran while the store lock is held
+    try:
+        del view  # the callback must not take the lock again: it defers
+        assert a._pending
+    finally:
+        a.release()
+    assert not a._pending and pins_of(store, "k") == 0
+
+
+def test_view_of_one_store_dying_while_another_is_locked() -> None:
+    with SharedArrayStore() as first, SharedArrayStore() as second:
+        first.put("k", np.arange(10.0))
+        second.put("k", np.arange(10.0))
+        view = second.get("k")
+        a = first._arena
+        a.acquire()
+        try:
+            del view  # second's lock is free: taken without waiting
+            assert pins_of(second, "k") == 0
+        finally:
+            a.release()
+
+
 def test_views_survive_close(store: SharedArrayStore) -> None:
     store.put("k", np.arange(1 << 16, dtype=np.int64))
     view = store.get("k")
@@ -241,7 +296,7 @@ def test_max_bytes_raises_before_writing() -> None:
 def test_full_dev_shm_raises_before_writing(
     store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_shm_arena, "shm_free_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(_shm_alloc, "shm_free_bytes", lambda: 1 << 20)
     with pytest.raises(ShmFullError, match="/dev/shm"):
         store.put("k", np.ones(1 << 20))
     assert "k" not in store and store.stats()["segments"] == 0
