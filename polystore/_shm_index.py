@@ -33,7 +33,6 @@ import functools
 import mmap
 import os
 import re
-import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -190,7 +189,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 
 def new_store_name() -> str:
     """A fresh random store name."""
-    return secrets.token_hex(6)
+    return os.urandom(6).hex()
 
 
 def check_store_name(name: object) -> str:

@@ -58,7 +58,7 @@ SMALL_PUT = 1 << 20
 
 # Table geometry and field numbers, bound here for the hot paths.
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
-_E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
+_E_BLOCK, _E_MSEQ, _E_SEQ, _H_SEQ = ix.E_BLOCK, ix.E_MSEQ, ix.E_SEQ, ix.H_SEQ
 _B_SEG, _B_OFF, _B_PINS, _S_GEN = ix.B_SEG, ix.B_OFF, ix.B_PINS, ix.S_GEN
 _keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
 
@@ -278,18 +278,30 @@ class SharedArrayStore:
             if nbytes <= SMALL_PUT:
                 # Small values are copied while holding the lock, which makes
                 # overwriting in place safe when no view of the old value exists.
-                old = a.eq[e * _EQ + ix.E_BLOCK] if e >= 0 else -1
+                old = a.eq[e * _EQ + _E_BLOCK] if e >= 0 else -1
                 if old >= 0 and a.reusable(old, cls):
                     self._copy(a, old, arr, src, nbytes)
+                    meta = a.meta.get(e)
+                    k = e * _EQ
+                    if (  # the steady state: same dtype, shape and layout as before
+                        meta is not None
+                        and meta[0] == a.eq[k + _E_MSEQ]
+                        and meta[2] == arr.shape
+                        and meta[5] == flags
+                        and meta[6] == dt
+                    ):
+                        a.h[_H_SEQ] = seq = a.h[_H_SEQ] + 1
+                        a.eq[k + _E_SEQ] = seq
+                        return None
                     return self._install(a, i, e, kb, old, value)
                 b = a.pop_free(cls)
                 if b >= 0:
                     try:
                         self._copy(a, b, arr, src, nbytes)
+                        return self._install(a, i, e, kb, b, value)
                     except BaseException:
                         a.free(b)
                         raise
-                    return self._install(a, i, e, kb, b, value)
             else:
                 b = a.pop_free(cls)
         finally:
