@@ -128,7 +128,12 @@ class Arena(Allocator):
             self._refs.clear()
             self._pending.clear()
             self.release_views()
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                # A numpy view of a table outlived us (in a traceback's frame,
+                # say): the mapping goes when the last such view does.
+                pass
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1

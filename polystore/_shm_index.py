@@ -376,11 +376,14 @@ class Tables:
         self.pins_np = np.frombuffer(self.pins, dtype=np.int32).reshape(layout.max_procs, -1)
 
     def release_views(self) -> None:
-        """Release every view so the mapping can be closed."""
+        """Release the views of the tables, as far as nothing else holds them."""
         del self.ht_np, self.blk_np, self.seg_np, self.proc_np, self.pins_np
-        for view in (self.h, self.ht, self.eq, self.eb, self.bq, self.sq, self.pq, self.pins):
-            view.release()
-        self._whole.release()
+        views = (self.h, self.ht, self.eq, self.eb, self.bq, self.sq, self.pq, self.pins)
+        for view in (*views, self._whole):
+            try:
+                view.release()
+            except BufferError:
+                pass  # exported further: released with the last view of it
 
     # -- key index ------------------------------------------------------------------------
     # Hash-table slots: 0 empty, -1 deleted, else hash << 32 | (entry + 1).

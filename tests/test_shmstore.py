@@ -247,6 +247,9 @@ def test_many_keys_deletes_and_rehash() -> None:
         with pytest.raises(StorageError, match="max_keys"):
             for i in range(60, 70):
                 s.put(f"final{i}", np.array([i]))
+        a = s._arena
+        states = a.blk_np[: a.h[ix.H_BLK_HW], ix.B_STATE]
+        assert not (states == ix.WRITING).any()  # the refused put gave its block back
 
 
 # -- keys and errors ---------------------------------------------------------------------
