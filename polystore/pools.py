@@ -49,6 +49,7 @@ def _reset_after_fork() -> None:
     # owning threads do not exist in the child: start afresh.
     for factory in list(_factories):
         factory._local = threading.local()
+        factory._lock = threading.Lock()  # another thread may have held it at fork time
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

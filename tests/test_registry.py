@@ -119,3 +119,20 @@ def test_building_a_registry_imports_no_backend(run_python: Any) -> None:
     loaded = proc.stdout
     for module in ("polystore.disk", "polystore.zarr_backend", "polystore.shm_backend", "'zarr"):
         assert module not in loaded
+
+
+def test_entry_point_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import metadata
+
+    class FakeEntryPoint:
+        name = "thirdparty"
+        value = "tests.test_registry:NullBackend"
+
+    def fake_entry_points(group: str) -> list[FakeEntryPoint]:
+        return [FakeEntryPoint()] if group == "polystore.backends" else []
+
+    monkeypatch.setattr(metadata, "entry_points", fake_entry_points)
+    assert "thirdparty" not in BackendRegistry()
+    registry = BackendRegistry(entry_points=True)
+    assert "thirdparty" in registry
+    assert isinstance(registry["thirdparty"], NullBackend)
