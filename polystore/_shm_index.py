@@ -234,8 +234,9 @@ def encode_key(key: object) -> bytes:
         raise TypeError(f"keys must be str, got {type(key).__name__}: {key!r}")
     data = key.encode("utf-8", "surrogatepass")
     if not data or len(data) > MAX_KEY_BYTES or b"\0" in data:
+        shown = repr(key) if len(key) <= 60 else f"{key[:40]!r}... ({len(data)} bytes)"
         raise ValueError(
-            f"invalid key {key!r}: keys are 1 to {MAX_KEY_BYTES} bytes of UTF-8 without NUL"
+            f"invalid key {shown}: keys are 1 to {MAX_KEY_BYTES} bytes of UTF-8 without NUL"
         )
     return data
 

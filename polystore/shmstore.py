@@ -234,6 +234,8 @@ class SharedArrayStore:
         Views of the old value that readers hold stay valid and unchanged.
 
         Raises:
+            TypeError: ``key`` is not a ``str``.
+            ValueError: ``key`` is empty, holds NUL or is over 255 bytes of UTF-8.
             NotShareableError: an object array (it holds pointers into this process).
             FileExistsError: ``overwrite=False`` and ``key`` exists.
             ShmFullError: not enough room in ``/dev/shm`` or under ``max_bytes``;
