@@ -135,4 +135,4 @@ def test_entry_point_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "thirdparty" not in BackendRegistry()
     registry = BackendRegistry(entry_points=True)
     assert "thirdparty" in registry
-    assert isinstance(registry["thirdparty"], NullBackend)
+    assert type(registry["thirdparty"]).__name__ == "NullBackend"
