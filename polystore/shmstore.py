@@ -41,6 +41,7 @@ import errno
 import os
 import weakref
 import zlib
+from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -514,6 +515,9 @@ class SharedArrayStore:
             return sorted(a.key_of(e) for e in a.entries())
         finally:
             a.release()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):

@@ -513,6 +513,64 @@ def test_sigkilled_writer_and_reader(method: str, store: SharedArrayStore) -> No
     assert store.get("k")[0] == 5.0
 
 
+def stress_writer(store: SharedArrayStore, wid: int, seconds: float) -> None:
+    rng = np.random.default_rng(wid)
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        key = f"k{rng.integers(4)}"
+        n = int(rng.choice([10, 5000, 300_000]))  # small, slab and large paths
+        if rng.random() < 0.1:
+            try:
+                store.delete(key)
+            except KeyError:
+                pass
+        else:
+            store.put(key, np.full(n, wid * 1_000_000 + i, dtype=np.int64))
+        i += 1
+
+
+def stress_reader(store: SharedArrayStore, seconds: float, conn: Any) -> None:
+    rng = np.random.default_rng()
+    end = time.monotonic() + seconds
+    held: list[tuple[np.ndarray, int]] = []
+    reads = torn = changed = 0
+    while time.monotonic() < end:
+        try:
+            view = store.get(f"k{rng.integers(4)}")
+        except KeyError:
+            continue
+        reads += 1
+        first = int(view[0])
+        torn += int(not (view == first).all())
+        held.append((view, first))
+        if len(held) > 5:
+            old, value = held.pop(int(rng.integers(len(held))))
+            changed += int(not (old == value).all())
+    conn.send((reads, torn, changed))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_writers_and_readers(store: SharedArrayStore) -> None:
+    ctx: Any = multiprocessing.get_context("fork")
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = [ctx.Process(target=stress_writer, args=(store, w, 1.5)) for w in (1, 2)]
+    procs += [ctx.Process(target=stress_reader, args=(store, 1.5, c)) for _, c in pipes]
+    for p in procs:
+        p.start()
+    results = [ours.recv() for ours, _ in pipes]
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert sum(r[0] for r in results) > 0
+    assert [r[1:] for r in results] == [(0, 0), (0, 0)]  # never torn, never changed
+    before = store.stats()["mapped_bytes"]
+    for key in store:
+        store.delete(key)
+    store.put("k", np.ones(10))  # everything the children used is reusable again
+    assert store.stats()["mapped_bytes"] <= before
+
+
 def fork_child_creates_store(conn: Any) -> None:
     s = SharedArrayStore()
     s.put("k", np.ones(1000))
