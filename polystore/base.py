@@ -200,11 +200,10 @@ class StorageBackend(ABC):
 
     def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Copy the file ``src`` to ``dst`` (directories are not copied)."""
-        if self.kind(src) == "dir":
-            raise os_error(IsADirectoryError, as_str(src))
+        value = self.load(src, allow_pickle=True)  # raises the usual errors for src first
         meta = self._metadata_or_none(src)
         self.save(
-            self.load(src, allow_pickle=True),
+            value,
             dst,
             overwrite=overwrite,
             metadata=meta,
@@ -213,9 +212,17 @@ class StorageBackend(ABC):
         )
 
     def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
-        """Move the file ``src`` to ``dst``."""
+        """Move the file ``src`` to ``dst``; moving a file onto itself changes nothing."""
+        if self._same_path(src, dst) and self.kind(src) == "file":
+            if not overwrite:
+                raise os_error(FileExistsError, as_str(dst))
+            return
         self.copy(src, dst, overwrite=overwrite, **kwargs)
         self.delete(src)
+
+    def _same_path(self, a: Any, b: Any) -> bool:
+        """Whether two paths name the same entry (lexically)."""
+        return posixpath.normpath(as_str(a)) == posixpath.normpath(as_str(b))
 
     def _metadata_or_none(self, path: Any) -> dict[str, Any] | None:
         try:

@@ -322,6 +322,9 @@ class MemoryBackend(StorageBackend):
             self._drop_payload(value)
         self._data.pop(prefix, None)
 
+    def _same_path(self, a: Any, b: Any) -> bool:
+        return virtual(a) == virtual(b)
+
     # -- metadata -----------------------------------------------------------
     def load_metadata(self, path: Any) -> dict[str, Any]:
         text = as_str(path)

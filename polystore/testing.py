@@ -341,6 +341,15 @@ class BackendTests:
         with pytest.raises(FileExistsError):
             backend.copy("dst/b.npy", "dst/c.npy", overwrite=False)
 
+    def test_copy_and_move_onto_itself(self, backend: StorageBackend) -> None:
+        backend.save(np.arange(3), "same/a.npy")
+        backend.move("same/a.npy", "same/./a.npy")
+        backend.copy("same/a.npy", "same/a.npy")
+        assert_same_value(backend.load("same/a.npy"), np.arange(3))
+        with pytest.raises(FileExistsError):
+            backend.move("same/a.npy", "same/a.npy", overwrite=False)
+        assert backend.list_files("same") == ["same/a.npy"]
+
     # -- batches --------------------------------------------------------------
     def test_batches(self, backend: StorageBackend) -> None:
         arrays = [np.full(3, i) for i in range(4)]

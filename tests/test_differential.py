@@ -117,7 +117,7 @@ class SameAnswers(RuleBasedStateMachine):
         self._same(lambda b: b.list_files(".", recursive=True))
 
 
-SameAnswers.TestCase.settings = settings(max_examples=60, stateful_step_count=25)
+SameAnswers.TestCase.settings = settings(max_examples=150, stateful_step_count=30)
 
 
 @pytest.mark.timeout(300)
