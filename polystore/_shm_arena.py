@@ -367,6 +367,12 @@ class Arena(Allocator):
         nblk, size = ix.segment_shape(cls)
         self.acquire()
         try:
+            if not ix.is_alive(self.owner_pid, self.h[ix.H_START]):
+                # Nobody would remove a new segment but `python -m polystore gc`.
+                raise StorageError(
+                    f"the owner (pid {self.owner_pid}) of shared array store {self.name!r} "
+                    "died; the store takes no more memory"
+                )
             self.my_slot()
             self.reap()  # the pins of dead readers may hold the blocks we need
             b = self.pop_free(cls)

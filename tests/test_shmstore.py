@@ -640,6 +640,30 @@ def test_attach_refuses_dead_owner() -> None:
                 os.unlink(os.path.join(ix.SHM_DIR, name))
 
 
+@pytest.mark.timeout(60)
+def test_store_of_a_killed_owner_takes_no_more_memory() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CREATE_AND_WAIT.format(name="orphaned")],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "orphaned"
+        attached = SharedArrayStore.attach("orphaned")
+    finally:
+        proc.kill()
+        proc.wait()
+    try:
+        assert attached.get("k")[0] == 1.0  # what is there stays readable
+        with pytest.raises(StorageError, match="died"):
+            attached.put("new", np.ones(1 << 20))
+        attached.close()
+    finally:
+        for name in os.listdir(ix.SHM_DIR):
+            if name.startswith(f"{ix.PREFIX}{proc.pid}-orphaned."):
+                os.unlink(os.path.join(ix.SHM_DIR, name))
+
+
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file to another user")
 def test_attach_refuses_foreign_store(run_python: Any, store: SharedArrayStore) -> None:
     ctl = ix.ctl_path(os.getpid(), store.name)
