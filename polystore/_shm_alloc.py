@@ -75,8 +75,10 @@ class Allocator(ix.Tables):
     # the header; descriptors not in use form a singly linked list.
 
     def first_free(self, cls: int) -> int:
-        """A free block of class ``cls`` or, for large classes, up to three classes
-        larger (within 2x); -1 if there is none. The block stays on its list."""
+        """A free block of class ``cls``, -1 if none; the block stays on its list.
+
+        For a large class, a block up to three classes larger (within 2x) does too.
+        """
         hdr = self.h
         last = cls + 4 if ix.CLASS_SIZES[cls] > ix.SLAB_LIMIT else cls + 1
         for c in range(cls, min(last, ix.N_CLASSES)):

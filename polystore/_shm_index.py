@@ -16,8 +16,8 @@ Control segment
 A header of int64 slots (``H_*``), then tables sized by the store's
 configuration, each page aligned:
 
-* ``ht``: open-addressing hash table, one int64 per slot: ``-1`` empty, ``-2``
-  deleted, else ``hash << 32 | entry``;
+* ``ht``: open-addressing hash table, one int64 per slot: ``0`` empty, ``-1``
+  deleted, else ``hash << 32 | (entry + 1)``;
 * ``ent``: one :data:`ENT_SIZE`-byte record per stored key (int64 fields
   ``E_*``, then the key, the dtype description and the shape);
 * ``blk``: one record of int64 fields ``B_*`` per data block;
@@ -34,8 +34,7 @@ import mmap
 import os
 import re
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -141,8 +140,7 @@ def segment_shape(cls: int) -> tuple[int, int]:
 # -- configuration and layout -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """Byte offsets of the control segment's tables, derived from the configuration."""
 
     max_keys: int
@@ -342,7 +340,7 @@ _HASH_MASK = 0xFFFFFFFF
 
 
 class Tables:
-    """Typed views of a mapped control segment, and the bookkeeping that needs no I/O.
+    """Typed views of a mapped control segment, and the key index kept in it.
 
     The methods change shared memory: callers hold the store lock.
 
