@@ -284,18 +284,6 @@ class SharedArrayStore:
                 old = a.eq[e * _EQ + _E_BLOCK] if e >= 0 else -1
                 if old >= 0 and a.reusable(old, cls):
                     self._copy(a, old, arr, src, nbytes)
-                    meta = a.meta.get(e)
-                    k = e * _EQ
-                    if (  # the steady state: same dtype, shape and layout as before
-                        meta is not None
-                        and meta[0] == a.eq[k + _E_MSEQ]
-                        and meta[2] == arr.shape
-                        and meta[5] == flags
-                        and meta[6] == dt
-                    ):
-                        a.h[_H_SEQ] = seq = a.h[_H_SEQ] + 1
-                        a.eq[k + _E_SEQ] = seq
-                        return None
                     return self._install(a, i, e, kb, old, value)
                 b = a.pop_free(cls)
                 if b >= 0:
@@ -355,18 +343,20 @@ class SharedArrayStore:
     ) -> None:
         """Point key ``kb`` (slot ``i``, entry ``e`` from find) at block ``b`` (locked)."""
         nbytes, dtype, dt, shape, flags = value
-        seq = a.h[ix.H_SEQ] + 1
-        a.h[ix.H_SEQ] = seq
+        a.h[_H_SEQ] = seq = a.h[_H_SEQ] + 1
         if e >= 0:
-            old = a.eq[e * _EQ + ix.E_BLOCK]
+            old = a.eq[e * _EQ + _E_BLOCK]
             meta = a.meta.get(e)
-            if (
+            if (  # the steady state: same dtype, shape and layout as before
                 meta is not None
-                and meta[0] == a.eq[e * _EQ + ix.E_MSEQ]
+                and meta[0] == a.eq[e * _EQ + _E_MSEQ]
                 and meta[2] == shape
                 and meta[5] == flags
                 and meta[6] == dt
             ):
+                if old == b:  # overwritten in place: only the put number changes
+                    a.eq[e * _EQ + _E_SEQ] = seq
+                    return
                 a.write_value(e, b, seq, nbytes)
                 self._swap(a, old, b)
                 return
