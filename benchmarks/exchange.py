@@ -28,8 +28,11 @@ Every time is also given as a ratio to one ``np.copyto`` of the same array
 into an already-mapped buffer: the memcpy limit. The producer times one right
 after each hand-off, so each method meets the reference under its own
 conditions (cache state, load of the machine). For polystore the consumer
-also times a second ``get`` of the same value (*get2*, warm caches): the
-first one pays for caches the producer's copy has just flushed.
+also times a second ``get`` of the same value (*get2*, warm caches). The first
+``get`` of a hand-off runs cold: the consumer slept in ``recv`` while the
+producer worked, and a process that slept for milliseconds runs its first
+~100 us of any work slowly (caches flushed by the producer's copy or by the
+idle CPU), which is what the 64 MB and 512 MB ``get`` columns show.
 Last, the peak RSS of a 512 MB put and get shows whether any hidden temporary
 copy is made. The plot goes to ``docs/_static/exchange.png``.
 """
