@@ -379,6 +379,29 @@ def rss_check(ctx: Any, size: int) -> dict[str, int] | None:
     return {"put": put_peak, "get": get_peak}
 
 
+def idle_tax() -> tuple[float, float]:
+    """Median time of one small fixed piece of Python work: awake, and after 13 ms asleep."""
+    table = {f"k{i}": i for i in range(100)}
+    buf = bytearray(1 << 16)
+
+    def work() -> None:
+        total = sum(table[f"k{i}"] for i in range(50))
+        view = np.frombuffer(buf, np.float32, 100, 64).reshape(10, 10)
+        del total, view
+
+    out = []
+    for pause in (0.0, 0.013):
+        samples = []
+        for _ in range(40):
+            if pause:
+                time.sleep(pause)
+            start = time.perf_counter()
+            work()
+            samples.append(time.perf_counter() - start)
+        out.append(statistics.median(samples))
+    return out[0], out[1]
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -492,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"get {rss['get'] / 2**20:.1f} MB in the consumer "
                 f"(a hidden copy would add {fmt_size(sizes[-1])})"
             )
+    awake, asleep = idle_tax()
+    print(
+        f"\ncold start on this machine: the same small piece of Python work takes "
+        f"{fmt_time(awake)} when running and {fmt_time(asleep)} right after 13 ms asleep"
+    )
     if not args.no_plot:
         plot(sizes, results, args.plot)
     return 0
