@@ -23,12 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from . import _shm_index
 from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError
 from .formats import FormatRegistry
 from .memory import MemoryBackend
-from .shmstore import SharedArrayStore, _reattach
+from .shmstore import SharedArrayStore
 
 __all__ = ["SharedMemoryBackend", "node_id"]
 
@@ -96,10 +95,8 @@ class _StoreDict(MutableMapping[str, Any]):
         self.store = store
 
     def __getitem__(self, key: str) -> Any:
-        view, flags = self.store._get(key)
-        if flags & _shm_index.F_BYTES:
-            return _decode(view.tobytes())
-        return view
+        value = self.store.get_value(key)
+        return _decode(value) if isinstance(value, bytes) else value
 
     def __setitem__(self, key: str, value: Any) -> None:
         if isinstance(value, np.ndarray):
@@ -180,8 +177,7 @@ class SharedMemoryBackend(MemoryBackend):
         return self._shm
 
     def __reduce__(self) -> tuple[Any, ...]:
-        owner_pid, name = self._shm.__reduce__()[1]
-        return (_rebuild, (self._node, owner_pid, name, self.formats))
+        return (_rebuild, (self._node, self._shm.name, self.formats))
 
     def close(self) -> None:
         """Remove the store if this backend created it; otherwise just let go of it."""
@@ -192,7 +188,7 @@ class SharedMemoryBackend(MemoryBackend):
         return f"SharedMemoryBackend({self._shm.name!r})"
 
 
-def _rebuild(node: str, owner_pid: int, name: str, formats: FormatRegistry) -> StorageBackend:
+def _rebuild(node: str, name: str, formats: FormatRegistry) -> StorageBackend:
     here = node_id()
     if node != here:
         return UnavailableBackend(
@@ -201,7 +197,7 @@ def _rebuild(node: str, owner_pid: int, name: str, formats: FormatRegistry) -> S
             f"process runs on {here!r}; use a backend every machine reaches (disk, zarr) there",
         )
     backend = SharedMemoryBackend.__new__(SharedMemoryBackend)
-    backend._shm, backend._owns_shm = _reattach(owner_pid, name), True
+    backend._shm, backend._owns_shm = SharedArrayStore.attach(name), True
     MemoryBackend.__init__(
         backend, shared_dict=_StoreDict(backend._shm), formats=formats, store=None
     )

@@ -210,7 +210,7 @@ class SharedArrayStore:
     # -- properties ------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The store's name: what :meth:`attach` takes."""
+        """The store's name, which :meth:`attach` takes."""
         return self._name
 
     @property
@@ -419,6 +419,18 @@ class SharedArrayStore:
         if not flags & ix.F_BYTES:
             raise TypeError(f"key {key!r} holds an array; use get()")
         return view.tobytes()
+
+    def get_value(self, key: str) -> np.ndarray[Any, Any] | bytes:
+        """What ``key`` holds: a read-only view for an array, a copy for bytes.
+
+        One lookup where :meth:`info` followed by :meth:`get` or
+        :meth:`get_bytes` would take two.
+
+        Raises:
+            KeyError: ``key`` is not in the store.
+        """
+        view, flags = self._get(key)
+        return view.tobytes() if flags & ix.F_BYTES else view
 
     def _get(self, key: str) -> tuple[np.ndarray[Any, Any], int]:
         """(read-only view, flags) of a key's value: the hot path, kept flat."""
