@@ -170,7 +170,7 @@ class DiskBackend(StorageBackend):
         base = root.rstrip(os.sep)
         if full != root and not full.startswith(base + os.sep):
             return None
-        parts = [p for p in full[len(base):].split(os.sep) if p not in ("", ".")]
+        parts = [p for p in full[len(base) :].split(os.sep) if p not in ("", ".")]
         if ".." in parts:
             return None
         path = base
@@ -180,7 +180,7 @@ class DiskBackend(StorageBackend):
                 mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
                 # Nothing below a missing name can be a link.
-                return os.sep.join([path, *parts[i + 1:]])
+                return os.sep.join([path, *parts[i + 1 :]])
             except OSError:
                 return None  # let realpath and the operation itself report it
             if stat.S_ISLNK(mode):
@@ -378,8 +378,10 @@ class DiskBackend(StorageBackend):
             raise SandboxError(text, self.root)
         try:
             st = os.lstat(target)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise os_error(FileNotFoundError, text) from None
+        except NotADirectoryError:
+            raise os_error(NotADirectoryError, text) from None
         if not stat.S_ISDIR(st.st_mode):
             with directory_lock(os.path.dirname(target), self.lock_timeout):
                 remove_quietly(self._sidecar(target))

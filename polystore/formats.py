@@ -51,7 +51,11 @@ class Format:
     extensions: tuple[str, ...] = ()
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
-        """Check ``data`` and return a private copy of it in its loaded form."""
+        """Check ``data`` and return a private copy of it in its loaded form.
+
+        Array formats accept ``copy=False`` from callers that copy the value
+        into storage themselves; they then return the input when it is an array.
+        """
         raise NotImplementedError
 
     def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
@@ -89,8 +93,11 @@ class NpyFormat(Format):
     name = "npy"
     extensions = (".npy",)
 
-    def normalize(self, data: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
-        arr = np.array(data, copy=True, order="C")
+    def normalize(
+        self, data: Any, path: str, allow_pickle: bool = False, copy: bool = True, **kwargs: Any
+    ) -> Any:
+        # copy=False is for callers that copy the array into storage themselves.
+        arr = np.array(data, copy=True, order="C") if copy else np.asarray(data)
         if arr.dtype.hasobject and not allow_pickle:
             raise _refuse_pickle(path)
         return arr
@@ -119,7 +126,9 @@ class NpzFormat(Format):
     name = "npz"
     extensions = (".npz",)
 
-    def normalize(self, data: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
+    def normalize(
+        self, data: Any, path: str, allow_pickle: bool = False, copy: bool = True, **kwargs: Any
+    ) -> Any:
         if not isinstance(data, Mapping):
             raise UnsupportedFormatError(
                 path, reason=f".npz stores a mapping of names to arrays, got {type(data).__name__}"
@@ -128,7 +137,7 @@ class NpzFormat(Format):
         for key, item in data.items():
             if not isinstance(key, str):
                 raise UnsupportedFormatError(path, reason=f".npz keys must be str, got {key!r}")
-            arr = np.array(item, copy=True, order="C")
+            arr = np.array(item, copy=True, order="C") if copy else np.asarray(item)
             if arr.dtype.hasobject and not allow_pickle:
                 raise _refuse_pickle(path)
             out[key] = arr
@@ -239,9 +248,9 @@ class TiffFormat(Format):
             ) from exc
         return tifffile
 
-    def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
+    def normalize(self, data: Any, path: str, copy: bool = True, **kwargs: Any) -> Any:
         self._tifffile(path)
-        arr = np.array(data, copy=True, order="C")
+        arr = np.array(data, copy=True, order="C") if copy else np.asarray(data)
         if arr.dtype.hasobject:
             raise UnsupportedFormatError(path, reason="TIFF cannot store object arrays")
         return arr

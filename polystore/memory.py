@@ -49,6 +49,15 @@ def _is_local(mapping: MutableMapping[str, Any]) -> bool:
     return isinstance(mapping, dict)
 
 
+def _private_copy(value: Any) -> Any:
+    """A copy of the arrays in a normalised value (other kinds are fresh already)."""
+    if isinstance(value, np.ndarray):
+        return np.array(value, copy=True, order="C")
+    if isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
+        return {k: np.array(v, copy=True, order="C") for k, v in value.items()}
+    return value
+
+
 def _frozen(value: Any) -> Any:
     """A value safe to hand out: arrays read-only, containers copied."""
     if isinstance(value, np.ndarray):
@@ -101,6 +110,12 @@ class MemoryBackend(StorageBackend):
         self._data: MutableMapping[str, Any] = {} if shared_dict is None else shared_dict
         self.formats = formats if formats is not None else default_formats()
         self.shm_threshold = int(shm_threshold)
+        # Whether storing a value in the mapping already copies it (a Manager
+        # proxy pickles it, a shared-memory mapping says so); otherwise save()
+        # copies arrays first.
+        self._mapping_copies = hasattr(self._data, "_callmethod") or bool(
+            getattr(self._data, "copies_on_store", False)
+        )
         self._owns_store = False
         if store == "auto":
             store = None
@@ -184,7 +199,7 @@ class MemoryBackend(StorageBackend):
         text = as_str(path)
         vpath = virtual(text)
         fmt = self.formats.for_path(text)
-        value = fmt.normalize(data, text, **kwargs)
+        value = fmt.normalize(data, text, copy=False, **kwargs)
         meta = normalize_metadata(metadata, text)
         if vpath == "/" or vpath + "/" in self._data:
             raise os_error(IsADirectoryError, text)
@@ -199,6 +214,8 @@ class MemoryBackend(StorageBackend):
         ):
             self.store.put(vpath, value)
             value = ShmRef(self.store.name, vpath)
+        elif not self._mapping_copies:
+            value = _private_copy(value)
         updates: dict[str, Any] = dict.fromkeys(new_dirs)
         updates[vpath] = value
         self._data.update(updates)

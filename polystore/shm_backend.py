@@ -91,6 +91,9 @@ class _StoreDict(MutableMapping[str, Any]):
     know that the key is gone), and returns ``None`` for a present key.
     """
 
+    #: storing copies the value into shared memory (MemoryBackend need not copy first)
+    copies_on_store = True
+
     def __init__(self, store: SharedArrayStore) -> None:
         self.store = store
 
