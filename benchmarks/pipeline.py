@@ -6,12 +6,17 @@ in one run:
 * polystore: workers exchange arrays through ``shared_registry()``;
 * ``Manager().dict()``: the same FileManager code over the spec's shared dict,
   where every array is pickled through the manager process;
-* ideal: the stage functions' compute alone, measured in this process with
-  storage that keeps references (no copy), plus one memcpy per hand-off,
-  divided by the number of workers.
+* ideal: the same stage functions on a pool of the same size, each worker
+  running whole groups of images so that nothing crosses a process boundary,
+  with every hand-off replaced by one memcpy into warm, reused memory. This
+  is "compute plus one memcpy per hand-off" under the same memory-bandwidth
+  contention between workers as the real runs.
 
 Targets: polystore >= 10x faster than the Manager dict, and within 1.5x of the
-ideal. Run: ``python benchmarks/pipeline.py [--images N --side S]``.
+ideal. polystore runs twice in one registry: cold (its shared memory is
+faulted in as the images arrive) and warm (memory is recycled, the steady
+state of a long pipeline); both are reported.
+Run: ``python benchmarks/pipeline.py [--images N --side S]``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import importlib.util
 import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,41 +44,56 @@ sys.modules["pipeline_example"] = pipeline
 _spec.loader.exec_module(pipeline)
 
 
-class _References:
-    """Stands in for a FileManager: keeps references, copies nothing."""
+class _CopyIntoWarmMemory:
+    """Stands in for a FileManager: one memcpy per save into reused, warm buffers."""
 
     def __init__(self) -> None:
-        self.data: dict[str, Any] = {}
+        self.data: dict[str, np.ndarray] = {}
+        self.free: list[np.ndarray] = []
 
     def save(self, data: Any, path: str, backend: str) -> None:
-        self.data[path] = data
+        buf = self.free.pop() if self.free else np.empty_like(data)
+        np.copyto(buf, data)
+        self.data[path] = buf
 
     def load(self, path: str, backend: str) -> Any:
         return self.data[path]
 
     def delete(self, path: str, backend: str) -> None:
-        del self.data[path]
+        self.free.append(self.data.pop(path))
 
 
-def ideal_seconds(plan: Any, workers: int) -> tuple[float, float, float]:
-    """(compute, memcpy, ideal) seconds for ``plan`` on ``workers`` workers."""
-    refs: Any = _References()
-    start = time.perf_counter()
-    raw = [pipeline.generate(refs, i, plan.side) for i in range(plan.images)]
-    smoothed = [pipeline.smooth(refs, p) for p in raw]
-    groups = [smoothed[i : i + plan.group] for i in range(0, len(smoothed), plan.group)]
-    for index, group in enumerate(groups):
-        pipeline.project(refs, group, index)
-    compute = time.perf_counter() - start
-    src = np.ones((plan.side, plan.side), np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    reps = 20
-    start = time.perf_counter()
-    for _ in range(reps):
-        np.copyto(dst, src)
-    memcpy = (time.perf_counter() - start) / reps * plan.handoffs
-    return compute, memcpy, (compute + memcpy) / workers
+_local_fm: Any = None
+
+
+def _ideal_group(args: tuple[int, int, int]) -> int:
+    """All three stages for one group of images, in this process: compute + memcpy only."""
+    global _local_fm
+    first, count, side = args
+    if _local_fm is None:
+        _local_fm = _CopyIntoWarmMemory()
+    fm = _local_fm
+    smoothed = [
+        pipeline.smooth(fm, pipeline.generate(fm, i, side)) for i in range(first, first + count)
+    ]
+    fm.delete(pipeline.project(fm, smoothed, first), "memory")
+    return count
+
+
+def ideal_seconds(plan: Any, workers: int, context: Any) -> float:
+    """The pipeline's compute plus one memcpy per hand-off, on the same kind of pool.
+
+    Each worker runs whole groups, so nothing crosses a process boundary; every
+    hand-off is one copy into warm memory. Run twice, the second run is timed.
+    """
+    groups = [
+        (i, min(plan.group, plan.images - i), plan.side) for i in range(0, plan.images, plan.group)
+    ]
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        list(pool.map(_ideal_group, groups))
+        start = time.perf_counter()
+        list(pool.map(_ideal_group, groups))
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -88,11 +109,12 @@ def main() -> None:
 
     with polystore.shared_registry() as registry:
         factory = FileManagerFactory(registry)
-        pipeline.run_pipeline(factory, pipeline.Plan(4, 64, 2), args.workers, context, False)
+        cold, final = pipeline.run_pipeline(factory, plan, args.workers, context, False)
+        # Again in the same registry: shared memory now recycles instead of faulting.
         ours, final = pipeline.run_pipeline(factory, plan, args.workers, context, False)
     manager, final_m = pipeline.run_with_manager(plan, args.workers, context)
     assert np.array_equal(final, final_m), "both pipelines must compute the same result"
-    compute, memcpy, ideal = ideal_seconds(plan, args.workers)
+    ideal = ideal_seconds(plan, args.workers, context)
 
     gib = plan.moved_bytes / 2**30
     print(
@@ -101,16 +123,17 @@ def main() -> None:
     )
     print(f"{'method':34}{'seconds':>9}{'MB/s':>9}{'vs polystore':>14}")
     for label, seconds in [
-        ("polystore shared_registry", ours),
+        ("polystore, warm (memory recycled)", ours),
+        ("polystore, cold (first run)", cold),
         ("Manager().dict()", manager),
-        ("ideal: (compute + memcpy) / workers", ideal),
+        ("ideal: compute + 1 memcpy/hand-off", ideal),
     ]:
         rate = plan.moved_bytes / seconds / 1e6
         print(f"{label:34}{seconds:9.2f}{rate:9.0f}{seconds / ours:13.2f}x")
-    print(f"  (compute alone {compute:.2f} s serial, memcpy of every hand-off {memcpy:.2f} s)")
     print(
-        f"polystore is {manager / ours:.1f}x faster than Manager().dict() (target >= 10x) and "
-        f"takes {ours / ideal:.2f}x the ideal time (target <= 1.5x)"
+        f"polystore (warm) is {manager / ours:.1f}x faster than Manager().dict() (target >= 10x) "
+        f"and takes {ours / ideal:.2f}x the ideal time (target <= 1.5x); cold: "
+        f"{manager / cold:.1f}x and {cold / ideal:.2f}x"
     )
 
 

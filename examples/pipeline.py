@@ -51,9 +51,26 @@ class Plan:
 
 
 # -- the stages: plain functions of a FileManager and a path -------------------
+_scratch: dict[tuple[str, int], np.ndarray] = {}
+
+
+def scratch(purpose: str, side: int) -> np.ndarray:
+    """A work buffer reused by every task of this process.
+
+    ``fm.save`` copies an array into shared memory, so a stage can compute into
+    the same buffer task after task instead of asking the system for fresh
+    pages (which costs more than the copy itself).
+    """
+    buf = _scratch.get((purpose, side))
+    if buf is None:
+        buf = _scratch[(purpose, side)] = np.empty((side, side), dtype=np.float32)
+    return buf
+
+
 def generate(fm: FileManager, index: int, side: int) -> str:
     """Stage 1: a flat image with a bright square that moves with ``index``."""
-    image = np.full((side, side), 0.1 * (index % 7), dtype=np.float32)
+    image = scratch("generate", side)
+    image.fill(0.1 * (index % 7))
     corner = (index * 37) % (side // 2)
     image[corner : corner + side // 8, corner : corner + side // 8] = 4.0
     path = f"raw/{index:05d}.npy"
@@ -64,7 +81,7 @@ def generate(fm: FileManager, index: int, side: int) -> str:
 def smooth(fm: FileManager, path: str) -> str:
     """Stage 2: a two-tap horizontal box filter (sum of neighbours) of the image at ``path``."""
     image = fm.load(path, backend="memory")  # a read-only view, no copy
-    out = np.empty_like(image)
+    out = scratch("smooth", image.shape[0])
     np.add(image[:, 1:], image[:, :-1], out=out[:, 1:])
     np.add(image[:, 0], image[:, 0], out=out[:, 0])
     target = path.replace("raw/", "smooth/")
@@ -75,7 +92,9 @@ def smooth(fm: FileManager, path: str) -> str:
 
 def project(fm: FileManager, paths: Sequence[str], index: int) -> str:
     """Stage 3: the maximum over a group of smoothed images."""
-    result = fm.load(paths[0], backend="memory").copy()
+    first = fm.load(paths[0], backend="memory")
+    result = scratch("project", first.shape[0])
+    np.copyto(result, first)
     for path in paths[1:]:
         np.maximum(result, fm.load(path, backend="memory"), out=result)
     for path in paths:
