@@ -34,6 +34,7 @@ from functools import cache
 from typing import Any, Literal
 
 from .exceptions import ReservedNameError, SandboxError
+from .locks import pid_alive
 from .paths import RESERVED_PREFIX
 
 __all__ = ["PRIVATE_DIR", "FsspecTree", "Hierarchy", "LocalTree", "Locator", "Tree", "publish"]
@@ -356,19 +357,9 @@ def _remove_orphans(tmp: str) -> None:
     for name in os.listdir(tmp):
         host, _, rest = name.partition("-")
         pid = rest.partition("-")[0]
-        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+        if host != _HOST or not pid.isdigit() or pid_alive(int(pid)):
             continue
         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)  # another cleaner may race
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- atomic publication on local file systems -----------------------------------

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NamedTuple
 
 from .exceptions import LockTimeoutError, UnsupportedFormatError
-from .paths import as_str
+from .paths import RESERVED_PREFIX, as_str
 
 __all__ = [
     "DIR_LOCK_NAME",
@@ -73,7 +73,6 @@ __all__ = [
     "remove_stale",
 ]
 
-RESERVED_PREFIX = ".polystore-"
 TEMP_PREFIX = ".polystore-tmp-"
 LOCK_PREFIX = ".polystore-lock-"
 DIR_LOCK_NAME = ".polystore-lock"

@@ -59,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -78,6 +77,7 @@ from .exceptions import (
     UnsupportedFormatError,
     os_error,
 )
+from .formats import normalize_metadata
 from .paths import as_str
 
 __all__ = ["ZarrBackend"]
@@ -135,15 +135,7 @@ def _as_array(data: Any, path: str) -> np.ndarray[Any, Any]:
 
 def _check_metadata(metadata: Any) -> dict[str, Any] | None:
     """Refuse metadata that is not a JSON object; return it as JSON reads it back."""
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-    for key in metadata:
-        if not isinstance(key, str):
-            raise TypeError(f"metadata keys must be strings, got {key!r}")
-    normalized: dict[str, Any] = json.loads(json.dumps(dict(metadata)))
-    return normalized
+    return normalize_metadata(metadata, "metadata")
 
 
 class ZarrBackend(StorageBackend):
