@@ -13,9 +13,10 @@ in one run:
   contention between workers as the real runs.
 
 Targets: polystore >= 10x faster than the Manager dict, and within 1.5x of the
-ideal. polystore runs twice in one registry: cold (its shared memory is
-faulted in as the images arrive) and warm (memory is recycled, the steady
-state of a long pipeline); both are reported.
+ideal. Each method makes two passes over the images on one pool: the first
+meets cold memory (fresh shared-memory pages, workers that have mapped
+nothing), the second is the steady state of a long-running pipeline; both
+are reported.
 Run: ``python benchmarks/pipeline.py [--images N --side S]``.
 """
 
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 import polystore
-from polystore import FileManagerFactory
+from polystore import FileManagerFactory, MemoryBackend
 
 _spec = importlib.util.spec_from_file_location(
     "pipeline_example", Path(__file__).resolve().parent.parent / "examples" / "pipeline.py"
@@ -96,6 +97,29 @@ def ideal_seconds(plan: Any, workers: int, context: Any) -> float:
         return time.perf_counter() - start
 
 
+def two_passes(
+    factory: FileManagerFactory, plan: Any, workers: int, context: Any
+) -> tuple[float, float, np.ndarray]:
+    """Run the pipeline twice on one pool: (first pass s, second pass s, result).
+
+    The first pass finds cold memory: fresh shared-memory pages, workers that
+    have mapped nothing yet. The second pass is the steady state of a
+    long-running pipeline: the same workers, memory recycled.
+    """
+    times = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=factory.initializer) as pool:
+        list(pool.map(abs, range(workers)))  # start the workers before the clock
+        fm = factory()
+        for _ in range(2):
+            start = time.perf_counter()
+            projections = pipeline.stream(pool, plan, window=4 * workers, progress=False)
+            final = np.max([fm.load(p, backend="memory") for p in projections], axis=0)
+            times.append(time.perf_counter() - start)
+            for path in projections:
+                fm.delete(path, backend="memory")
+    return times[0], times[1], final
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
@@ -108,11 +132,12 @@ def main() -> None:
     context = multiprocessing.get_context(args.start_method)
 
     with polystore.shared_registry() as registry:
-        factory = FileManagerFactory(registry)
-        cold, final = pipeline.run_pipeline(factory, plan, args.workers, context, False)
-        # Again in the same registry: shared memory now recycles instead of faulting.
-        ours, final = pipeline.run_pipeline(factory, plan, args.workers, context, False)
-    manager, final_m = pipeline.run_with_manager(plan, args.workers, context)
+        cold, ours, final = two_passes(FileManagerFactory(registry), plan, args.workers, context)
+    with context.Manager() as manager_process:
+        backend = MemoryBackend(shared_dict=manager_process.dict(), store=None)
+        manager_cold, manager, final_m = two_passes(
+            FileManagerFactory({"memory": backend}), plan, args.workers, context
+        )
     assert np.array_equal(final, final_m), "both pipelines must compute the same result"
     ideal = ideal_seconds(plan, args.workers, context)
 
@@ -123,17 +148,18 @@ def main() -> None:
     )
     print(f"{'method':34}{'seconds':>9}{'MB/s':>9}{'vs polystore':>14}")
     for label, seconds in [
-        ("polystore, warm (memory recycled)", ours),
-        ("polystore, cold (first run)", cold),
-        ("Manager().dict()", manager),
+        ("polystore, second pass (steady)", ours),
+        ("polystore, first pass (cold)", cold),
+        ("Manager().dict(), second pass", manager),
+        ("Manager().dict(), first pass", manager_cold),
         ("ideal: compute + 1 memcpy/hand-off", ideal),
     ]:
         rate = plan.moved_bytes / seconds / 1e6
         print(f"{label:34}{seconds:9.2f}{rate:9.0f}{seconds / ours:13.2f}x")
     print(
-        f"polystore (warm) is {manager / ours:.1f}x faster than Manager().dict() (target >= 10x) "
-        f"and takes {ours / ideal:.2f}x the ideal time (target <= 1.5x); cold: "
-        f"{manager / cold:.1f}x and {cold / ideal:.2f}x"
+        f"steady: polystore is {manager / ours:.1f}x faster than Manager().dict() "
+        f"(target >= 10x) and takes {ours / ideal:.2f}x the ideal time (target <= 1.5x); "
+        f"first pass: {manager_cold / cold:.1f}x and {cold / ideal:.2f}x"
     )
 
 
