@@ -204,9 +204,10 @@ class MemoryBackend(StorageBackend):
         if vpath == "/" or vpath + "/" in self._data:
             raise os_error(IsADirectoryError, text)
         new_dirs = self._check_parents(vpath, create=True)
-        old = self._data.get(vpath, _MISSING) if self.store is not None else _MISSING
-        if not overwrite and (old is not _MISSING or vpath in self._data):
+        if not overwrite and vpath in self._data:
             raise os_error(FileExistsError, text)
+        # Files never hold None (that marks directories, under other keys).
+        old = self._data.get(vpath) if self.store is not None else None
         if (
             self.store is not None
             and isinstance(value, np.ndarray)
@@ -362,13 +363,6 @@ class MemoryBackend(StorageBackend):
     def __repr__(self) -> str:
         kind = "shared" if self.shared else "local"
         return f"MemoryBackend({kind}, store={self.store.name if self.store else None})"
-
-
-class _Missing:
-    pass
-
-
-_MISSING = _Missing()
 
 
 def _rebuild(

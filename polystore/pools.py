@@ -56,24 +56,28 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _check_shareable(registry: Mapping[str, StorageBackend]) -> bytes:
-    """Pickle ``registry``, naming the backend that cannot cross a process boundary."""
-    loaded = (
-        registry
-        if not isinstance(registry, BackendRegistry)
-        else {name: registry[name] for name in registry if registry.is_loaded(name)}
-    )
-    for name, backend in loaded.items():
-        try:
-            pickle.dumps(backend)
-        except NotShareableError as exc:
-            raise NotShareableError(
-                f"backend {name!r} cannot be shared with workers: {exc}"
-            ) from exc
-        except Exception as exc:
-            raise NotShareableError(
-                f"backend {name!r} ({type(backend).__name__}) cannot be pickled for workers: {exc}"
-            ) from exc
-    return pickle.dumps(registry, protocol=pickle.HIGHEST_PROTOCOL)
+    """Pickle ``registry``; on failure, name the backend that cannot cross a process boundary."""
+    try:
+        return pickle.dumps(registry, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as whole:
+        loaded = (
+            registry
+            if not isinstance(registry, BackendRegistry)
+            else {name: registry[name] for name in registry if registry.is_loaded(name)}
+        )
+        for name, backend in loaded.items():
+            try:
+                pickle.dumps(backend)
+            except NotShareableError as exc:
+                raise NotShareableError(
+                    f"backend {name!r} cannot be shared with workers: {exc}"
+                ) from exc
+            except Exception as exc:
+                raise NotShareableError(
+                    f"backend {name!r} ({type(backend).__name__}) cannot be pickled for "
+                    f"workers: {exc}"
+                ) from exc
+        raise NotShareableError(f"the registry cannot be pickled for workers: {whole}") from whole
 
 
 class FileManagerFactory:
