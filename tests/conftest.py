@@ -44,6 +44,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from polystore.locks import pid_alive
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "polystore-"
@@ -96,17 +98,6 @@ def owner_pid(name: str) -> int | None:
         return None
     head = name[len(SHM_PREFIX) :].split("-", 1)[0]
     return int(head) if head.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (zombies included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def descendants(pid: int) -> set[int]:
@@ -213,9 +204,7 @@ _session_leaks: list[str] = []
 
 
 def _is_xdist_controller(config: pytest.Config) -> bool:
-    return not hasattr(config, "workerinput") and bool(
-        getattr(config.option, "numprocesses", None)
-    )
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
