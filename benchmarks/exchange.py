@@ -13,7 +13,11 @@ A producer process (this one) hands float32 arrays of 8 KB, 1 MB, 64 MB and
 * a fresh ``multiprocessing.shared_memory.SharedMemory`` per array, filled by
   the producer and attached (zero-copy view) by the consumer;
 * ``np.save`` into ``/dev/shm`` and ``np.load(mmap_mode="r")``;
-* Ray's object store (``ray.put`` / ``ray.get``), when Ray is installed.
+* Ray's object store (``ray.put`` / ``ray.get``), when Ray is installed;
+* a *floor* for reference, not a store: one ``flock`` round trip around a
+  copy into a buffer mapped once, and a bare ``np.frombuffer`` view for the
+  reader. No index, no pins, no checks: what any store that several processes
+  may write must at least pay, measured under the same conditions.
 
 One hand-off: the producer times its put, tells the consumer over a pipe,
 the consumer times its get, drops what it got and replies. *put + get* adds the
@@ -33,6 +37,8 @@ also times a second ``get`` of the same value (*get2*, warm caches). The first
 producer worked, and a process that slept for milliseconds runs its first
 ~100 us of any work slowly (caches flushed by the producer's copy or by the
 idle CPU), which is what the 64 MB and 512 MB ``get`` columns show.
+With ``--awake`` both processes spin on the pipe instead of sleeping in
+``recv``, which shows how much of that is the cost of waking up.
 Last, the peak RSS of a 512 MB put and get shows whether any hidden temporary
 copy is made. The plot goes to ``docs/_static/exchange.png``.
 """
@@ -40,6 +46,7 @@ copy is made. The plot goes to ``docs/_static/exchange.png``.
 from __future__ import annotations
 
 import argparse
+import mmap
 import multiprocessing
 import os
 import statistics
@@ -115,6 +122,41 @@ class Polystore(Method):
 
     def get(self, token: Any, shape: tuple[int, ...]) -> Any:
         return self.store.get("x")
+
+
+class Floor(Method):
+    """The least any store that several processes write can do: one lock round trip
+    around a copy into memory mapped once, and a bare view for the reader (no
+    index, no pins, no checks). A reference point, not a usable store."""
+
+    name = "floor: flock + copy / bare view"
+
+    def start(self, ctx: Any) -> Any:
+        import fcntl
+
+        self.fcntl = fcntl
+        fd, self.path = tempfile.mkstemp(prefix=f"polystore-{os.getpid()}-floor-", dir="/dev/shm")
+        os.ftruncate(fd, max(SIZES))
+        self.fd = fd
+        self.mm = mmap.mmap(fd, max(SIZES))
+        return self.path
+
+    def put(self, arr: np.ndarray, i: int) -> Any:
+        self.fcntl.flock(self.fd, self.fcntl.LOCK_EX)
+        self.mm[: arr.nbytes] = memoryview(arr).cast("B")
+        self.fcntl.flock(self.fd, self.fcntl.LOCK_UN)
+
+    def stop(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+        os.unlink(self.path)
+
+    def open(self, arg: Any) -> None:
+        with open(arg, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+
+    def get(self, token: Any, shape: tuple[int, ...]) -> Any:
+        return np.frombuffer(self.mm, np.float32, shape[0], 0)
 
 
 class ManagerDict(Method):
@@ -233,7 +275,9 @@ class Ray(Method):
         return self.ray.get(token)
 
 
-METHODS: list[type[Method]] = [Polystore, ManagerDict, Queue, FreshSharedMemory, NpyMmap, Ray]
+METHODS: list[type[Method]] = [
+    Polystore, Floor, ManagerDict, Queue, FreshSharedMemory, NpyMmap, Ray,
+]  # fmt: skip
 
 
 def ray_available() -> bool:
@@ -245,10 +289,13 @@ def ray_available() -> bool:
 # -- the two processes ------------------------------------------------------------------
 
 
-def consumer(cls: type[Method], arg: Any, conn: Any) -> None:
+def consumer(cls: type[Method], arg: Any, conn: Any, awake: bool = False) -> None:
     method = cls()
     method.open(arg)
     while True:
+        if awake:  # spin instead of sleeping in recv: no wake-up cost
+            while not conn.poll():
+                pass
         msg = conn.recv()
         if msg is None:
             break
@@ -275,7 +322,7 @@ def repetitions(size: int, quick: bool) -> int:
 
 
 def run_method(
-    cls: type[Method], ctx: Any, sizes: list[int], quick: bool, budget: float
+    cls: type[Method], ctx: Any, sizes: list[int], quick: bool, budget: float, awake: bool = False
 ) -> dict[int, dict[str, float]]:
     """Medians per size, in seconds: put, get, put+get, end to end, and memcpy.
 
@@ -286,7 +333,7 @@ def run_method(
     method = cls()
     arg = method.start(ctx)
     ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=consumer, args=(cls, arg, theirs))
+    proc = ctx.Process(target=consumer, args=(cls, arg, theirs, awake))
     proc.start()
     results = {}
     try:
@@ -304,6 +351,9 @@ def run_method(
                 token = method.put(arr, i)
                 put = time.perf_counter() - start
                 ours.send((token, arr.shape))
+                if awake:
+                    while not ours.poll():
+                        pass
                 get, end, again = ours.recv()
                 method.after(token)
                 t0 = time.perf_counter()
@@ -445,8 +495,12 @@ def report(sizes: list[int], results: dict[str, dict[int, dict[str, float]]]) ->
             checks.append(_check(f"ratio <= {limit:g}", ratio <= limit))
         cells = [fmt_time(r[k]).rjust(11) for k in ("put", "get", "get2", "sum", "e2e", "cp")]
         print(fmt_size(s).ljust(8) + "".join(cells) + f"{ratio:10.2f}x  " + "; ".join(checks))
+    if Floor.name in results:
+        floor = results[Floor.name]
+        gets = ", ".join(f"{fmt_size(s)} {fmt_time(floor[s]['get'])}" for s in sizes)
+        print(f"  the floor's get (one bare np.frombuffer, first call after the hand-off): {gets}")
     for name, res in results.items():
-        if name != Polystore.name:
+        if name not in (Polystore.name, Floor.name):
             faster = [fmt_size(s) for s in sizes if res[s]["sum"] <= ours[s]["sum"]]
             verdict = "FASTER at " + ", ".join(faster) if faster else "slower at every size"
             print(f"  {name}: {verdict} than polystore")
@@ -467,7 +521,7 @@ def plot(sizes: list[int], results: dict[str, Any], out: Path) -> None:
     reference = results[Polystore.name]
     ax.plot(mb, [reference[s]["cp"] for s in sizes], "k--", label="memcpy limit (np.copyto)")
     for name, res in results.items():
-        style = "o-" if name == Polystore.name else ".-"
+        style = "o-" if name == Polystore.name else (":" if name == Floor.name else ".-")
         lw = 2.5 if name == Polystore.name else 1.2
         ax.plot(mb, [res[s]["sum"] for s in sizes], style, lw=lw, label=name)
     ax.set_xscale("log")
@@ -490,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds per method and size")
     parser.add_argument("--plot", type=Path, default=PLOT, help="where to write the PNG")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
+    parser.add_argument(
+        "--awake", action="store_true", help="both processes spin instead of sleeping in recv"
+    )
     args = parser.parse_args(argv)
     sizes = [s for s in SIZES if s <= args.max_size * 2**20]
     budget = args.budget if args.budget is not None else (3.0 if args.quick else 10.0)
@@ -501,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cls.name}: skipped (ray is not installed)")
             continue
         t0 = time.perf_counter()
-        results[cls.name] = run_method(cls, ctx, sizes, args.quick, budget)
+        results[cls.name] = run_method(cls, ctx, sizes, args.quick, budget, args.awake)
         print(f"{cls.name}: measured in {time.perf_counter() - t0:.0f} s")
     report(sizes, results)
     if sizes[-1] >= 64 << 20:

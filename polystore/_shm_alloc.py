@@ -151,6 +151,8 @@ class Allocator(ix.Tables):
     def pop_free(self, cls: int) -> int:
         """Take a free block of class ``cls`` (see :meth:`first_free`); -1 if none (locked)."""
         b = self.first_free(cls)
+        if b < 0 and self.sweep_retired():
+            b = self.first_free(cls)
         if b >= 0:
             self.unlink_free(b)
             k = b * ix.BLK_FIELDS
@@ -164,18 +166,42 @@ class Allocator(ix.Tables):
         self.push_free(b)
         self._seg_use(self.bq[b * ix.BLK_FIELDS + ix.B_SEG], -1)
 
+    def pinned(self, b: int) -> bool:
+        """Whether any process holds a view of block ``b``.
+
+        Readers pin without the lock; the caller made the store's write
+        counter odd and then fenced (:meth:`Arena.acquire`), so a reader
+        either sees that change and retries or has its pin seen here.
+        """
+        step = self.layout.max_blocks
+        return any(self.pins[b : self.h[ix.H_PROC_HW] * step : step])
+
     def retire(self, b: int) -> None:
-        """Block ``b`` no longer holds a current value: free it once no view remains."""
-        k = b * ix.BLK_FIELDS
-        if self.bq[k + ix.B_PINS] == 0:
-            self.free(b)
+        """Block ``b`` no longer holds a current value: free it once no view remains.
+
+        A retired block is freed by :meth:`sweep_retired`, which the
+        allocator runs when a free list comes up empty.
+        """
+        if self.pinned(b):
+            self.bq[b * ix.BLK_FIELDS + ix.B_STATE] = ix.RETIRED
         else:
-            self.bq[k + ix.B_STATE] = ix.RETIRED
+            self.free(b)
+
+    def sweep_retired(self) -> int:
+        """Free the retired blocks that no view holds any more; return how many (locked)."""
+        blk = self.blk_np[: self.h[ix.H_BLK_HW]]
+        retired = np.flatnonzero(blk[:, ix.B_STATE] == ix.RETIRED)
+        if not len(retired):
+            return 0
+        held = self.pins_np[: self.h[ix.H_PROC_HW], retired].any(axis=0)
+        done = retired[~held].tolist()
+        for b in done:
+            self.free(b)
+        return len(done)
 
     def reusable(self, b: int, cls: int) -> bool:
         """Whether block ``b`` has class ``cls`` and no process holds a view of it (locked)."""
-        k = b * ix.BLK_FIELDS
-        return self.bq[k + ix.B_PINS] == 0 and self.bq[k + ix.B_CLS] == cls
+        return self.bq[b * ix.BLK_FIELDS + ix.B_CLS] == cls and not self.pinned(b)
 
     def mark_live(self, b: int) -> None:
         """Block ``b`` now holds an installed value (locked)."""
@@ -232,6 +258,7 @@ class Allocator(ix.Tables):
                 del cache[s]
 
     def _make_room(self, size: int) -> None:
+        self.sweep_retired()
         h = self.h
         limit = h[ix.H_MAX_BYTES]
         if limit and h[ix.H_TOTAL] + size > limit:
@@ -274,7 +301,7 @@ class Allocator(ix.Tables):
         for j, d in enumerate(descs):
             self.set_fields(self.bq, d * ix.BLK_FIELDS, {
                 ix.B_SEG: s, ix.B_OFF: j * step, ix.B_CLS: cls, ix.B_STATE: ix.RESERVED,
-                ix.B_NEXT: -1, ix.B_PREV: -1, ix.B_OWNER: self.slot, ix.B_PINS: 0,
+                ix.B_NEXT: -1, ix.B_PREV: -1, ix.B_OWNER: self.slot, ix.B_SPARE: 0,
             })  # fmt: skip
         self.h[ix.H_TOTAL] += size
         return s, gen, descs
@@ -305,14 +332,8 @@ class Allocator(ix.Tables):
 
     def _reclaim(self, p: int) -> None:
         hw = self.h[ix.H_BLK_HW]
-        row = self.pins_np[p]
-        bq = self.bq
-        for b in np.flatnonzero(row[:hw]).tolist():
-            k = b * ix.BLK_FIELDS
-            bq[k + ix.B_PINS] -= int(row[b])
-            row[b] = 0
-            if bq[k + ix.B_PINS] == 0 and bq[k + ix.B_STATE] == ix.RETIRED:
-                self.free(b)
+        self.pins_np[p] = 0
+        self.sweep_retired()
         blk = self.blk_np[:hw]
         writing = (blk[:, ix.B_OWNER] == p) & (blk[:, ix.B_STATE] == ix.WRITING)
         for b in np.flatnonzero(writing).tolist():

@@ -43,7 +43,14 @@ _all_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
 # Bound once: the lock is taken on every call, and these save lookups there.
 _flock, _LOCK_EX, _LOCK_UN, _LOCK_NB = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN, fcntl.LOCK_NB
 _get_ident = threading.get_ident
-_H_CLOSED, _H_EPOCH = ix.H_CLOSED, ix.H_EPOCH
+_H_CLOSED, _H_EPOCH, _H_WSEQ = ix.H_CLOSED, ix.H_EPOCH, ix.H_WSEQ
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier (taking and dropping a lock runs a locked instruction)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 def _after_fork_in_child() -> None:
@@ -199,6 +206,10 @@ class Arena(Allocator):
         """
         if not self._lock.acquire(blocking):
             return False
+        # Set at once: a view dying in this thread from here on (the garbage
+        # collector can run anywhere) defers its unpin instead of waiting for
+        # the thread lock we hold.
+        self._holder = _get_ident()
         try:
             if self._fd < 0 or self.closed:
                 if self.closed:
@@ -206,19 +217,25 @@ class Arena(Allocator):
                 self._reopen()
             _flock(self._fd, _LOCK_EX if blocking else _LOCK_EX | _LOCK_NB)
         except BlockingIOError:
+            self._holder = None
             self._lock.release()
             return False
         except BaseException:
+            self._holder = None
             self._lock.release()
             raise
         h = self.h
         if h[_H_CLOSED] or h[_H_EPOCH] != self._epoch:
             if h[_H_CLOSED]:
                 _flock(self._fd, _LOCK_UN)
+                self._holder = None
                 self._lock.release()
                 raise self.closed_error()
             self._prune()
-        self._holder = _get_ident()
+        # Tell lock-free readers a writer is in: odd, and never a value seen before.
+        seq = h[_H_WSEQ]
+        h[_H_WSEQ] = seq + 2 if seq & 1 else seq + 1  # odd already: its holder died
+        fence()  # the pins read from here on include every reader that missed it
         return True
 
     def release(self) -> None:
@@ -228,6 +245,7 @@ class Arena(Allocator):
                 self._unpin(self._pending.pop())
         finally:
             self._holder = None
+            self.h[_H_WSEQ] += 1
             _flock(self._fd, _LOCK_UN)
             self._lock.release()
 
@@ -290,33 +308,33 @@ class Arena(Allocator):
         pid, start = ix.my_identity()
         self.pq[p * ix.PROC_FIELDS + ix.P_START] = start
         self.pq[p * ix.PROC_FIELDS + ix.P_PID] = pid
+        if self.h[ix.H_PROC_HW] <= p:
+            self.h[ix.H_PROC_HW] = p + 1
         self.slot = p
         self.pin_base = p * self.layout.max_blocks
         _register_exit_hook()
         return p
 
     def pin(self, b: int) -> None:
-        """Count one more view of block ``b`` held by this process (locked)."""
+        """Count one more view of block ``b`` held by this process.
+
+        The caller holds the store lock, or the thread lock and then
+        re-validates what it read (see :meth:`SharedArrayStore.get`).
+        """
         self.pins[self.pin_base + b] += 1
-        self.bq[b * ix.BLK_FIELDS + ix.B_PINS] += 1
 
     def _unpin(self, b: int) -> None:
+        # Only this process writes its row; the thread lock (or the store
+        # lock, which includes it) keeps its threads apart. A retired block
+        # whose last view this was is freed by the next sweep.
         i = self.pin_base + b
-        if self.slot < 0 or self.pins[i] <= 0:
-            return
-        self.pins[i] -= 1
-        k = b * ix.BLK_FIELDS
-        self.bq[k + ix.B_PINS] -= 1
-        if self.bq[k + ix.B_PINS] == 0 and self.bq[k + ix.B_STATE] == ix.RETIRED:
-            self.free(b)
+        if self.slot >= 0 and self.pins[i] > 0:
+            self.pins[i] -= 1
 
     def unpin(self, b: int) -> None:
-        """Drop one view of block ``b`` (takes the lock)."""
-        self.acquire()
-        try:
+        """Drop one view of block ``b`` (takes the thread lock only)."""
+        with self._lock:
             self._unpin(b)
-        finally:
-            self.release()
 
     def track(self, view_base: Any, b: int) -> None:
         """Unpin block ``b`` when ``view_base``, which every view of it keeps alive, dies."""
@@ -333,19 +351,18 @@ class Arena(Allocator):
             # sections: the unpin happens when that section releases the lock.
             self._pending.append(item[1])
             return
-        # Waiting for this store's lock while holding another's could deadlock
-        # with a process doing the reverse: then only try, and defer on failure.
+        # The thread lock of this store may be held by a thread of ours that
+        # waits for the store lock; waiting for it while holding another
+        # store's lock could then deadlock with a process doing the reverse:
+        # in that case only try, and defer on failure.
         blocking = not any(other._holder == me for other in list(_arenas.values()))
-        try:
-            if not self.acquire(blocking):
-                self._pending.append(item[1])
-                return
-        except StoreClosedError:
-            return  # the owner closed the store; there is nothing to give back
+        if not self._lock.acquire(blocking):
+            self._pending.append(item[1])
+            return
         try:
             self._unpin(item[1])
         finally:
-            self.release()
+            self._lock.release()
         if self.handles <= 0 and self.leave_when_unused and not self._refs:
             self.leave()
 

@@ -23,7 +23,14 @@ configuration, each page aligned:
 * ``blk``: one record of int64 fields ``B_*`` per data block;
 * ``seg``: one record of int64 fields ``S_*`` per data segment;
 * ``proc``: one record of int64 fields ``P_*`` per attached process;
-* ``pins``: int32 ``[proc, block]``: how many views each process holds.
+* ``pins``: int32 ``[proc, block]``: how many views each process holds. Only
+  the process of a row writes it (the reaper too, once that process is dead),
+  so a view is pinned and unpinned without the store lock; a block is in use
+  while any row of the first ``H_PROC_HW`` counts it.
+
+Readers do not take the store lock either (see ``H_WSEQ``): every locked
+section makes the counter odd on entry and even on exit, and a reader checks
+that it was even and unchanged around what it read.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from .exceptions import NotShareableError
 SHM_DIR = "/dev/shm"
 PREFIX = "polystore-"
 MAGIC = int.from_bytes(b"PLYSTOR1", "little")
-VERSION = 1
+VERSION = 2
 PAGE = 4096
 
 # -- header slots (int64) ------------------------------------------------------
@@ -71,6 +78,8 @@ H_BLK_FREE = 20
 H_BLK_HW = 21
 H_TOMBS = 22
 H_CREATED = 23  # wall-clock seconds
+H_WSEQ = 24  # odd while a process holds the store lock; bumped on entry and exit
+H_PROC_HW = 25  # rows [0, hw) of the process table have been used
 H_CLASS0 = 64  # free-list head of every size class
 HEADER_SLOTS = 512
 
@@ -93,7 +102,7 @@ F_BYTES = 2
 
 # -- block, segment and process records (int64 fields) --------------------------
 BLK_FIELDS = 8
-B_SEG, B_OFF, B_CLS, B_STATE, B_NEXT, B_PREV, B_OWNER, B_PINS = range(BLK_FIELDS)
+B_SEG, B_OFF, B_CLS, B_STATE, B_NEXT, B_PREV, B_OWNER, B_SPARE = range(BLK_FIELDS)
 FREE, WRITING, LIVE, RETIRED, RESERVED, UNUSED = range(6)
 
 SEG_FIELDS = 8
@@ -242,6 +251,19 @@ def encode_key(key: object) -> bytes:
 @functools.lru_cache(maxsize=1024)
 def encode_dtype(dtype: np.dtype[Any]) -> bytes:
     """A text description of ``dtype`` that :func:`decode_dtype` turns back into it."""
+    found = _encoded.get(dtype)
+    if found is None:
+        found = _encode_dtype(dtype)
+        if len(_encoded) >= 256:
+            _encoded.clear()
+        _encoded[dtype] = found
+    return found
+
+
+_encoded: dict[np.dtype[Any], bytes] = {}
+
+
+def _encode_dtype(dtype: np.dtype[Any]) -> bytes:
     if dtype.hasobject:
         raise NotShareableError(
             f"arrays of dtype {dtype} hold Python objects, which cannot live in shared memory"

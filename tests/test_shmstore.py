@@ -175,7 +175,7 @@ def pins_of(store: SharedArrayStore, key: str) -> int:
     try:
         e = a.find(key.encode() + b"\0", zlib.crc32(key.encode()) & 0x7FFFFFFF)[1]
         b = a.eq[e * (ix.ENT_SIZE // 8) + ix.E_BLOCK]
-        return int(a.bq[b * ix.BLK_FIELDS + ix.B_PINS])
+        return int(a.pins_np[: a.h[ix.H_PROC_HW], b].sum())
     finally:
         a.release()
 
