@@ -1,0 +1,158 @@
+"""The lock-free read path of SharedArrayStore: seqlock validation and pins without the lock."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from polystore import SharedArrayStore, shmstore
+from polystore import _shm_index as ix
+
+N = 2048  # 8 KB of float32: small puts overwrite in place when no view holds the block
+
+
+def hammer(store: SharedArrayStore, key: str, stop: Any, started: Any) -> None:
+    """Overwrite ``key`` with constant arrays 0, 1, 2, ... until told to stop."""
+    i = 0
+    started.set()
+    while not stop.is_set():
+        store.put(key, np.full(N, float(i), dtype=np.float32))
+        i += 1
+
+
+def check_reads(store: SharedArrayStore, key: str, seconds: float) -> int:
+    """Read ``key`` over and over; every view must be uniform and stay unchanged."""
+    reads = 0
+    held: list[tuple[np.ndarray, float]] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        view = store.get(key)
+        first = float(view[0])
+        assert view.min() == view.max() == first, "a get saw a torn or reused block"
+        held.append((view, first))
+        if len(held) > 8:  # keep a few views alive while the writer runs
+            old, value = held.pop(0)
+            assert old.min() == old.max() == value, "a held view changed under its reader"
+        reads += 1
+    for old, value in held:
+        assert old.min() == old.max() == value
+    return reads
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("lock_free", [True, False], ids=["lock-free", "locked"])
+def test_reads_racing_a_writer_in_another_process(
+    monkeypatch: pytest.MonkeyPatch, lock_free: bool
+) -> None:
+    monkeypatch.setattr(shmstore, "LOCK_FREE_GET", lock_free)
+    ctx = multiprocessing.get_context("fork")
+    with SharedArrayStore() as store:
+        store.put("k", np.zeros(N, dtype=np.float32))
+        stop, started = ctx.Event(), ctx.Event()
+        writer = ctx.Process(target=hammer, args=(store, "k", stop, started))
+        writer.start()
+        try:
+            assert started.wait(20)
+            assert check_reads(store, "k", 1.5) > 100
+        finally:
+            stop.set()
+            writer.join(20)
+        assert writer.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_reads_racing_a_writer_thread() -> None:
+    with SharedArrayStore() as store:
+        store.put("k", np.zeros(N, dtype=np.float32))
+        stop, started = threading.Event(), threading.Event()
+        writer = threading.Thread(target=hammer, args=(store, "k", stop, started))
+        writer.start()
+        try:
+            assert started.wait(20)
+            check_reads(store, "k", 1.0)
+        finally:
+            stop.set()
+            writer.join(20)
+
+
+def test_a_writer_between_lookup_and_check_sends_the_reader_to_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with SharedArrayStore() as store:
+        store.put("k", np.arange(N, dtype=np.float32))
+        store.get("k")  # the process has its pin row now
+        a = store._arena
+        real_find = a.find
+        calls = []
+
+        def find_then_write(kbz: bytes, h: int) -> tuple[int, int]:
+            found = real_find(kbz, h)
+            if not calls:  # as if another process wrote right after our lookup
+                a.h[ix.H_WSEQ] += 2
+            calls.append(kbz)
+            return found
+
+        monkeypatch.setattr(a, "find", find_then_write)
+        view = store.get("k")
+        assert np.array_equal(view, np.arange(N, dtype=np.float32))
+        assert len(calls) == 2  # the lock-free try, then the locked read
+        monkeypatch.undo()
+        del view
+        # the failed try left no pin behind: only the locked read's, gone with the view
+        assert not a.pins_np[: a.h[ix.H_PROC_HW]].any()
+
+
+def test_a_writer_inside_the_lock_sends_readers_to_the_lock() -> None:
+    with SharedArrayStore() as store:
+        store.put("k", np.arange(4.0))
+        store.get("k")
+        a = store._arena
+        seen = []
+        a.acquire()  # the counter is odd while the lock is held
+        try:
+            assert a.h[ix.H_WSEQ] & 1
+            _, kbz, h = shmstore._key("k")
+            seen.append(shmstore.SharedArrayStore._get_optimistic(a, kbz, h))
+        finally:
+            a.release()
+        assert seen == [shmstore._RETRY]
+        assert not a.h[ix.H_WSEQ] & 1
+        assert shmstore.SharedArrayStore._get_optimistic(a, kbz, h) not in (None, shmstore._RETRY)
+
+
+def test_a_counter_left_odd_by_a_dead_writer_is_repaired() -> None:
+    with SharedArrayStore() as store:
+        store.put("k", np.arange(4.0))
+        a = store._arena
+        a.h[ix.H_WSEQ] += 1  # odd, as a writer killed inside the lock leaves it
+        before = a.h[ix.H_WSEQ]
+        assert np.array_equal(store.get("k"), np.arange(4.0))  # through the lock
+        assert a.h[ix.H_WSEQ] > before and not a.h[ix.H_WSEQ] & 1
+
+
+def test_missing_key_is_a_key_error_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    with SharedArrayStore() as store:
+        store.put("k", np.arange(4.0))
+        store.get("k")
+        for lock_free in (True, False):
+            monkeypatch.setattr(shmstore, "LOCK_FREE_GET", lock_free)
+            with pytest.raises(KeyError):
+                store.get("absent")
+
+
+def test_retired_block_is_reused_once_its_last_view_dies() -> None:
+    with SharedArrayStore() as store:
+        store.put("k", np.zeros(1 << 20, dtype=np.uint8))  # a large class: its own segment
+        view = store.get("k")
+        store.put("k", np.ones(1 << 20, dtype=np.uint8))  # the old block is retired
+        mapped = store.stats()["mapped_bytes"]
+        del view  # unpinned without the lock; the next put that needs a block sweeps
+        for i in range(5):
+            store.put("k", np.full(1 << 20, i, dtype=np.uint8))
+            assert store.get("k")[0] == i
+        assert store.stats()["mapped_bytes"] == mapped
