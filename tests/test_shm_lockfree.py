@@ -156,3 +156,32 @@ def test_retired_block_is_reused_once_its_last_view_dies() -> None:
             store.put("k", np.full(1 << 20, i, dtype=np.uint8))
             assert store.get("k")[0] == i
         assert store.stats()["mapped_bytes"] == mapped
+
+
+def test_reserve_makes_memory_ready_for_later_puts() -> None:
+    with SharedArrayStore() as store:
+        ready = store.reserve(5 << 20, 1 << 20)
+        assert ready >= 5 << 20
+        stats = store.stats()
+        assert stats["mapped_bytes"] == stats["idle_bytes"] >= ready
+        for i in range(5):  # these puts take the reserved blocks: nothing new is mapped
+            store.put(f"k{i}", np.full(1 << 20, i, dtype=np.uint8))
+        assert store.stats()["mapped_bytes"] == stats["mapped_bytes"]
+        assert [int(store.get(f"k{i}")[0]) for i in range(5)] == list(range(5))
+
+
+def test_reserve_refuses_what_it_could_not_keep() -> None:
+    with SharedArrayStore(cache_bytes=4 << 20, max_bytes=8 << 20) as store:
+        with pytest.raises(ValueError, match="cache_bytes"):
+            store.reserve(5 << 20, 1 << 20)
+        with pytest.raises(ValueError, match="positive"):
+            store.reserve(0, 1 << 20)
+        with pytest.raises(ValueError, match="positive"):
+            store.reserve(1 << 20, -1)
+    with SharedArrayStore(max_bytes=3 << 20) as store:
+        from polystore import ShmFullError
+
+        with pytest.raises(ShmFullError):
+            store.reserve(3 << 20, 2 << 20)  # two 2 MiB blocks do not fit in 3 MiB
+        assert store.stats()["mapped_bytes"] <= 3 << 20
+        store.put("k", np.zeros(2 << 20, dtype=np.uint8))  # what was taken went back
