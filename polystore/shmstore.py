@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import errno
 import os
-import platform
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -49,6 +48,8 @@ import numpy as np
 
 from . import _shm_arena
 from . import _shm_index as ix
+from ._shm_read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
+from ._shm_read import make_meta as _meta
 from .exceptions import ShmFullError, StorageError, StoreClosedError
 
 __all__ = ["EntryInfo", "SharedArrayStore"]
@@ -62,12 +63,6 @@ SMALL_PUT = 1 << 20
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
 _E_BLOCK, _E_MSEQ, _E_SEQ, _H_SEQ = ix.E_BLOCK, ix.E_MSEQ, ix.E_SEQ, ix.H_SEQ
 _B_SEG, _B_OFF, _S_GEN = ix.B_SEG, ix.B_OFF, ix.S_GEN
-_H_WSEQ, _H_CLOSED, _H_EPOCH = ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH
-#: Lock-free reads need a full barrier between storing a pin and re-reading
-#: the write counter; a lock round trip gives one on x86 (any locked
-#: instruction does). Elsewhere every get takes the store lock.
-LOCK_FREE_GET = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
-_RETRY = object()  # what the lock-free read returns when a writer got in the way
 _keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
 
 
@@ -92,16 +87,6 @@ def _key(key: object) -> tuple[bytes, bytes, int]:
                 _keys.clear()
             _keys[key] = found
     return found
-
-
-def _meta(
-    mseq: int, dtype: np.dtype[Any], shape: tuple[int, ...], flags: int, dt: bytes
-) -> _shm_arena.Meta:
-    count = 1
-    for extent in shape:
-        count *= extent
-    order: Literal["C", "F"] = "F" if flags & ix.F_FORTRAN else "C"
-    return (mseq, dtype, shape, count, order, flags, dt)
 
 
 def _positive(value: object, what: str) -> int:
@@ -444,12 +429,12 @@ class SharedArrayStore:
         _, kbz, h = _key(key)
         a = self._live()
         if LOCK_FREE_GET and a.slot >= 0:
-            found = self._get_optimistic(a, kbz, h)
+            found = get_optimistic(a, kbz, h)
             if found is None:
                 raise KeyError(key)
-            if found is not _RETRY:
+            if found is not RETRY:
                 meta, b, s, gen, off = found
-                return self._view(a, meta, b, s, gen, off)
+                return view_of(a, meta, b, s, gen, off)
         a.acquire()
         try:
             e = a.find(kbz, h)[1]
@@ -459,7 +444,7 @@ class SharedArrayStore:
             b = a.eq[k + _E_BLOCK]
             meta = a.meta.get(e)
             if meta is None or meta[0] != a.eq[k + _E_MSEQ]:
-                meta = self._read_meta(a, e)
+                meta = read_meta(a, e)
                 a.meta[e] = meta
             s = gen = off = 0
             if b >= 0:
@@ -471,79 +456,7 @@ class SharedArrayStore:
                 gen = a.sq[s * _SEG + _S_GEN]
         finally:
             a.release()
-        return self._view(a, meta, b, s, gen, off)
-
-    @staticmethod
-    def _get_optimistic(a: _shm_arena.Arena, kbz: bytes, h: int) -> Any:
-        """Look a key up and pin its block without the store lock.
-
-        Returns (meta, block, segment, generation, offset), ``None`` if the key
-        is absent, or ``_RETRY`` when a writer was busy or got in the way (then
-        the caller takes the lock). A seqlock: the write counter was even and
-        unchanged around the reads, so they saw no locked section.
-        """
-        try:
-            hdr = a.h
-            seq = hdr[_H_WSEQ]
-            if seq & 1 or hdr[_H_CLOSED] or hdr[_H_EPOCH] != a._epoch:
-                return _RETRY
-            e = a.find(kbz, h)[1]
-            if e < 0:
-                return None if hdr[_H_WSEQ] == seq else _RETRY
-            k = e * _EQ
-            b = a.eq[k + _E_BLOCK]
-            cached = a.meta.get(e)
-            fresh = cached is None or cached[0] != a.eq[k + _E_MSEQ]
-            meta = SharedArrayStore._read_meta(a, e) if fresh or cached is None else cached
-            s = gen = off = 0
-            if b >= 0:
-                k = b * _BLK
-                s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-                gen = a.sq[s * _SEG + _S_GEN]
-        except Exception:  # torn reads can look like anything; the lock sorts it out
-            return _RETRY
-        if b >= 0:
-            lock = a._lock
-            lock.acquire()  # also the barrier between the pin and the check below
-            a.pins[a.pin_base + b] += 1
-            lock.release()
-        if hdr[_H_WSEQ] != seq:
-            if b >= 0:
-                a.unpin(b)
-            return _RETRY
-        if fresh:
-            a.meta[e] = meta
-        return meta, b, s, gen, off
-
-    @staticmethod
-    def _view(
-        a: _shm_arena.Arena, meta: _shm_arena.Meta, b: int, s: int, gen: int, off: int
-    ) -> tuple[np.ndarray[Any, Any], int]:
-        """The read-only view of pinned block ``b`` (a new empty array for ``b == -1``)."""
-        _, dtype, shape, count, order, flags, _ = meta
-        if b < 0:
-            empty = np.empty(shape, dtype, order=order)
-            empty.flags.writeable = False
-            return empty, flags
-        try:
-            item = a.ro_maps.get(s)
-            mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
-            view = np.frombuffer(mm, dtype, count, off)
-        except BaseException:
-            a.unpin(b)
-            raise
-        # Every view derived from `view` keeps view.base alive: when it dies,
-        # no view of the block is left in this process.
-        a.track(view.base, b)
-        if len(shape) != 1:
-            view = view.reshape(shape, order=order)
-        return view, flags
-
-    @staticmethod
-    def _read_meta(a: _shm_arena.Arena, e: int) -> _shm_arena.Meta:
-        mseq = a.eq[e * _EQ + ix.E_MSEQ]
-        dt, shape, flags = a.read_entry(e)
-        return _meta(mseq, ix.decode_dtype(dt), shape, flags, dt)
+        return view_of(a, meta, b, s, gen, off)
 
     def info(self, key: str) -> EntryInfo:
         """Shape, dtype, size and kind of ``key``'s value, without mapping it.

@@ -1,0 +1,116 @@
+"""The read path of :class:`~polystore.SharedArrayStore`: lookups, pins and views.
+
+A ``get`` takes no store lock where the processor allows it. Every locked
+section makes the header's write counter odd on entry (then fences) and even
+on exit; a reader notes the counter, looks the key up, pins the block in its
+own row of the pin table, fences, and checks that the counter did not move.
+If it moved, the reader drops its pin and the caller reads under the lock. Of
+a writer and a reader that overlap, at least one sees the other, so a writer
+never reuses a block that a successful reader is about to view.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _shm_arena
+from . import _shm_index as ix
+
+__all__ = ["LOCK_FREE_GET", "RETRY", "get_optimistic", "make_meta", "read_meta", "view_of"]
+
+_EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
+_E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
+_B_SEG, _B_OFF, _S_GEN = ix.B_SEG, ix.B_OFF, ix.S_GEN
+_H_WSEQ, _H_CLOSED, _H_EPOCH = ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH
+#: Lock-free reads need a full barrier between storing a pin and re-reading
+#: the write counter; a lock round trip gives one on x86 (any locked
+#: instruction does). Elsewhere every get takes the store lock.
+LOCK_FREE_GET = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+RETRY = object()  # what the lock-free read returns when a writer got in the way
+
+
+def make_meta(
+    mseq: int, dtype: np.dtype[Any], shape: tuple[int, ...], flags: int, dt: bytes
+) -> _shm_arena.Meta:
+    """The cached description of a value: see :data:`polystore._shm_arena.Meta`."""
+    count = 1
+    for extent in shape:
+        count *= extent
+    order: Literal["C", "F"] = "F" if flags & ix.F_FORTRAN else "C"
+    return (mseq, dtype, shape, count, order, flags, dt)
+
+
+def get_optimistic(a: _shm_arena.Arena, kbz: bytes, h: int) -> Any:
+    """Look a key up and pin its block without the store lock (see the module docstring).
+
+    Returns (meta, block, segment, generation, offset), ``None`` if the key
+    is absent, or ``RETRY`` when a writer was busy or got in the way (then
+    the caller takes the lock). A seqlock: the write counter was even and
+    unchanged around the reads, so they saw no locked section.
+    """
+    try:
+        hdr = a.h
+        seq = hdr[_H_WSEQ]
+        if seq & 1 or hdr[_H_CLOSED] or hdr[_H_EPOCH] != a._epoch:
+            return RETRY
+        e = a.find(kbz, h)[1]
+        if e < 0:
+            return None if hdr[_H_WSEQ] == seq else RETRY
+        k = e * _EQ
+        b = a.eq[k + _E_BLOCK]
+        cached = a.meta.get(e)
+        fresh = cached is None or cached[0] != a.eq[k + _E_MSEQ]
+        meta = read_meta(a, e) if fresh or cached is None else cached
+        s = gen = off = 0
+        if b >= 0:
+            k = b * _BLK
+            s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
+            gen = a.sq[s * _SEG + _S_GEN]
+    except Exception:  # torn reads can look like anything; the lock sorts it out
+        return RETRY
+    if b >= 0:
+        lock = a._lock
+        lock.acquire()  # also the barrier between the pin and the check below
+        a.pins[a.pin_base + b] += 1
+        lock.release()
+    if hdr[_H_WSEQ] != seq:
+        if b >= 0:
+            a.unpin(b)
+        return RETRY
+    if fresh:
+        a.meta[e] = meta
+    return meta, b, s, gen, off
+
+
+def view_of(
+    a: _shm_arena.Arena, meta: _shm_arena.Meta, b: int, s: int, gen: int, off: int
+) -> tuple[np.ndarray[Any, Any], int]:
+    """The read-only view of pinned block ``b`` (a new empty array for ``b == -1``)."""
+    _, dtype, shape, count, order, flags, _ = meta
+    if b < 0:
+        empty = np.empty(shape, dtype, order=order)
+        empty.flags.writeable = False
+        return empty, flags
+    try:
+        item = a.ro_maps.get(s)
+        mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
+        view = np.frombuffer(mm, dtype, count, off)
+    except BaseException:
+        a.unpin(b)
+        raise
+    # Every view derived from `view` keeps view.base alive: when it dies,
+    # no view of the block is left in this process.
+    a.track(view.base, b)
+    if len(shape) != 1:
+        view = view.reshape(shape, order=order)
+    return view, flags
+
+
+def read_meta(a: _shm_arena.Arena, e: int) -> _shm_arena.Meta:
+    """The decoded description of entry ``e``'s value (not cached here)."""
+    mseq = a.eq[e * _EQ + ix.E_MSEQ]
+    dt, shape, flags = a.read_entry(e)
+    return make_meta(mseq, ix.decode_dtype(dt), shape, flags, dt)
