@@ -258,7 +258,6 @@ class Allocator(ix.Tables):
                 del cache[s]
 
     def _make_room(self, size: int) -> None:
-        self.sweep_retired()
         h = self.h
         limit = h[ix.H_MAX_BYTES]
         if limit and h[ix.H_TOTAL] + size > limit:

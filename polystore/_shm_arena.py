@@ -320,18 +320,11 @@ class Arena(Allocator):
         _register_exit_hook()
         return p
 
-    def pin(self, b: int) -> None:
-        """Count one more view of block ``b`` held by this process.
-
-        The caller holds the store lock, or the thread lock and then
-        re-validates what it read (see :meth:`SharedArrayStore.get`).
-        """
-        self.pins[self.pin_base + b] += 1
-
     def _unpin(self, b: int) -> None:
-        # Only this process writes its row; the thread lock (or the store
-        # lock, which includes it) keeps its threads apart. A retired block
-        # whose last view this was is freed by the next sweep.
+        # Only this process writes its row (pinning is inlined in the read
+        # path); the thread lock, or the store lock, which includes it, keeps
+        # its threads apart. A retired block whose last view this was is
+        # freed by the next sweep.
         i = self.pin_base + b
         if self.slot >= 0 and self.pins[i] > 0:
             self.pins[i] -= 1

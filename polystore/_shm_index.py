@@ -251,19 +251,6 @@ def encode_key(key: object) -> bytes:
 @functools.lru_cache(maxsize=1024)
 def encode_dtype(dtype: np.dtype[Any]) -> bytes:
     """A text description of ``dtype`` that :func:`decode_dtype` turns back into it."""
-    found = _encoded.get(dtype)
-    if found is None:
-        found = _encode_dtype(dtype)
-        if len(_encoded) >= 256:
-            _encoded.clear()
-        _encoded[dtype] = found
-    return found
-
-
-_encoded: dict[np.dtype[Any], bytes] = {}
-
-
-def _encode_dtype(dtype: np.dtype[Any]) -> bytes:
     if dtype.hasobject:
         raise NotShareableError(
             f"arrays of dtype {dtype} hold Python objects, which cannot live in shared memory"

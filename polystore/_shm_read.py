@@ -61,9 +61,10 @@ def get_optimistic(a: _shm_arena.Arena, kbz: bytes, h: int) -> Any:
             return None if hdr[_H_WSEQ] == seq else RETRY
         k = e * _EQ
         b = a.eq[k + _E_BLOCK]
-        cached = a.meta.get(e)
-        fresh = cached is None or cached[0] != a.eq[k + _E_MSEQ]
-        meta = read_meta(a, e) if fresh or cached is None else cached
+        meta = a.meta.get(e)
+        fresh = meta is None or meta[0] != a.eq[k + _E_MSEQ]
+        if meta is None or fresh:
+            meta = read_meta(a, e)
         s = gen = off = 0
         if b >= 0:
             k = b * _BLK

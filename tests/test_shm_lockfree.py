@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,22 @@ def check_reads(store: SharedArrayStore, key: str, seconds: float) -> int:
     return reads
 
 
+def race_a_writer(
+    store: SharedArrayStore, spawn: Callable[..., Any], events: Callable[[], Any], seconds: float
+) -> int:
+    """Run :func:`hammer` on ``k`` in a writer made by ``spawn`` while this thread reads."""
+    store.put("k", np.zeros(N, dtype=np.float32))
+    stop, started = events(), events()
+    writer = spawn(target=hammer, args=(store, "k", stop, started))
+    writer.start()
+    try:
+        assert started.wait(20)
+        return check_reads(store, "k", seconds)
+    finally:
+        stop.set()
+        writer.join(20)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("lock_free", [True, False], ids=["lock-free", "locked"])
 def test_reads_racing_a_writer_in_another_process(
@@ -52,32 +69,20 @@ def test_reads_racing_a_writer_in_another_process(
     monkeypatch.setattr(shmstore, "LOCK_FREE_GET", lock_free)
     ctx = multiprocessing.get_context("fork")
     with SharedArrayStore() as store:
-        store.put("k", np.zeros(N, dtype=np.float32))
-        stop, started = ctx.Event(), ctx.Event()
-        writer = ctx.Process(target=hammer, args=(store, "k", stop, started))
-        writer.start()
-        try:
-            assert started.wait(20)
-            assert check_reads(store, "k", 1.5) > 100
-        finally:
-            stop.set()
-            writer.join(20)
-        assert writer.exitcode == 0
+        procs: list[Any] = []
+
+        def spawn(**kwargs: Any) -> Any:
+            procs.append(ctx.Process(**kwargs))
+            return procs[-1]
+
+        assert race_a_writer(store, spawn, ctx.Event, 1.5) > 100
+        assert procs[0].exitcode == 0
 
 
 @pytest.mark.timeout(60)
 def test_reads_racing_a_writer_thread() -> None:
     with SharedArrayStore() as store:
-        store.put("k", np.zeros(N, dtype=np.float32))
-        stop, started = threading.Event(), threading.Event()
-        writer = threading.Thread(target=hammer, args=(store, "k", stop, started))
-        writer.start()
-        try:
-            assert started.wait(20)
-            check_reads(store, "k", 1.0)
-        finally:
-            stop.set()
-            writer.join(20)
+        race_a_writer(store, threading.Thread, threading.Event, 1.0)
 
 
 def test_a_writer_between_lookup_and_check_sends_the_reader_to_the_lock(
