@@ -262,7 +262,7 @@ class Arena(Allocator):
                     del cache[s]
 
     # -- mappings -------------------------------------------------------------------------
-    def map_segment(self, s: int, gen: int, writable: bool) -> mmap.mmap:
+    def map_segment(self, s: int, gen: int, writable: bool, populate: bool = False) -> mmap.mmap:
         """This process's mapping of a data segment (cached)."""
         cache = self.rw_maps if writable else self.ro_maps
         item = cache.get(s)
@@ -283,11 +283,34 @@ class Arena(Allocator):
                 mm = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             else:
                 # Lazily: a get stays O(1) whatever the size of the value.
-                mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
+                mm = mmap.mmap(fd, 0, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         cache[s] = (gen, mm)
         return mm
+
+    def map_all(self) -> int:
+        """Map every live segment both ways with its page tables filled; return its bytes."""
+        self.acquire()
+        try:
+            sq = self.sq
+            live = []
+            for s in range(self.layout.max_segs):
+                k = s * ix.SEG_FIELDS
+                if sq[k + ix.S_STATE] == ix.SEG_LIVE:
+                    live.append((s, sq[k + ix.S_GEN], sq[k + ix.S_SIZE]))
+        finally:
+            self.release()
+        total = 0
+        for s, gen, size in live:
+            try:
+                self.map_segment(s, gen, True)
+                self.map_segment(s, gen, False, populate=True)
+            except StoreClosedError:
+                continue  # unlinked since we looked: nothing to map
+            total += size
+        return total
 
     def block_location(self, b: int) -> tuple[int, int, int]:
         """(segment, generation, offset) of a block pinned or owned by this process."""

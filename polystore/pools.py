@@ -87,13 +87,17 @@ class FileManagerFactory:
         registry: the registry every worker shares. Each of its backends must
             be shareable (a ``MemoryBackend`` over a plain ``dict`` is refused
             here with :class:`~polystore.NotShareableError`).
+        premap: have :meth:`initializer` map every shared-memory store of the
+            registry into the worker (:meth:`SharedArrayStore.map_all
+            <polystore.SharedArrayStore.map_all>`), so that memory reserved
+            before the pool started costs its first task nothing to reach.
 
     Calling the factory returns the same ``FileManager`` for every call from one
     thread of one process. The factory pickles to its registry's recipe, so it
     can be passed to pool initializers, task arguments and Dask workers.
     """
 
-    def __init__(self, registry: Mapping[str, StorageBackend]) -> None:
+    def __init__(self, registry: Mapping[str, StorageBackend], *, premap: bool = False) -> None:
         if registry is None or not isinstance(registry, Mapping):
             raise TypeError(
                 "FileManagerFactory needs a registry (for example from polystore.shared_registry())"
@@ -101,12 +105,13 @@ class FileManagerFactory:
         self._payload = _check_shareable(registry)
         self._registry: Mapping[str, StorageBackend] | None = registry
         self._token = uuid.uuid4().hex
+        self.premap = bool(premap)
         self._local = threading.local()
         self._lock = threading.Lock()
         _factories.add(self)
 
     @classmethod
-    def _rebuild(cls, token: str, payload: bytes) -> FileManagerFactory:
+    def _rebuild(cls, token: str, payload: bytes, premap: bool = False) -> FileManagerFactory:
         # Unpickling the same factory twice in one process (one task after
         # another) must give the same FileManagers: reuse the first copy.
         for existing in list(_factories):
@@ -119,6 +124,7 @@ class FileManagerFactory:
         factory._payload = payload
         factory._registry = None
         factory._token = token
+        factory.premap = premap
         factory._local = threading.local()
         factory._lock = threading.Lock()
         _factories.add(factory)
@@ -128,7 +134,7 @@ class FileManagerFactory:
         return factory
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (FileManagerFactory._rebuild, (self._token, self._payload))
+        return (FileManagerFactory._rebuild, (self._token, self._payload, self.premap))
 
     @property
     def registry(self) -> Mapping[str, StorageBackend]:
@@ -147,9 +153,32 @@ class FileManagerFactory:
         return fm
 
     def initializer(self) -> None:
-        """Pool initializer: make this factory the process's :func:`current_filemanager`."""
+        """Pool initializer: make this factory the process's :func:`current_filemanager`.
+
+        With ``premap=True`` it also maps the registry's shared memory (see
+        :meth:`map_shared_memory`).
+        """
         global _current
         _current = self
+        if self.premap:
+            self.map_shared_memory()
+
+    def map_shared_memory(self) -> int:
+        """Map every shared-memory store the registry's built backends use; return the bytes."""
+        from .shmstore import SharedArrayStore  # not at import: polystore imports cheaply
+
+        registry = self.registry
+        if isinstance(registry, BackendRegistry):
+            names = [name for name in registry if registry.is_loaded(name)]
+        else:
+            names = list(registry)
+        stores: dict[str, Any] = {}
+        for name in names:
+            backend = registry[name]
+            for store in (getattr(backend, "array_store", None), getattr(backend, "store", None)):
+                if isinstance(store, SharedArrayStore):
+                    stores.setdefault(store.name, store)
+        return sum(store.map_all() for store in stores.values())
 
     @property
     def pickled_size(self) -> int:

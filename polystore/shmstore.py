@@ -581,6 +581,18 @@ class SharedArrayStore:
                     a.release()
         return len(taken) * ix.CLASS_SIZES[cls]
 
+    def map_all(self) -> int:
+        """Map every segment of the store into this process now; return their bytes.
+
+        A process otherwise maps a segment when it first writes or reads a
+        value there, and fills the page tables of a read mapping one fault at
+        a time. A pool worker that calls this at start-up (which
+        ``FileManagerFactory(..., premap=True)`` does) pays for both before its
+        first task. Each mapping costs page tables (about 2 MB per GB mapped)
+        for as long as the segment lives.
+        """
+        return self._live().map_all()
+
     def trim(self) -> int:
         """Unlink every idle segment now instead of keeping it for reuse; return its bytes."""
         a = self._live()

@@ -61,6 +61,13 @@ def with_factory(factory: FileManagerFactory, index: int) -> tuple[int, int, str
     return os.getpid(), id(fm), path
 
 
+def mapped_segments(_: int) -> tuple[int, int]:
+    """Segments of the ``memory`` store this worker has mapped for reading and for writing."""
+    store = polystore.current_filemanager().registry["memory"].array_store
+    arena = store._arena
+    return len(arena.ro_maps), len(arena.rw_maps)
+
+
 @pytest.fixture
 def factory() -> Iterator[FileManagerFactory]:
     with polystore.shared_registry() as registry:
@@ -126,6 +133,25 @@ def test_pickled_factory_is_small(factory: FileManagerFactory) -> None:
     assert factory.pickled_size < 4096
     clone = pickle.loads(pickle.dumps(factory))
     assert clone is factory, "unpickling in the same process reuses the factory"
+
+
+def test_premap_maps_the_shared_memory_in_each_worker() -> None:
+    context = multiprocessing.get_context("spawn")
+    with polystore.shared_registry() as registry:
+        store = registry["memory"].array_store
+        store.reserve(4 << 20, 1 << 20)
+        segments = store.stats()["segments"]
+        assert segments >= 1
+        plain, premapped = FileManagerFactory(registry), FileManagerFactory(registry, premap=True)
+        assert pickle.loads(pickle.dumps(premapped)).premap and not plain.premap
+        assert premapped.pickled_size < 4096
+        for factory, expected in ((plain, (0, 0)), (premapped, (segments, segments))):
+            with ProcessPoolExecutor(
+                1, mp_context=context, initializer=factory.initializer
+            ) as pool:
+                assert pool.submit(mapped_segments, 0).result() == expected
+        assert premapped.map_shared_memory() == store.stats()["mapped_bytes"]
+    uninstall()
 
 
 def test_one_filemanager_per_thread(factory: FileManagerFactory) -> None:

@@ -190,3 +190,42 @@ def test_reserve_refuses_what_it_could_not_keep() -> None:
             store.reserve(3 << 20, 2 << 20)  # two 2 MiB blocks do not fit in 3 MiB
         assert store.stats()["mapped_bytes"] <= 3 << 20
         store.put("k", np.zeros(2 << 20, dtype=np.uint8))  # what was taken went back
+
+
+def _map_then_use(store: SharedArrayStore, keys: list[str]) -> tuple[int, int, int]:
+    """In a fresh process: map_all(), then read ``keys`` and write two values; count opens."""
+    import os
+
+    mapped = store.map_all()
+    opened = []
+    real_open = os.open
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    os.open = counting_open  # type: ignore[assignment]
+    try:
+        total = sum(int(store.get(key)[0]) for key in keys)
+        for i in range(2):
+            store.put(f"new{i}", np.full(1 << 20, 7, dtype=np.uint8))
+    finally:
+        os.open = real_open
+    return mapped, len(opened), total
+
+
+def test_map_all_maps_every_segment_before_use() -> None:
+    context = multiprocessing.get_context("spawn")
+    with SharedArrayStore() as store:
+        for i in range(3):
+            store.put(f"k{i}", np.full(1 << 20, i, dtype=np.uint8))
+        store.reserve(2 << 20, 1 << 20)  # idle blocks for the child's puts
+        stats = store.stats()
+        with context.Pool(1) as pool:
+            mapped, opened, total = pool.apply(_map_then_use, (store, ["k0", "k1", "k2"]))
+        assert mapped == stats["mapped_bytes"]
+        assert opened == 0, "a get or put after map_all() opened a segment"
+        assert total == 0 + 1 + 2
+        assert int(store.get("new1")[0]) == 7
+    with pytest.raises(shmstore.StoreClosedError):
+        store.map_all()
