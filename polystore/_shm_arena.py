@@ -24,7 +24,6 @@ import fcntl
 import mmap
 import os
 import threading
-import time
 import weakref
 from typing import Any, Literal
 
@@ -34,7 +33,7 @@ from . import _shm_index as ix
 from ._shm_alloc import Allocator, unlink_quietly
 from .exceptions import StorageError, StoreClosedError
 
-__all__ = ["Arena", "Meta", "create_store", "lookup", "open_store", "owners_of", "remember"]
+__all__ = ["Arena", "Meta", "lookup", "remember"]
 
 #: (meta seq, dtype, shape, element count, order, flags, dtype text) of a stored value
 Meta = tuple[int, np.dtype[Any], tuple[int, ...], int, Literal["C", "F"], int, bytes]
@@ -491,93 +490,3 @@ def remember(arena: Arena) -> Arena:
     """Make ``arena`` the one this process uses for its store."""
     _arenas[(arena.owner_pid, arena.name)] = arena
     return arena
-
-
-# -- creating and opening stores -------------------------------------------------------
-
-
-def owners_of(name: str) -> list[int]:
-    """Pids of the processes that own a store called ``name`` (one, unless it leaked)."""
-    suffix = f"-{name}.ctl"
-    pids = []
-    for filename in os.listdir(ix.SHM_DIR):
-        if filename.endswith(suffix):
-            parsed = ix.parse_filename(filename)
-            if parsed is not None and parsed[1] == name and parsed[2]:
-                pids.append(parsed[0])
-    return sorted(pids)
-
-
-def create_store(name: str, config: dict[str, int]) -> Arena:
-    """Create the control segment of a new store owned by this process."""
-    for pid in owners_of(name):
-        header = ix.read_header(ix.ctl_path(pid, name))
-        state = (
-            "is in use"
-            if header and ix.is_alive(pid, header[ix.H_START])
-            else ("was left behind by a dead process; remove it with `python -m polystore gc`")
-        )
-        raise StorageError(f"a shared array store named {name!r} (owner pid {pid}) {state}")
-    layout = ix.Layout(
-        config["max_keys"], config["max_blocks"], config["max_procs"], config["max_segs"]
-    )
-    pid, start = ix.my_identity()
-    path = ix.ctl_path(pid, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-    try:
-        os.ftruncate(fd, layout.size)  # sparse: only the pages written cost memory
-        arena = Arena(pid, name, fd, layout)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    h = arena.h
-    for slot, value in (
-        (ix.H_VERSION, ix.VERSION), (ix.H_CTL_SIZE, layout.size), (ix.H_UID, os.getuid()),
-        (ix.H_PID, pid), (ix.H_START, start), (ix.H_MAX_BYTES, config["max_bytes"]),
-        (ix.H_CACHE_BYTES, config["cache_bytes"]), (ix.H_MAX_KEYS, layout.max_keys),
-        (ix.H_MAX_BLOCKS, layout.max_blocks), (ix.H_MAX_PROCS, layout.max_procs),
-        (ix.H_MAX_SEGS, layout.max_segs), (ix.H_ENT_FREE, -1), (ix.H_BLK_FREE, -1),
-        (ix.H_CREATED, int(time.time())),
-    ):  # fmt: skip
-        h[slot] = value
-    for c in range(ix.N_CLASSES):
-        h[ix.H_CLASS0 + c] = -1
-    h[ix.H_MAGIC] = ix.MAGIC  # last: attaching processes check it
-    return remember(arena)
-
-
-def open_store(pid: int, name: str) -> Arena:
-    """This process's arena of an existing store, after checking who owns it."""
-    arena = lookup(pid, name)
-    if arena is not None:
-        return arena
-    try:
-        fd = os.open(ix.ctl_path(pid, name), os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise StorageError(f"no shared array store named {name!r} (owner pid {pid})") from None
-    try:
-        header = ix.header_of(fd)
-        uid = os.fstat(fd).st_uid
-        if uid != os.getuid() or (header is not None and header[ix.H_UID] != uid):
-            raise StorageError(
-                f"shared array store {name!r} belongs to user id {uid}, not to this user"
-            )
-        if header is None or header[ix.H_PID] != pid:
-            raise StorageError(f"{ix.ctl_path(pid, name)} is not a shared array store")
-        if not ix.is_alive(pid, header[ix.H_START]):
-            raise StorageError(
-                f"the owner (pid {pid}) of shared array store {name!r} is dead; "
-                "remove what it left with `python -m polystore gc`"
-            )
-        if header[ix.H_CLOSED]:
-            raise StoreClosedError(f"shared array store {name!r} is closed")
-        layout = ix.Layout(
-            header[ix.H_MAX_KEYS], header[ix.H_MAX_BLOCKS],
-            header[ix.H_MAX_PROCS], header[ix.H_MAX_SEGS],
-        )  # fmt: skip
-        arena = Arena(pid, name, fd, layout)
-    except BaseException:
-        os.close(fd)
-        raise
-    return remember(arena)

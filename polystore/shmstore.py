@@ -37,7 +37,6 @@ layout is stored in C order.
 
 from __future__ import annotations
 
-import errno
 import os
 import weakref
 import zlib
@@ -46,22 +45,19 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from . import _shm_arena
+from . import _shm_arena, _shm_open, _shm_write
 from . import _shm_index as ix
 from ._shm_read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
-from ._shm_read import make_meta as _meta
 from .exceptions import ShmFullError, StorageError, StoreClosedError
 
 __all__ = ["EntryInfo", "SharedArrayStore"]
 
 #: memory kept in idle segments for reuse before they are unlinked
 DEFAULT_CACHE_BYTES = 1 << 30
-#: puts up to this size copy while holding the store lock (one lock round trip)
-SMALL_PUT = 1 << 20
 
 # Table geometry and field numbers, bound here for the hot paths.
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
-_E_BLOCK, _E_MSEQ, _E_SEQ, _H_SEQ = ix.E_BLOCK, ix.E_MSEQ, ix.E_SEQ, ix.H_SEQ
+_E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
 _B_SEG, _B_OFF, _S_GEN = ix.B_SEG, ix.B_OFF, ix.S_GEN
 _keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
 
@@ -96,7 +92,7 @@ def _positive(value: object, what: str) -> int:
 
 
 def _reattach(owner_pid: int, name: str) -> SharedArrayStore:
-    return SharedArrayStore._bind(_shm_arena.open_store(owner_pid, name), owner=False)
+    return SharedArrayStore._bind(_shm_open.open_store(owner_pid, name), owner=False)
 
 
 def _close_owned(arena: _shm_arena.Arena) -> None:
@@ -149,7 +145,7 @@ class SharedArrayStore:
             "max_blocks": _positive(max_blocks or 2 * max_keys, "max_blocks"),
             "max_segs": _positive(max_segs, "max_segs"),
         }
-        self._init(_shm_arena.create_store(name, config), owner=True)
+        self._init(_shm_open.create_store(name, config), owner=True)
 
     @classmethod
     def attach(cls, name: str) -> SharedArrayStore:
@@ -161,15 +157,15 @@ class SharedArrayStore:
             StoreClosedError: its owner closed it.
         """
         ix.check_store_name(name)
-        owners = _shm_arena.owners_of(name)
+        owners = _shm_open.owners_of(name)
         if not owners:
             raise StorageError(f"no shared array store named {name!r}")
         for pid in owners[:-1]:
             try:
-                return cls._bind(_shm_arena.open_store(pid, name), owner=False)
+                return cls._bind(_shm_open.open_store(pid, name), owner=False)
             except StorageError:
                 continue  # the remains of a dead owner; a live one may follow
-        return cls._bind(_shm_arena.open_store(owners[-1], name), owner=False)
+        return cls._bind(_shm_open.open_store(owners[-1], name), owner=False)
 
     @classmethod
     def _bind(cls, arena: _shm_arena.Arena, owner: bool) -> SharedArrayStore:
@@ -243,133 +239,8 @@ class SharedArrayStore:
         self._put(key, arr, ix.F_BYTES, True)
 
     def _put(self, key: str, arr: np.ndarray[Any, Any], flags: int, overwrite: bool) -> None:
-        kb, kbz, h = _key(key)
-        dt = ix.encode_dtype(arr.dtype)
-        nbytes = arr.nbytes
-        # A C-contiguous array exports its bytes as a plain buffer, whatever its
-        # dtype; the transpose of a Fortran-ordered one is C-contiguous.
-        layout = arr.flags
-        src: Any = None  # None: copied element by element, into C order
-        if layout.c_contiguous:
-            src = arr
-        elif layout.f_contiguous:
-            flags |= ix.F_FORTRAN
-            src = arr.T
-        value = (nbytes, arr.dtype, dt, arr.shape, flags)
-        a = self._live()
-        if nbytes > ix.CLASS_SIZES[-1]:
-            raise ShmFullError(nbytes, ix.CLASS_SIZES[-1], f"shared array store {self._name!r}")
-        cls = ix.class_of(nbytes) if nbytes else -1
-        b = -1
-        a.acquire()
-        try:
-            if a.slot < 0:
-                a.my_slot()
-            i, e = a.find(kbz, h)
-            if e >= 0 and not overwrite:
-                raise FileExistsError(errno.EEXIST, "key exists", key)
-            if nbytes == 0:
-                return self._install(a, i, e, kb, -1, value)
-            if nbytes <= SMALL_PUT:
-                # Small values are copied while holding the lock, which makes
-                # overwriting in place safe when no view of the old value exists.
-                old = a.eq[e * _EQ + _E_BLOCK] if e >= 0 else -1
-                if old >= 0 and a.reusable(old, cls):
-                    self._copy(a, old, arr, src, nbytes)
-                    return self._install(a, i, e, kb, old, value)
-                b = a.pop_free(cls)
-                if b >= 0:
-                    try:
-                        self._copy(a, b, arr, src, nbytes)
-                        return self._install(a, i, e, kb, b, value)
-                    except BaseException:
-                        a.free(b)
-                        raise
-            else:
-                b = a.pop_free(cls)
-        finally:
-            a.release()
-        if b < 0:
-            b = a.grow(cls)
-        try:
-            self._copy(a, b, arr, src, nbytes)  # outside the lock: no one else sees b
-            a.acquire()
-            try:
-                i, e = a.find(kbz, h)
-                if e >= 0 and not overwrite:
-                    raise FileExistsError(errno.EEXIST, "key exists", key)
-                self._install(a, i, e, kb, b, value)
-            finally:
-                a.release()
-        except BaseException:
-            a.abandon(b)
-            raise
-
-    @staticmethod
-    def _copy(
-        a: _shm_arena.Arena,
-        b: int,
-        arr: np.ndarray[Any, Any],
-        src: Any,
-        nbytes: int,
-    ) -> None:
-        k = b * _BLK  # Arena.block_location, inlined
-        s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-        gen = a.sq[s * _SEG + _S_GEN]
-        item = a.rw_maps.get(s)
-        mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
-        if src is not None:
-            mm[off : off + nbytes] = src
-        else:
-            dst: np.ndarray[Any, Any] = np.ndarray(arr.shape, arr.dtype, buffer=mm, offset=off)
-            np.copyto(dst, arr, casting="no")
-
-    def _install(
-        self,
-        a: _shm_arena.Arena,
-        i: int,
-        e: int,
-        kb: bytes,
-        b: int,
-        value: tuple[int, np.dtype[Any], bytes, tuple[int, ...], int],
-    ) -> None:
-        """Point key ``kb`` (slot ``i``, entry ``e`` from find) at block ``b`` (locked)."""
-        nbytes, dtype, dt, shape, flags = value
-        a.h[_H_SEQ] = seq = a.h[_H_SEQ] + 1
-        if e >= 0:
-            old = a.eq[e * _EQ + _E_BLOCK]
-            meta = a.meta.get(e)
-            if (  # the steady state: same dtype, shape and layout as before
-                meta is not None
-                and meta[0] == a.eq[e * _EQ + _E_MSEQ]
-                and meta[2] == shape
-                and meta[5] == flags
-                and meta[6] == dt
-            ):
-                if old == b:  # overwritten in place: only the put number changes
-                    a.eq[e * _EQ + _E_SEQ] = seq
-                    return
-                a.write_value(e, b, seq, nbytes)
-                self._swap(a, old, b)
-                return
-        else:
-            try:
-                e = a.insert(i, a.ht_hash(kb), kb)
-            except MemoryError as exc:
-                raise StorageError(
-                    f"shared array store {self._name!r}: {exc}; create it with a larger max_keys"
-                ) from None
-            old = -1
-        a.write_entry(e, b, seq, nbytes, dt, shape, flags)
-        a.meta[e] = _meta(seq, dtype, shape, flags, dt)
-        self._swap(a, old, b)
-
-    @staticmethod
-    def _swap(a: _shm_arena.Arena, old: int, b: int) -> None:
-        if b >= 0:
-            a.mark_live(b)
-        if old >= 0 and old != b:
-            a.retire(old)
+        parts = _key(key)
+        _shm_write.put(self._live(), self._name, key, parts, arr, flags, overwrite)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; views of its value stay valid.
