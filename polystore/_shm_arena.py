@@ -53,14 +53,6 @@ def fence() -> None:
     _fence_lock.release()
 
 
-def _after_fork_in_child() -> None:
-    for arena in list(_all_arenas):
-        arena._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class Arena(Allocator):
     """The mapped control segment of one store, as seen from this process.
 
@@ -97,15 +89,16 @@ class Arena(Allocator):
         _all_arenas.add(self)
 
     # -- lifetime ---------------------------------------------------------------
-    def _after_fork(self) -> None:
+    def _after_fork(self, adopted: bool) -> None:
         # The child shares the parent's open file description, hence its
-        # flock: it needs a description (and a process slot) of its own. Views
-        # the parent pinned remain the parent's business.
+        # flock: it needs a description of its own. It keeps the views it
+        # inherited, with the row it pinned them in, if adopt_views() ran.
         self._lock = threading.Lock()
         self._holder = None
-        self.slot = -1
-        self._refs.clear()
-        self._pending.clear()
+        self._pending.clear()  # deferred unpins of the parent's row
+        if not adopted:
+            self.slot = -1
+            self._refs.clear()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -341,6 +334,20 @@ class Arena(Allocator):
         self.pin_base = p * self.layout.max_blocks
         _register_exit_hook()
         return p
+
+    def adopt_views(self) -> None:
+        """In a forked child: pin the blocks of the inherited views in a row of its own.
+
+        Runs while the parent holds the store lock for the child, through the
+        open file description they now share (see ``_before_fork``).
+        """
+        counts: dict[int, int] = {}
+        for _, b in self._refs.values():
+            counts[b] = counts.get(b, 0) + 1
+        self.slot = -1
+        self.my_slot()
+        for b, n in counts.items():
+            self.pins[self.pin_base + b] += n
 
     def _unpin(self, b: int) -> None:
         # Only this process writes its row (pinning is inlined in the read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -229,3 +230,47 @@ def test_map_all_maps_every_segment_before_use() -> None:
         assert int(store.get("new1")[0]) == 7
     with pytest.raises(shmstore.StoreClosedError):
         store.map_all()
+
+
+def _check_inherited(view: Any, go: Any, conn: Any) -> None:
+    """In a forked child: wait until the parent dropped its view and overwrote, then check."""
+    go.wait(30)
+    conn.send(bool((view == 1).all()))
+
+
+@pytest.mark.parametrize("nbytes", [8 << 10, 4 << 20])
+def test_views_inherited_through_fork_survive_the_parent_dropping_them(nbytes: int) -> None:
+    context = multiprocessing.get_context("fork")
+    with SharedArrayStore() as store:
+        store.put("k", np.ones(nbytes, dtype=np.uint8))
+        view = store.get("k")
+        go = context.Event()
+        ours, theirs = context.Pipe()
+        child = context.Process(target=_check_inherited, args=(view, go, theirs))
+        child.start()
+        del view  # the parent's pin goes; the child's own pin must keep the block
+        for i in range(20):  # without it, these overwrite the very block the child reads
+            store.put("k", np.full(nbytes, 2 + i % 5, dtype=np.uint8))
+            store.delete("k")
+            store.put("k", np.full(nbytes, 2, dtype=np.uint8))
+        go.set()
+        assert ours.poll(30) and ours.recv() is True, "a view inherited through fork changed"
+        child.join(30)
+        assert child.exitcode == 0
+        # The child's row goes with it: its block is reused once a put needs memory.
+        used = store.stats()["mapped_bytes"]
+        for i in range(20):
+            store.put(f"x{i % 3}", np.zeros(nbytes, dtype=np.uint8))
+        assert store.stats()["mapped_bytes"] <= used + 3 * max(nbytes, 1 << 20)
+
+
+def test_fork_without_views_does_not_wait() -> None:
+    from polystore import _shm_fork
+
+    with SharedArrayStore() as store:
+        store.put("k", np.ones(16, dtype=np.uint8))
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        assert _shm_fork._handoff is None
+        os.waitpid(pid, 0)
