@@ -286,16 +286,13 @@ class Arena(Allocator):
         """Map every live segment both ways with its page tables filled; return its bytes."""
         self.acquire()
         try:
-            sq = self.sq
-            live = []
-            for s in range(self.layout.max_segs):
-                k = s * ix.SEG_FIELDS
-                if sq[k + ix.S_STATE] == ix.SEG_LIVE:
-                    live.append((s, sq[k + ix.S_GEN], sq[k + ix.S_SIZE]))
+            segs = self.seg_np
+            rows = np.flatnonzero(segs[:, ix.S_STATE] == ix.SEG_LIVE)
+            live = segs[rows][:, [ix.S_GEN, ix.S_SIZE]].tolist()
         finally:
             self.release()
         total = 0
-        for s, gen, size in live:
+        for s, (gen, size) in zip(rows.tolist(), live, strict=True):
             try:
                 self.map_segment(s, gen, True)
                 self.map_segment(s, gen, False, populate=True)

@@ -44,7 +44,12 @@ def _before_fork() -> None:
             continue
         held.append(arena)
     if held:
-        r, w = os.pipe()
+        try:
+            r, w = os.pipe()
+        except OSError:  # no pipe, no handshake: the child's views are as before
+            for arena in held:
+                arena.release()
+            return
         _handoff = (held, r, w)
 
 

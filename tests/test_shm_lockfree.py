@@ -195,8 +195,6 @@ def test_reserve_refuses_what_it_could_not_keep() -> None:
 
 def _map_then_use(store: SharedArrayStore, keys: list[str]) -> tuple[int, int, int]:
     """In a fresh process: map_all(), then read ``keys`` and write two values; count opens."""
-    import os
-
     mapped = store.map_all()
     opened = []
     real_open = os.open
@@ -264,13 +262,21 @@ def test_views_inherited_through_fork_survive_the_parent_dropping_them(nbytes: i
         assert store.stats()["mapped_bytes"] <= used + 3 * max(nbytes, 1 << 20)
 
 
-def test_fork_without_views_does_not_wait() -> None:
+def test_only_a_fork_with_live_views_holds_the_store() -> None:
     from polystore import _shm_fork
 
     with SharedArrayStore() as store:
         store.put("k", np.ones(16, dtype=np.uint8))
-        pid = os.fork()
-        if pid == 0:
-            os._exit(0)
-        assert _shm_fork._handoff is None
-        os.waitpid(pid, 0)
+        arena = store._arena
+        _shm_fork._before_fork()  # no view: nothing is held, nothing waits
+        assert _shm_fork._handoff is None or arena not in _shm_fork._handoff[0]
+        _shm_fork._after_fork_in_parent()
+        view = store.get("k")
+        _shm_fork._before_fork()
+        try:
+            assert _shm_fork._handoff is not None and arena in _shm_fork._handoff[0]
+            assert arena.h[ix.H_WSEQ] & 1, "the store is locked across the fork"
+        finally:
+            _shm_fork._after_fork_in_parent()  # no child: the pipe ends at once
+        assert not arena.h[ix.H_WSEQ] & 1 and _shm_fork._handoff is None
+        del view
