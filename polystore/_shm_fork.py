@@ -61,7 +61,9 @@ def _after_fork_in_parent() -> None:
     _handoff = None
     os.close(w)
     try:  # the child's byte, or end of file if it died first
-        select.select([r], [], [], FORK_HANDOFF_SECONDS)
+        waiter = select.poll()  # not select(): the pipe may be past descriptor 1023
+        waiter.register(r, select.POLLIN)
+        waiter.poll(FORK_HANDOFF_SECONDS * 1000)
     finally:
         os.close(r)
         for arena in held:
