@@ -12,6 +12,7 @@ without live views costs nothing extra.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import threading
@@ -77,6 +78,11 @@ def _after_fork_in_child() -> None:
     if handoff is not None:
         held, r, w = handoff
         os.close(r)
+        # No garbage collection while pinning: a view dying now would defer
+        # its unpin to a list that _after_fork() clears (it holds the
+        # parent's deferred unpins), and the child's count would stay high.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             for arena in held:
                 try:
@@ -90,6 +96,8 @@ def _after_fork_in_child() -> None:
                         stacklevel=1,
                     )
         finally:
+            if collecting:
+                gc.enable()
             os.write(w, b"\0")
             os.close(w)
     for arena in list(_shm_arena._all_arenas):
