@@ -50,6 +50,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from ._atomic import fsync_dir, link_new, remove_quietly, write_temp
 from .base import Kind, StorageBackend
 from .exceptions import (
     MetadataNotFoundError,
@@ -65,15 +66,11 @@ from .locks import (
     STALE_AFTER,
     directory_lock,
     file_lock,
-    fsync_dir,
     is_reserved,
-    link_new,
-    remove_quietly,
     remove_stale,
     reserved_name,
-    write_temp,
 )
-from .paths import as_str, join_listing
+from .paths import as_str, in_root, is_inside, join_listing
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "DiskBackend"]
 
@@ -148,48 +145,7 @@ class DiskBackend(StorageBackend):
             parts = text.replace(os.sep, "/").split("/")
             if any(is_reserved(part) for part in parts):
                 raise ReservedNameError(text, RESERVED_PREFIX)
-        root = self.root
-        if root is None:
-            return text
-        full = os.path.join(root, text)
-        resolved = self._plain_path(root, full)
-        if resolved is not None:
-            return resolved
-        real = os.path.realpath(full)
-        if not self._inside(real):
-            raise SandboxError(text, root)
-        return real
-
-    @staticmethod
-    def _plain_path(root: str, full: str) -> str | None:
-        """``full`` normalised, if it lies in ``root`` without ``..`` or links; else ``None``.
-
-        The common case costs one ``lstat`` per name below the root instead
-        of :func:`os.path.realpath`'s walk from ``/``.
-        """
-        base = root.rstrip(os.sep)
-        if full != root and not full.startswith(base + os.sep):
-            return None
-        parts = [p for p in full[len(base) :].split(os.sep) if p not in ("", ".")]
-        if ".." in parts:
-            return None
-        path = base
-        for i, part in enumerate(parts):
-            path = path + os.sep + part
-            try:
-                mode = os.lstat(path).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                # Nothing below a missing name can be a link.
-                return os.sep.join([path, *parts[i + 1 :]])
-            except OSError:
-                return None  # let realpath and the operation itself report it
-            if stat.S_ISLNK(mode):
-                return None
-        return path or os.sep
-
-    def _inside(self, real: str) -> bool:
-        assert self.root is not None
-        return os.path.commonpath([self.root, real]) == self.root
+        return text if self.root is None else in_root(self.root, text)
 
     def _visible(self, entry: os.DirEntry[str]) -> bool:
         """Whether a directory entry belongs in a listing."""
@@ -197,7 +153,7 @@ class DiskBackend(StorageBackend):
             return False
         if self.root is None or not entry.is_symlink():
             return True
-        return self._inside(os.path.realpath(entry.path))
+        return is_inside(self.root, os.path.realpath(entry.path))
 
     @staticmethod
     def _sidecar(target: str) -> str:

@@ -11,13 +11,18 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import stat
 from collections.abc import Iterable
 from typing import TypeAlias
+
+from .exceptions import SandboxError
 
 __all__ = [
     "RESERVED_PREFIX",
     "PathArg",
     "as_str",
+    "in_root",
+    "is_inside",
     "join_listing",
     "split_ext",
     "virtual",
@@ -113,3 +118,54 @@ def join_listing(directory: str, relatives: Iterable[str]) -> list[str]:
     if base == "":
         base = "."
     return sorted(posixpath.join(base, rel) for rel in relatives)
+
+
+# -- paths under a root ---------------------------------------------------------
+
+
+def in_root(root: str, text: str) -> str:
+    """The operating-system path that ``text`` names under ``root`` (a real path).
+
+    Raises:
+        SandboxError: the path, symbolic links followed, leaves ``root``.
+    """
+    full = os.path.join(root, text)
+    resolved = _plain_path(root, full)
+    if resolved is not None:
+        return resolved
+    real = os.path.realpath(full)
+    if not is_inside(root, real):
+        raise SandboxError(text, root)
+    return real
+
+
+def is_inside(root: str, real: str) -> bool:
+    """Whether the real path ``real`` is ``root`` or lies below it."""
+    return os.path.commonpath([root, real]) == root
+
+
+def _plain_path(root: str, full: str) -> str | None:
+    """``full`` normalised, if it lies in ``root`` without ``..`` or links; else ``None``.
+
+    The common case costs one ``lstat`` per name below the root instead
+    of :func:`os.path.realpath`'s walk from ``/``.
+    """
+    base = root.rstrip(os.sep)
+    if full != root and not full.startswith(base + os.sep):
+        return None
+    parts = [p for p in full[len(base) :].split(os.sep) if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    path = base
+    for i, part in enumerate(parts):
+        path = path + os.sep + part
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            # Nothing below a missing name can be a link.
+            return os.sep.join([path, *parts[i + 1 :]])
+        except OSError:
+            return None  # let realpath and the operation itself report it
+        if stat.S_ISLNK(mode):
+            return None
+    return path or os.sep
