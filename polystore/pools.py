@@ -55,17 +55,19 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _built_backends(registry: Mapping[str, StorageBackend]) -> Mapping[str, StorageBackend]:
+    """The backends of ``registry`` that exist already (a registry builds the others on demand)."""
+    if not isinstance(registry, BackendRegistry):
+        return registry
+    return {name: registry[name] for name in registry if registry.is_loaded(name)}
+
+
 def _check_shareable(registry: Mapping[str, StorageBackend]) -> bytes:
     """Pickle ``registry``; on failure, name the backend that cannot cross a process boundary."""
     try:
         return pickle.dumps(registry, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as whole:
-        loaded = (
-            registry
-            if not isinstance(registry, BackendRegistry)
-            else {name: registry[name] for name in registry if registry.is_loaded(name)}
-        )
-        for name, backend in loaded.items():
+        for name, backend in _built_backends(registry).items():
             try:
                 pickle.dumps(backend)
             except NotShareableError as exc:
@@ -167,14 +169,8 @@ class FileManagerFactory:
         """Map every shared-memory store the registry's built backends use; return the bytes."""
         from .shmstore import SharedArrayStore  # not at import: polystore imports cheaply
 
-        registry = self.registry
-        if isinstance(registry, BackendRegistry):
-            names = [name for name in registry if registry.is_loaded(name)]
-        else:
-            names = list(registry)
         stores: dict[str, Any] = {}
-        for name in names:
-            backend = registry[name]
+        for backend in _built_backends(self.registry).values():
             for store in (getattr(backend, "array_store", None), getattr(backend, "store", None)):
                 if isinstance(store, SharedArrayStore):
                     stores.setdefault(store.name, store)
