@@ -31,6 +31,7 @@ import numpy as np
 
 from . import _shm_index as ix
 from ._shm_alloc import Allocator, unlink_quietly
+from ._shm_fast import make_ctl
 from .exceptions import StorageError, StoreClosedError
 
 __all__ = ["Arena", "Meta", "lookup", "remember"]
@@ -67,6 +68,7 @@ class Arena(Allocator):
     def __init__(self, owner_pid: int, name: str, fd: int, layout: ix.Layout) -> None:
         self._mm = mmap.mmap(fd, layout.size)
         super().__init__(self._mm, layout)
+        self.fast = make_ctl(self._whole, layout)
         self.owner_pid = owner_pid
         self.name = name
         self.path = ix.ctl_path(owner_pid, name)
@@ -86,6 +88,8 @@ class Arena(Allocator):
         self._pending: list[int] = []
         #: decoded description of each entry's value, valid while its E_MSEQ matches
         self.meta: dict[int, Meta] = {}
+        #: the weak-reference callback of every view (made once: the C read path takes it)
+        self.view_dead = self._view_dead
         _all_arenas.add(self)
 
     # -- lifetime ---------------------------------------------------------------
@@ -234,8 +238,7 @@ class Arena(Allocator):
     def release(self) -> None:
         """Release the store lock, first dropping pins whose views died meanwhile."""
         try:
-            while self._pending:
-                self._unpin(self._pending.pop())
+            self.unpin_pending()
         finally:
             self._holder = None
             self.h[_H_WSEQ] += 1
@@ -355,6 +358,11 @@ class Arena(Allocator):
         if self.slot >= 0 and self.pins[i] > 0:
             self.pins[i] -= 1
 
+    def unpin_pending(self) -> None:
+        """Drop the pins of views that died while this thread held the lock (held)."""
+        while self._pending:
+            self._unpin(self._pending.pop())
+
     def unpin(self, b: int) -> None:
         """Drop one view of block ``b`` (takes the thread lock only)."""
         with self._lock:
@@ -362,7 +370,7 @@ class Arena(Allocator):
 
     def track(self, view_base: Any, b: int) -> None:
         """Unpin block ``b`` when ``view_base``, which every view of it keeps alive, dies."""
-        ref = weakref.ref(view_base, self._view_dead)
+        ref = weakref.ref(view_base, self.view_dead)
         self._refs[id(ref)] = (ref, b)
 
     def _view_dead(self, ref: weakref.ref[Any]) -> None:

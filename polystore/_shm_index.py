@@ -113,6 +113,8 @@ PROC_FIELDS = 4
 P_PID, P_START = 0, 1
 
 # -- size classes ----------------------------------------------------------------
+#: puts up to this size copy while holding the store lock (see _shm_write)
+SMALL_PUT = 1 << 20
 #: blocks up to this size share a segment ("slab") with others of their class
 SLAB_LIMIT = 1 << 20
 SLAB_TARGET = 4 << 20
@@ -382,9 +384,14 @@ class Tables:
         self.seg_np = np.frombuffer(self.sq, dtype=np.int64).reshape(layout.max_segs, -1)
         self.proc_np = np.frombuffer(self.pq, dtype=np.int64).reshape(layout.max_procs, -1)
         self.pins_np = np.frombuffer(self.pins, dtype=np.int32).reshape(layout.max_procs, -1)
+        #: the C view of the segment (polystore._shm_fast), set by the arena
+        self.fast: Any = None
 
     def release_views(self) -> None:
         """Release the views of the tables, as far as nothing else holds them."""
+        if self.fast is not None:
+            self.fast.release()
+            self.fast = None
         del self.ht_np, self.blk_np, self.seg_np, self.proc_np, self.pins_np
         views = (self.h, self.ht, self.eq, self.eb, self.bq, self.sq, self.pq, self.pins)
         for view in (*views, self._whole):

@@ -22,7 +22,7 @@ from .exceptions import ShmFullError, StorageError
 __all__ = ["SMALL_PUT", "put"]
 
 #: puts up to this size copy while holding the store lock (one lock round trip)
-SMALL_PUT = 1 << 20
+SMALL_PUT = ix.SMALL_PUT
 
 # Table geometry and field numbers, bound here for the hot path.
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
@@ -52,10 +52,10 @@ def put(
     elif layout.f_contiguous:
         flags |= ix.F_FORTRAN
         src = arr.T
-    value = (nbytes, arr.dtype, dt, arr.shape, flags)
     if nbytes > ix.CLASS_SIZES[-1]:
         raise ShmFullError(nbytes, ix.CLASS_SIZES[-1], f"shared array store {name!r}")
     cls = ix.class_of(nbytes) if nbytes else -1
+    value = (nbytes, arr.dtype, dt, arr.shape, flags)
     b = -1
     a.acquire()
     try:

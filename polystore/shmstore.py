@@ -231,6 +231,18 @@ class SharedArrayStore:
                 nothing was written.
         """
         arr = array if type(array) is np.ndarray else np.asarray(array)
+        a = self._arena
+        fast = a.fast
+        if fast is not None and overwrite and type(key) is str and a.slot >= 0:
+            parts = _keys.get(key)  # a key seen before is valid
+            # the steady state in C: the key's own block, same dtype and shape,
+            # no view of it anywhere; False: nothing done, the Python path decides
+            if (
+                parts is not None
+                and not self._closed
+                and fast.put_in_place(a, parts[1], parts[2], arr)
+            ):
+                return
         self._put(key, arr, 0, overwrite)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
@@ -269,6 +281,17 @@ class SharedArrayStore:
         Raises:
             KeyError: ``key`` is not in the store.
         """
+        a = self._arena
+        fast = a.fast
+        if fast is not None and LOCK_FREE_GET and type(key) is str and a.slot >= 0:
+            parts = _keys.get(key)  # a key seen before is valid
+            if parts is not None and not self._closed:
+                # the lock-free read and the view, in C; False: the Python path decides
+                view = fast.view(a, parts[1], parts[2])
+                if view is None:
+                    raise KeyError(key)
+                if view is not False:
+                    return view
         return self._get(key)[0]
 
     def get_bytes(self, key: str) -> bytes:
@@ -300,6 +323,13 @@ class SharedArrayStore:
         _, kbz, h = _key(key)
         a = self._live()
         if LOCK_FREE_GET and a.slot >= 0:
+            fast = a.fast
+            if fast is not None:  # the same read in C, if the value's description is cached
+                found = fast.get(a, kbz, h)
+                if found is None:
+                    raise KeyError(key)
+                if found is not False:
+                    return view_of(a, *found)
             found = get_optimistic(a, kbz, h)
             if found is None:
                 raise KeyError(key)

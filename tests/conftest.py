@@ -333,3 +333,28 @@ def mp_context(request: pytest.FixtureRequest) -> multiprocessing.context.BaseCo
     if method not in multiprocessing.get_all_start_methods():
         pytest.skip(f"start method {method!r} is not available here")
     return multiprocessing.get_context(method)
+
+
+# --- the store's C fast path --------------------------------------------------------
+
+
+@pytest.fixture(params=["c", "python"])
+def store_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with the C fast path of the shared-memory store, once without.
+
+    Stores made after this fixture ran use the chosen paths, and so do the
+    processes the test spawns (through the environment). Forked children keep
+    their parent's choice; a forkserver started earlier keeps its own, which
+    is a mix the store must handle anyway: all paths speak one protocol.
+    """
+    from polystore import _shm_fast
+
+    if request.param == "c":
+        if not _shm_fast.AVAILABLE:
+            pytest.skip("polystore._fastpath is not built")
+        monkeypatch.setattr(_shm_fast, "ENABLED", True)
+        monkeypatch.delenv("POLYSTORE_NO_FASTPATH", raising=False)
+    else:
+        monkeypatch.setattr(_shm_fast, "ENABLED", False)
+        monkeypatch.setenv("POLYSTORE_NO_FASTPATH", "1")
+    return str(request.param)

@@ -12,6 +12,9 @@ import pytest
 from polystore import FileManager, NotShareableError, SharedMemoryBackend
 from polystore.testing import BackendTests, assert_same_value
 
+# every test with and without the C fast path
+pytestmark = pytest.mark.usefixtures("store_paths")
+
 
 class TestSharedMemoryBackend(BackendTests):
     @pytest.fixture

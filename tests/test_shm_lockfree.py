@@ -12,10 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from polystore import SharedArrayStore, _shm_read, shmstore
+from polystore import SharedArrayStore, _shm_fast, _shm_read, shmstore
 from polystore import _shm_index as ix
 
 N = 2048  # 8 KB of float32: small puts overwrite in place when no view holds the block
+
+# every test with and without the C fast path
+pytestmark = pytest.mark.usefixtures("store_paths")
 
 
 def hammer(store: SharedArrayStore, key: str, stop: Any, started: Any) -> None:
@@ -87,29 +90,40 @@ def test_reads_racing_a_writer_thread() -> None:
 
 
 def test_a_writer_between_lookup_and_check_sends_the_reader_to_the_lock(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, store_paths: str
 ) -> None:
     with SharedArrayStore() as store:
         store.put("k", np.arange(N, dtype=np.float32))
-        store.get("k")  # the process has its pin row now
+        store.get("k")  # the process has its pin row and the value's description now
         a = store._arena
         real_find = a.find
         calls = []
 
+        def write_once() -> None:  # as if another process wrote right after our lookup
+            if not calls:
+                a.h[ix.H_WSEQ] += 2
+            calls.append(1)
+
         def find_then_write(kbz: bytes, h: int) -> tuple[int, int]:
             found = real_find(kbz, h)
-            if not calls:  # as if another process wrote right after our lookup
-                a.h[ix.H_WSEQ] += 2
-            calls.append(kbz)
+            write_once()
             return found
 
         monkeypatch.setattr(a, "find", find_then_write)
-        view = store.get("k")
+        if store_paths == "c":  # the C read takes the hook between its pin and its check
+            _shm_fast._fastpath._set_test_hook(write_once)
+        try:
+            view = store.get("k")
+        finally:
+            if store_paths == "c":
+                _shm_fast._fastpath._set_test_hook(None)
         assert np.array_equal(view, np.arange(N, dtype=np.float32))
-        assert len(calls) == 2  # the lock-free try, then the locked read
+        # C: its try, then Python's lock-free try (no write this time);
+        # Python: the lock-free try, then the locked read
+        assert len(calls) == 2
         monkeypatch.undo()
         del view
-        # the failed try left no pin behind: only the locked read's, gone with the view
+        # the failed try left no pin behind: only the successful read's, gone with the view
         assert not a.pins_np[: a.h[ix.H_PROC_HW]].any()
 
 

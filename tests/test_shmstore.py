@@ -27,7 +27,10 @@ from polystore import _shm_index as ix
 from polystore.exceptions import NotShareableError, ShmFullError, StorageError, StoreClosedError
 from polystore.shmstore import SharedArrayStore
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+pytestmark = [
+    pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm"),
+    pytest.mark.usefixtures("store_paths"),  # every test with and without the C fast path
+]
 
 
 def files_of(store: SharedArrayStore) -> list[str]:

@@ -1,0 +1,938 @@
+/*
+ * polystore._fastpath: the two hot paths of SharedArrayStore in C.
+ *
+ * The pure-Python paths in _shm_read.py and _shm_write.py define the
+ * semantics; this module repeats two of their common cases with far fewer
+ * memory accesses and no bytecode:
+ *
+ *   Ctl.get(): the lock-free lookup and pin of get_optimistic(), for a key
+ *       whose description this process has cached;
+ *   Ctl.put_in_place(): a small put that overwrites a key's own block, the
+ *       steady state of a value handed over again and again.
+ *
+ * Anything else (a new key, another shape, a block in use, a store closed or
+ * shrunk meanwhile, a mapping this process has not made yet) is declined with
+ * a return value, and the caller runs the Python path. Nothing here raises for
+ * such cases, and nothing here allocates memory in the store.
+ *
+ * The table geometry and field numbers come from Python (_shm_index) when a
+ * Ctl is made, so the layout is written down in one place only.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/file.h>
+
+/* Shared memory that other processes write without our lock: every read of
+ * it is a single relaxed atomic load, so the compiler neither tears it nor
+ * caches it across the seqlock check. */
+#define LD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+enum {
+    /* order of the `fields` tuple given to Ctl() */
+    F_ENT_SIZE, F_E_BLOCK, F_E_NBYTES, F_E_SEQ, F_E_META, F_E_MSEQ, F_E_KEY,
+    F_E_DTYPE, F_E_SHAPE, F_BLK_FIELDS, F_B_SEG, F_B_OFF, F_B_CLS,
+    F_SEG_FIELDS, F_S_GEN, F_H_WSEQ, F_H_CLOSED, F_H_EPOCH, F_H_SEQ,
+    F_H_PROC_HW, N_FIELDS
+};
+
+static PyObject *str_acquire, *str_release;  /* interned method names */
+/* Tests only: called by get() between its pin and its check of the write
+ * counter, the window in which a writer must send the reader to the lock. */
+static PyObject *test_hook;
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer buf;  /* the whole control segment; buf.obj NULL once released */
+    int64_t *h, *ht, *bq, *sq;
+    char *eb;
+    int32_t *pins;
+    int64_t mask, max_keys, max_blocks, max_segs, max_procs;
+    int64_t f[N_FIELDS];
+    int64_t class_sizes[256];  /* ix.CLASS_SIZES */
+    int64_t n_classes;
+    int64_t small_put;         /* _shm_write.SMALL_PUT */
+} Ctl;
+
+/* The store's index: slot and entry of a key (bytes plus NUL), as find() in
+ * _shm_index.py. Entry -1: absent (slot is where it would go). Entry -2: the
+ * table looked inconsistent, which only a read racing a writer can see. */
+static int64_t
+find(Ctl *c, const char *kbz, Py_ssize_t n, int64_t hash)
+{
+    int64_t i = hash & c->mask;
+    for (int64_t probe = 0; probe <= c->mask; probe++) {
+        int64_t v = LD(&c->ht[i]);
+        if (v == 0)
+            return -1;
+        if (v > 0 && (v >> 32) == hash) {
+            int64_t e = (v & 0xFFFFFFFF) - 1;
+            if (e < 0 || e >= c->max_keys)
+                return -2;
+            if (memcmp(c->eb + e * c->f[F_ENT_SIZE] + c->f[F_E_KEY], kbz, n) == 0)
+                return e;
+        }
+        i = (i + 1) & c->mask;
+    }
+    return -2;
+}
+
+static int
+ctl_live(Ctl *c)
+{
+    if (c->buf.obj == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the control segment was released");
+        return 0;
+    }
+    return 1;
+}
+
+static int
+key_ok(Ctl *c, Py_ssize_t n)
+{
+    /* kbz is the key and its NUL: it must fit the key field of an entry */
+    return n >= 2 && n <= c->f[F_E_DTYPE] - c->f[F_E_KEY];
+}
+
+/* *out = dict[key] (borrowed), for an int key: 1 found, 0 absent, -1 error. */
+static int
+item_of(PyObject *dict, int64_t key, PyObject **out)
+{
+    PyObject *k = PyLong_FromLongLong(key);
+    if (k == NULL)
+        return -1;
+    *out = PyDict_GetItemWithError(dict, k);
+    Py_DECREF(k);
+    if (*out == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return 1;
+}
+
+/* *mm = this process's mapping of segment s (from ro_maps or rw_maps, whose
+ * items are (generation, mmap)), borrowed: 1 if mapped at generation gen,
+ * 0 if not, -1 on error. */
+static int
+mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm)
+{
+    PyObject *item;
+    int found = item_of(maps, s, &item);
+    if (found <= 0)
+        return found;
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+        return 0;
+    long long mapped_gen = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
+    if (mapped_gen == -1 && PyErr_Occurred())
+        return -1;
+    *mm = PyTuple_GET_ITEM(item, 1);
+    return mapped_gen == gen;
+}
+
+/* -- get ------------------------------------------------------------------ */
+
+/* Add delta to this process's pin count of a block, under the store's thread
+ * lock (its threads share the row). Nothing is allocated while it is held, so
+ * no garbage collection, hence no view's unpin (which takes the same lock),
+ * can run inside. A locked add: also a full barrier. Waiting for the lock
+ * lets other threads run, and one may have shut the store down in this
+ * process (which it does holding the lock): then nothing is added and 0 is
+ * returned, as -1 with an exception is for a failure. */
+static int
+pin_add(Ctl *c, PyObject *lock, int32_t *pin, int32_t delta)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(lock, str_acquire);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    int live = c->buf.obj != NULL;
+    if (live && (delta > 0 || LD(pin) > 0))
+        __atomic_fetch_add(pin, delta, __ATOMIC_SEQ_CST);
+    r = PyObject_CallMethodNoArgs(lock, str_release);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return live;
+}
+
+typedef struct {
+    PyObject *meta;  /* a reference of its own: other threads may change the dict */
+    int64_t b, s, gen, off;
+    int32_t *pin;    /* NULL for a value without a block */
+} Found;
+
+enum { GOT = 1, ABSENT = 0, DECLINED = -1, FAILED = -2 };
+
+/* The seqlock read of get_optimistic() in _shm_read.py: look the key up and pin
+ * its block, for a value whose description meta[entry] this process cached. */
+static int
+lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
+{
+    if (!PyBytes_Check(args[0]) || !PyDict_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "kbz must be bytes and meta a dict");
+        return FAILED;
+    }
+    if (!ctl_live(c))
+        return FAILED;
+    const char *kbz = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    int64_t hash = PyLong_AsLongLong(args[1]);
+    int64_t epoch = PyLong_AsLongLong(args[2]);
+    int64_t pin_base = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return FAILED;
+    if (!key_ok(c, n) || pin_base < 0 || pin_base % c->max_blocks
+            || pin_base >= c->max_procs * c->max_blocks)
+        return DECLINED;
+
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    int64_t seq = LD(&h[f[F_H_WSEQ]]);
+    if ((seq & 1) || LD(&h[f[F_H_CLOSED]]) || LD(&h[f[F_H_EPOCH]]) != epoch)
+        return DECLINED;
+    int64_t e = find(c, kbz, n, hash);
+    if (e == -2)
+        return DECLINED;
+    if (e == -1) {
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        return LD(&h[f[F_H_WSEQ]]) == seq ? ABSENT : DECLINED;
+    }
+    const int64_t *eq = (const int64_t *)(c->eb + e * f[F_ENT_SIZE]);
+    int64_t b = LD(&eq[f[F_E_BLOCK]]);
+    int64_t mseq = LD(&eq[f[F_E_MSEQ]]);
+
+    PyObject *meta;
+    int cached_meta = item_of(args[4], e, &meta);
+    if (cached_meta <= 0)
+        return cached_meta < 0 ? FAILED : DECLINED;
+    if (!PyTuple_Check(meta) || PyTuple_GET_SIZE(meta) != 7)
+        return DECLINED;
+    int64_t cached = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
+    if (cached == -1 && PyErr_Occurred())
+        return FAILED;
+    if (cached != mseq)
+        return DECLINED;
+
+    out->b = b;
+    out->s = out->gen = out->off = 0;
+    out->pin = NULL;
+    if (b >= 0) {
+        if (b >= c->max_blocks)
+            return DECLINED;
+        const int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
+        out->s = LD(&blk[f[F_B_SEG]]);
+        out->off = LD(&blk[f[F_B_OFF]]);
+        if (out->s < 0 || out->s >= c->max_segs || out->off < 0)
+            return DECLINED;
+        out->gen = LD(&c->sq[out->s * f[F_SEG_FIELDS] + f[F_S_GEN]]);
+        out->pin = &c->pins[pin_base + b];
+        int pinned = pin_add(c, args[5], out->pin, 1);
+        if (pinned <= 0)
+            return pinned < 0 ? FAILED : DECLINED;  /* shut down meanwhile: Python says so */
+    } else {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    if (test_hook != NULL) {
+        PyObject *r = PyObject_CallNoArgs(test_hook);
+        if (r == NULL)
+            PyErr_WriteUnraisable(test_hook);
+        Py_XDECREF(r);
+        if (c->buf.obj == NULL)  /* the hook ran Python code: shut down meanwhile? */
+            return DECLINED;
+    }
+    if (LD(&h[f[F_H_WSEQ]]) != seq) {
+        if (out->pin != NULL && pin_add(c, args[5], out->pin, -1) < 0)
+            return FAILED;
+        return DECLINED;
+    }
+    out->meta = Py_NewRef(meta);
+    return GOT;
+}
+
+PyDoc_STRVAR(ctl_get_doc,
+"get(arena, kbz, hash) -> tuple | None | False\n\n"
+"Look a key up and pin its block without the store lock (a seqlock read).\n"
+"Returns (meta, block, segment, generation, offset) with the block pinned in\n"
+"this process's row of the pin table; None if the key is absent; False when\n"
+"the Python path must decide (a writer was busy or got in the way, the store\n"
+"changed, or arena.meta[entry] is not the cached description of the value).\n"
+"arena is the store's polystore._shm_arena.Arena in this process.");
+
+/* What get() and view() return when lookup_and_pin() did not pin a value. */
+static PyObject *
+not_got(int status)
+{
+    if (status == ABSENT)
+        Py_RETURN_NONE;
+    if (status == DECLINED)
+        Py_RETURN_FALSE;
+    return NULL;  /* FAILED, with the exception set */
+}
+
+/* Drop a pin that nothing will track, keeping the error raised, if any.
+ * -1 only when there was none and dropping the pin failed. */
+static int
+drop_pin(Ctl *c, PyObject *lock, int32_t *pin)
+{
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    int dropped = pin_add(c, lock, pin, -1);
+    if (exc_type == NULL)
+        return dropped < 0 ? -1 : 0;
+    if (dropped < 0)
+        PyErr_Clear();
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+    return 0;
+}
+
+static PyObject *
+get_impl(Ctl *c, PyObject *const *args)
+{
+    Found found;
+    int status = lookup_and_pin(c, args, &found);
+    if (status != GOT)
+        return not_got(status);
+    PyObject *r = Py_BuildValue("(OLLLL)", found.meta, (long long)found.b,
+                                (long long)found.s, (long long)found.gen, (long long)found.off);
+    Py_DECREF(found.meta);
+    if (r == NULL && found.pin != NULL)  /* out of memory: nothing will unpin it */
+        drop_pin(c, args[5], found.pin);
+    return r;
+}
+
+static PyObject *np_frombuffer;  /* numpy.frombuffer */
+static PyObject *str_base, *str_reshape, *kw_order;
+
+/* The view of a pinned block, as view_of() in _shm_read.py makes it. Once
+ * *tracked is set, the weak reference unpins the block when the view's base
+ * dies, so a failure after that (in reshape) leaves the pin to it. */
+static PyObject *
+make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, int *tracked)
+{
+    PyObject *meta = found->meta, *mm;
+    int mapped = mapping_at(ro_maps, found->s, found->gen, &mm);
+    if (mapped <= 0)  /* not mapped at this generation yet: Python maps it */
+        return mapped < 0 ? NULL : Py_NewRef(Py_False);
+
+    /* From here on objects are made, so the garbage collector may run Python
+     * code that changes ro_maps: the mapping gets a reference of its own. */
+    Py_INCREF(mm);
+    PyObject *off = PyLong_FromLongLong(found->off);
+    if (off == NULL) {
+        Py_DECREF(mm);
+        return NULL;
+    }
+    /* meta: (mseq, dtype, shape, count, order, flags, dt) */
+    PyObject *fargs[4] = {mm, PyTuple_GET_ITEM(meta, 1), PyTuple_GET_ITEM(meta, 3), off};
+    PyObject *view = PyObject_Vectorcall(np_frombuffer, fargs, 4, NULL);
+    Py_DECREF(off);
+    Py_DECREF(mm);
+    if (view == NULL)
+        return NULL;
+    /* Every view derived from this one keeps its base alive: when the base
+     * dies, no view of the block is left in this process (Arena.track). */
+    PyObject *base = PyObject_GetAttr(view, str_base);
+    PyObject *ref = base == NULL ? NULL : PyWeakref_NewRef(base, callback);
+    Py_XDECREF(base);
+    PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
+    PyObject *entry = id == NULL ? NULL : Py_BuildValue("(OL)", ref, (long long)found->b);
+    int stored = entry == NULL ? -1 : PyDict_SetItem(refs, id, entry);
+    Py_XDECREF(entry);
+    Py_XDECREF(id);
+    Py_XDECREF(ref);
+    if (stored < 0) {
+        Py_DECREF(view);
+        return NULL;
+    }
+    *tracked = 1;
+    PyObject *shape = PyTuple_GET_ITEM(meta, 2);
+    if (PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) != 1) {
+        PyObject *rargs[3] = {view, shape, PyTuple_GET_ITEM(meta, 4)};
+        PyObject *shaped = PyObject_VectorcallMethod(
+            str_reshape, rargs, 2, kw_order);
+        Py_DECREF(view);
+        return shaped;
+    }
+    return view;
+}
+
+PyDoc_STRVAR(ctl_view_doc,
+"view(arena, kbz, hash) -> ndarray | None | False\n\n"
+"get(), then the read-only view of the pinned block, tracked as\n"
+"Arena.track() does (unpinned once no view is left). None if the key\n"
+"is absent; False, with nothing pinned, when the Python path must decide (as\n"
+"for get(), and for an empty value or a segment not mapped for reading at\n"
+"its current generation).");
+
+static PyObject *
+view_impl(Ctl *c, PyObject *const *args)
+{
+    if (!PyDict_Check(args[6]) || !PyDict_Check(args[7])) {
+        PyErr_SetString(PyExc_TypeError, "the arena's ro_maps and _refs must be dicts");
+        return NULL;
+    }
+    Found found;
+    int status = lookup_and_pin(c, args, &found);
+    if (status != GOT)
+        return not_got(status);
+    if (found.pin == NULL) {  /* an empty value: a new array, made in Python */
+        Py_DECREF(found.meta);
+        Py_RETURN_FALSE;
+    }
+    int tracked = 0;
+    PyObject *view = make_view(&found, args[6], args[7], args[8], &tracked);
+    Py_DECREF(found.meta);
+    if (!tracked && (view == NULL || view == Py_False)
+            && drop_pin(c, args[5], found.pin) < 0) {
+        Py_XDECREF(view);
+        return NULL;
+    }
+    return view;
+}
+
+/* -- put in place --------------------------------------------------------- */
+
+/* flock() with the GIL released, retried on EINTR after running signal
+ * handlers (as fcntl.flock does): an exception they raise is returned. */
+static int
+lock_fd(int fd, int op)
+{
+    for (;;) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = flock(fd, op);
+        Py_END_ALLOW_THREADS
+        if (rc == 0)
+            return 0;
+        if (errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+
+/* Whether entry e holds a plain array (no flags) of exactly src's dtype and
+ * shape: its description cached in meta[e] is current (E_MSEQ), names the
+ * very dtype object of src, and has src's shape; the entry agrees. */
+static int
+same_description(Ctl *c, int64_t e, const int64_t *eq, Py_buffer *src, PyObject *dtype,
+                 PyObject *meta_dict)
+{
+    const int64_t *f = c->f;
+    PyObject *meta;
+    int cached = item_of(meta_dict, e, &meta);
+    if (cached <= 0)
+        return cached;
+    /* meta: (mseq, dtype, shape, count, order, flags, dt) */
+    if (!PyTuple_Check(meta) || PyTuple_GET_SIZE(meta) != 7
+            || PyTuple_GET_ITEM(meta, 1) != dtype || !PyTuple_Check(PyTuple_GET_ITEM(meta, 2)))
+        return 0;
+    long long mseq = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
+    long long flags = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 5));
+    if (PyErr_Occurred())
+        return -1;
+    if (mseq != eq[f[F_E_MSEQ]] || flags != 0)
+        return 0;
+    PyObject *shape = PyTuple_GET_ITEM(meta, 2);
+    if (PyTuple_GET_SIZE(shape) != src->ndim)
+        return 0;
+    for (int j = 0; j < src->ndim; j++) {
+        long long extent = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, j));
+        if (extent == -1 && PyErr_Occurred())
+            return -1;
+        if (extent != src->shape[j])
+            return 0;
+    }
+    int64_t word = eq[f[F_E_META]];
+    return ((word >> 16) & 0xFF) == src->ndim && ((word >> 24) & 0xFF) == 0
+           && eq[f[F_E_NBYTES]] == src->len;
+}
+
+/* Index of the smallest size class that holds n bytes (ix.class_of). */
+static int64_t
+class_of(Ctl *c, int64_t n)
+{
+    int64_t lo = 0, hi = c->n_classes;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (c->class_sizes[mid] < n)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Under the store lock: copy src over entry e's block if the Python path would
+ * do just that. Returns 1 if done, 0 if declined, -1 with an exception set. */
+static int
+overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *meta,
+                 PyObject *rw_maps)
+{
+    const int64_t *f = c->f;
+    int64_t *eq = (int64_t *)(c->eb + e * f[F_ENT_SIZE]);
+    int64_t b = eq[f[F_E_BLOCK]];
+    if (b < 0 || b >= c->max_blocks)
+        return 0;
+    int same = same_description(c, e, eq, src, dtype, meta);
+    if (same <= 0)
+        return same;
+    const int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
+    if (blk[f[F_B_CLS]] != class_of(c, src->len))
+        return 0;
+    /* Pinned? The odd write counter and the fence before this made every
+     * reader that pins from now on see us and back off. */
+    int64_t procs = c->h[f[F_H_PROC_HW]];
+    if (procs > c->max_procs)
+        procs = c->max_procs;
+    for (int64_t p = 0; p < procs; p++)
+        if (LD(&c->pins[p * c->max_blocks + b]))
+            return 0;
+    int64_t s = blk[f[F_B_SEG]], off = blk[f[F_B_OFF]];
+    if (s < 0 || s >= c->max_segs || off < 0)
+        return 0;
+    int64_t gen = c->sq[s * f[F_SEG_FIELDS] + f[F_S_GEN]];
+
+    PyObject *mm;
+    int mapped = mapping_at(rw_maps, s, gen, &mm);
+    if (mapped <= 0)
+        return mapped;
+    Py_buffer dst;
+    if (PyObject_GetBuffer(mm, &dst, PyBUF_WRITABLE) < 0)
+        return -1;
+    int done = 0;
+    if (off + src->len <= dst.len) {
+        memcpy((char *)dst.buf + off, src->buf, src->len);
+        int64_t seq = c->h[f[F_H_SEQ]] + 1;
+        c->h[f[F_H_SEQ]] = seq;
+        ST(&eq[f[F_E_SEQ]], seq);
+        done = 1;
+    }
+    PyBuffer_Release(&dst);
+    return done;
+}
+
+PyDoc_STRVAR(ctl_put_doc,
+"put_in_place(arena, kbz, hash, array) -> bool\n\n"
+"Take the store lock (flock on fd) and copy a C-contiguous array over the\n"
+"block of an existing key when the Python path would do exactly that: the\n"
+"key's current description, cached in arena.meta, has the array's dtype and\n"
+"shape; the block has the array's size class; no process holds a view of it;\n"
+"and its segment is mapped writable at its current generation. Returns\n"
+"False, having changed nothing, in every other case: for arrays of over\n"
+"small_put bytes or empty ones, and when another thread of this process is\n"
+"using the store.");
+
+static PyObject *str_dtype;
+
+static PyObject *
+put_impl(Ctl *c, PyObject *const *args)
+{
+    if (!PyBytes_Check(args[1]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "kbz must be bytes, rw_maps and meta dicts");
+        return NULL;
+    }
+    if (!ctl_live(c))
+        return NULL;
+    int fd = PyLong_AsLong(args[0]);
+    const char *kbz = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
+    int64_t hash = PyLong_AsLongLong(args[2]);
+    int64_t epoch = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || !key_ok(c, n))
+        Py_RETURN_FALSE;
+    PyObject *dtype = PyObject_GetAttr(args[4], str_dtype);
+    if (dtype == NULL) {
+        PyErr_Clear();  /* not an array: the Python path converts it */
+        Py_RETURN_FALSE;
+    }
+    Py_buffer src;
+    /* C_CONTIGUOUS asks for the shape too, so no tuple is made for it */
+    if (PyObject_GetBuffer(args[4], &src, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        Py_DECREF(dtype);
+        Py_RETURN_FALSE;
+    }
+    if (src.len <= 0 || src.len > c->small_put || src.ndim > 64
+            || (src.ndim > 0 && src.shape == NULL)) {
+        PyBuffer_Release(&src);
+        Py_DECREF(dtype);
+        Py_RETURN_FALSE;
+    }
+    if (lock_fd(fd, LOCK_EX) < 0) {
+        PyBuffer_Release(&src);
+        Py_DECREF(dtype);
+        return NULL;
+    }
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    int done = 0;
+    if (!h[f[F_H_CLOSED]] && h[f[F_H_EPOCH]] == epoch) {
+        /* Tell lock-free readers a writer is in, as Arena.acquire() does. */
+        int64_t wseq = h[f[F_H_WSEQ]];
+        __atomic_store_n(&h[f[F_H_WSEQ]], (wseq & 1) ? wseq + 2 : wseq + 1, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        int64_t e = find(c, kbz, n, hash);
+        if (e >= 0)
+            done = overwrite_locked(c, e, &src, dtype, args[6], args[5]);
+        __atomic_store_n(&h[f[F_H_WSEQ]], h[f[F_H_WSEQ]] + 1, __ATOMIC_RELEASE);
+    }
+    PyBuffer_Release(&src);
+    Py_DECREF(dtype);
+    /* flock() leaves Python's error state alone: an error of the copy stays set */
+    if (flock(fd, LOCK_UN) < 0 && done >= 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    if (done < 0)
+        return NULL;
+    return PyBool_FromLong(done);
+}
+
+
+/* -- entry points: the arena's state read in C ------------------------------ */
+
+static PyObject *s_epoch, *s_pin_base, *s_meta, *s_lock, *s_ro_maps, *s_refs, *s_view_dead,
+    *s_fd, *s_rw_maps, *s_pending, *s_holder, *s_unpin_pending;
+
+/* Fetch n attributes of the arena into out (new references); 0, or -1 with
+ * an exception and nothing held. */
+static int
+fetch(PyObject *arena, PyObject **names, PyObject **out, int n)
+{
+    for (int i = 0; i < n; i++) {
+        out[i] = PyObject_GetAttr(arena, names[i]);
+        if (out[i] == NULL) {
+            while (--i >= 0)
+                Py_DECREF(out[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void
+drop(PyObject **refs, int n)
+{
+    for (int i = 0; i < n; i++)
+        Py_DECREF(refs[i]);
+}
+
+static int
+check_args(Py_ssize_t nargs, Py_ssize_t want, PyObject *const *args, const char *name)
+{
+    if (nargs != want || !PyBytes_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "%s() takes the arena, the key's bytes and NUL, its "
+                     "hash%s", name, want == 4 ? " and the array" : "");
+        return -1;
+    }
+    return 0;
+}
+
+/* The key's bytes and hash, then the arena's attributes `names`, as the
+ * argument array of impl (which takes 2 + n of them). */
+static PyObject *
+with_arena(Ctl *c, PyObject *const *args, Py_ssize_t nargs, const char *name,
+           PyObject **names, int n, PyObject *(*impl)(Ctl *, PyObject *const *))
+{
+    PyObject *got[8], *inner[10];
+    if (check_args(nargs, 3, args, name) < 0 || fetch(args[0], names, got, n) < 0)
+        return NULL;
+    inner[0] = args[1];
+    inner[1] = args[2];
+    for (int i = 0; i < n; i++)
+        inner[2 + i] = got[i];
+    PyObject *r = impl(c, inner);
+    drop(got, n);
+    return r;
+}
+
+static PyObject *
+ctl_get(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *names[4] = {s_epoch, s_pin_base, s_meta, s_lock};
+    return with_arena(c, args, nargs, "get", names, 4, get_impl);
+}
+
+static PyObject *
+ctl_view(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *names[7] = {s_epoch, s_pin_base, s_meta, s_lock, s_ro_maps, s_refs, s_view_dead};
+    return with_arena(c, args, nargs, "view", names, 7, view_impl);
+}
+
+static PyObject *
+ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_args(nargs, 4, args, "put_in_place") < 0)
+        return NULL;
+    PyObject *arena = args[0];
+    PyObject *names[6] = {s_fd, s_epoch, s_rw_maps, s_meta, s_lock, s_pending};
+    PyObject *got[6];
+    if (fetch(arena, names, got, 6) < 0)
+        return NULL;
+    PyObject *lock = got[4], *pending = got[5];
+    PyObject *r = NULL;
+    /* Another thread of ours in the store, or unpins waiting: the Python path. */
+    if (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0) {
+        r = Py_NewRef(Py_False);
+        goto done;
+    }
+    PyObject *no = Py_False;
+    PyObject *took = PyObject_VectorcallMethod(str_acquire, (PyObject *[]){lock, no}, 2, NULL);
+    if (took == NULL)
+        goto done;
+    int have = took == Py_True;
+    Py_DECREF(took);
+    if (!have) {
+        r = Py_NewRef(Py_False);
+        goto done;
+    }
+    /* As Arena.acquire does: a view dying in this thread meanwhile (garbage
+     * collection can run wherever an object is made) defers its unpin
+     * instead of waiting for the thread lock we hold. */
+    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (me == NULL || PyObject_SetAttr(arena, s_holder, me) < 0) {
+        Py_XDECREF(me);
+        PyObject *rel = PyObject_CallMethodNoArgs(lock, str_release);
+        Py_XDECREF(rel);
+        goto done;
+    }
+    Py_DECREF(me);
+    PyObject *inner[7] = {got[0], args[1], args[2], got[1], args[3], got[2], got[3]};
+    r = put_impl(c, inner);
+    /* Whatever happened: unpins deferred meanwhile, then give the lock back. */
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    int ok = 1;
+    if (PyList_GET_SIZE(pending) > 0) {
+        PyObject *u = PyObject_CallMethodNoArgs(arena, s_unpin_pending);
+        ok &= u != NULL;
+        Py_XDECREF(u);
+    }
+    ok &= PyObject_SetAttr(arena, s_holder, Py_None) == 0;
+    PyObject *rel = PyObject_CallMethodNoArgs(lock, str_release);
+    ok &= rel != NULL;
+    Py_XDECREF(rel);
+    if (exc_type != NULL) {
+        PyErr_Clear();
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    } else if (!ok) {
+        Py_CLEAR(r);
+    }
+done:
+    drop(got, 6);
+    return r;
+}
+
+/* -- the type and the module ------------------------------------------------- */
+
+static PyObject *
+ctl_release(Ctl *c, PyObject *Py_UNUSED(ignored))
+{
+    if (c->buf.obj != NULL)
+        PyBuffer_Release(&c->buf);
+    c->h = c->ht = c->bq = c->sq = NULL;
+    c->eb = NULL;
+    c->pins = NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+ctl_init(Ctl *c, PyObject *args, PyObject *kwds)
+{
+    PyObject *buffer, *offsets, *geometry, *fields, *classes;
+    long long small_put;
+    static char *kwlist[] = {
+        "buffer", "offsets", "geometry", "fields", "class_sizes", "small_put", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!O!O!O!L:Ctl", kwlist, &buffer,
+            &PyTuple_Type, &offsets, &PyTuple_Type, &geometry, &PyTuple_Type, &fields,
+            &PyTuple_Type, &classes, &small_put))
+        return -1;
+    Py_ssize_t n_classes = PyTuple_GET_SIZE(classes);
+    if (n_classes < 1 || n_classes > 256 || small_put < 0) {
+        PyErr_SetString(PyExc_ValueError, "Ctl() takes 1 to 256 size classes, small_put >= 0");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n_classes; i++) {
+        c->class_sizes[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(classes, i));
+        if (i > 0 && c->class_sizes[i] <= c->class_sizes[i - 1] && !PyErr_Occurred()) {
+            PyErr_SetString(PyExc_ValueError, "Ctl(): size classes must increase");
+            return -1;
+        }
+    }
+    c->n_classes = n_classes;
+    c->small_put = small_put;
+    if (PyTuple_GET_SIZE(offsets) != 6 || PyTuple_GET_SIZE(geometry) != 5
+            || PyTuple_GET_SIZE(fields) != N_FIELDS) {
+        PyErr_Format(PyExc_ValueError,
+            "Ctl() takes 6 offsets, 5 geometry values and %d field numbers", N_FIELDS);
+        return -1;
+    }
+    int64_t off[6], geo[5];
+    for (int i = 0; i < 6; i++)
+        off[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(offsets, i));
+    for (int i = 0; i < 5; i++)
+        geo[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(geometry, i));
+    for (int i = 0; i < N_FIELDS; i++)
+        c->f[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(fields, i));
+    if (PyErr_Occurred())
+        return -1;
+    ctl_release(c, NULL);
+    if (PyObject_GetBuffer(buffer, &c->buf, PyBUF_WRITABLE) < 0)
+        return -1;
+    /* Every table must lie inside its section and the buffer, and every field
+     * inside its record: a wrong layout is refused here, not found out later
+     * by writing out of bounds. Sections: header, ht, ent, blk, seg, pins. */
+    const int64_t *f = c->f;
+    int ok = 1;
+    for (int i = 0; i < 5; i++)
+        ok &= geo[i] > 0 && geo[i] < ((int64_t)1 << 32);
+    for (int i = 0; i < N_FIELDS; i++)
+        ok &= f[i] >= 0 && f[i] < 4096;
+    int64_t header_slots = 0;
+    for (int i = F_H_WSEQ; i <= F_H_PROC_HW; i++)
+        header_slots = f[i] + 1 > header_slots ? f[i] + 1 : header_slots;
+    int64_t longest_entry_field = 0;
+    for (int i = F_E_BLOCK; i <= F_E_MSEQ; i++)
+        longest_entry_field = f[i] > longest_entry_field ? f[i] : longest_entry_field;
+    ok &= ((geo[0] + 1) & geo[0]) == 0;  /* mask + 1: a power of two */
+    ok &= f[F_ENT_SIZE] % 8 == 0 && f[F_E_SHAPE] % 8 == 0 && f[F_E_SHAPE] < f[F_ENT_SIZE];
+    ok &= (longest_entry_field + 1) * 8 <= f[F_E_KEY] && f[F_E_KEY] < f[F_E_DTYPE]
+          && f[F_E_DTYPE] < f[F_E_SHAPE];
+    ok &= f[F_B_SEG] < f[F_BLK_FIELDS] && f[F_B_OFF] < f[F_BLK_FIELDS]
+          && f[F_B_CLS] < f[F_BLK_FIELDS] && f[F_S_GEN] < f[F_SEG_FIELDS];
+    if (ok) {
+        int64_t need[6] = {
+            header_slots * 8, (geo[0] + 1) * 8, geo[1] * f[F_ENT_SIZE],
+            geo[2] * f[F_BLK_FIELDS] * 8, geo[3] * f[F_SEG_FIELDS] * 8, geo[4] * geo[2] * 4,
+        };
+        for (int i = 0; i < 6; i++) {
+            int64_t end = i < 5 ? off[i + 1] : (int64_t)c->buf.len;
+            ok &= off[i] >= 0 && off[i] % 8 == 0 && off[i] + need[i] <= end;
+        }
+    }
+    if (!ok) {
+        PyBuffer_Release(&c->buf);
+        PyErr_SetString(PyExc_ValueError, "Ctl(): the layout does not fit the buffer");
+        return -1;
+    }
+    char *base = (char *)c->buf.buf;
+    c->h = (int64_t *)(base + off[0]);
+    c->ht = (int64_t *)(base + off[1]);
+    c->eb = base + off[2];
+    c->bq = (int64_t *)(base + off[3]);
+    c->sq = (int64_t *)(base + off[4]);
+    c->pins = (int32_t *)(base + off[5]);
+    c->mask = geo[0];
+    c->max_keys = geo[1];
+    c->max_blocks = geo[2];
+    c->max_segs = geo[3];
+    c->max_procs = geo[4];
+    return 0;
+}
+
+static void
+ctl_dealloc(Ctl *c)
+{
+    ctl_release(c, NULL);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *
+set_test_hook(PyObject *Py_UNUSED(module), PyObject *hook)
+{
+    Py_XSETREF(test_hook, hook == Py_None ? NULL : Py_NewRef(hook));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"_set_test_hook", set_test_hook, METH_O,
+     "Tests only: call hook() inside every get(), between the pin and the check "
+     "(None removes it)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef ctl_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
+    {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
+    {"put_in_place", (PyCFunction)(void (*)(void))ctl_put_in_place, METH_FASTCALL, ctl_put_doc},
+    {"release", (PyCFunction)ctl_release, METH_NOARGS,
+     "Give the control segment's buffer back (every later call raises ValueError)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CtlType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "polystore._fastpath.Ctl",
+    .tp_basicsize = sizeof(Ctl),
+    .tp_dealloc = (destructor)ctl_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ctl(buffer, offsets, geometry, fields): one store's control segment, "
+              "as the C fast paths see it.",
+    .tp_methods = ctl_methods,
+    .tp_init = (initproc)ctl_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "polystore._fastpath",
+    .m_doc = "The hot paths of SharedArrayStore in C (optional; see polystore._shm_fast).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    if (PyType_Ready(&CtlType) < 0)
+        return NULL;
+    str_acquire = PyUnicode_InternFromString("acquire");
+    str_release = PyUnicode_InternFromString("release");
+    str_base = PyUnicode_InternFromString("base");
+    s_epoch = PyUnicode_InternFromString("_epoch");
+    s_pin_base = PyUnicode_InternFromString("pin_base");
+    s_meta = PyUnicode_InternFromString("meta");
+    s_lock = PyUnicode_InternFromString("_lock");
+    s_ro_maps = PyUnicode_InternFromString("ro_maps");
+    s_refs = PyUnicode_InternFromString("_refs");
+    s_view_dead = PyUnicode_InternFromString("view_dead");
+    s_fd = PyUnicode_InternFromString("_fd");
+    s_rw_maps = PyUnicode_InternFromString("rw_maps");
+    s_pending = PyUnicode_InternFromString("_pending");
+    s_holder = PyUnicode_InternFromString("_holder");
+    s_unpin_pending = PyUnicode_InternFromString("unpin_pending");
+    if (!s_epoch || !s_pin_base || !s_meta || !s_lock || !s_ro_maps || !s_refs || !s_view_dead
+            || !s_fd || !s_rw_maps || !s_pending || !s_holder || !s_unpin_pending)
+        return NULL;
+    str_dtype = PyUnicode_InternFromString("dtype");
+    str_reshape = PyUnicode_InternFromString("reshape");
+    kw_order = Py_BuildValue("(s)", "order");
+    if (str_acquire == NULL || str_release == NULL || str_base == NULL || str_reshape == NULL
+            || str_dtype == NULL || kw_order == NULL)
+        return NULL;
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (numpy == NULL)
+        return NULL;
+    np_frombuffer = PyObject_GetAttrString(numpy, "frombuffer");
+    Py_DECREF(numpy);
+    if (np_frombuffer == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&CtlType);
+    if (PyModule_AddObject(m, "Ctl", (PyObject *)&CtlType) < 0) {
+        Py_DECREF(&CtlType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

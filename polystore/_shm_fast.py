@@ -1,0 +1,56 @@
+"""The optional C fast paths of :class:`~polystore.SharedArrayStore`.
+
+``polystore._fastpath`` (built from ``_fastpath.c`` at install time when a C
+compiler is there) repeats the two steady-state cases of the store in C: the
+lock-free lookup and pin of a ``get`` whose value description is cached, and
+a small ``put`` that overwrites its key's own block. Every other case, and
+every error, goes through the Python paths in ``_shm_read`` and
+``_shm_write``, which define the semantics; the C code declines rather than
+decides.
+
+:data:`ENABLED` says whether the extension is in use. Setting
+``POLYSTORE_NO_FASTPATH=1`` in the environment turns it off for a process
+(the test suite runs the store both ways).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import _shm_index as ix
+
+__all__ = ["AVAILABLE", "ENABLED", "make_ctl"]
+
+try:
+    from . import _fastpath
+except ImportError:  # built without a C compiler, or POLYSTORE_PURE_PYTHON=1
+    _fastpath = None  # type: ignore[assignment]
+
+#: the extension was built and imports
+AVAILABLE = _fastpath is not None
+#: the stores of this process use it (new stores read this when they map)
+ENABLED = AVAILABLE and os.environ.get("POLYSTORE_NO_FASTPATH", "") in ("", "0")
+
+#: field numbers, in the order _fastpath.c expects them
+_FIELDS = (
+    ix.ENT_SIZE, ix.E_BLOCK, ix.E_NBYTES, ix.E_SEQ, ix.E_META, ix.E_MSEQ, ix.E_KEY,
+    ix.E_DTYPE, ix.E_SHAPE, ix.BLK_FIELDS, ix.B_SEG, ix.B_OFF, ix.B_CLS,
+    ix.SEG_FIELDS, ix.S_GEN, ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH, ix.H_SEQ,
+    ix.H_PROC_HW,
+)  # fmt: skip
+
+
+def make_ctl(whole: memoryview, layout: ix.Layout) -> Any:
+    """The C view of a mapped control segment, or ``None`` without the fast path."""
+    if not ENABLED:
+        return None
+    off = layout.offsets()
+    header, ht, ent, blk, seg, pins = (
+        off[name][0] for name in ("header", "ht", "ent", "blk", "seg", "pins")
+    )
+    offsets = (header, ht, ent, blk, seg, pins)
+    geometry = (
+        layout.ht_cap - 1, layout.max_keys, layout.max_blocks, layout.max_segs, layout.max_procs,
+    )  # fmt: skip
+    return _fastpath.Ctl(whole, offsets, geometry, _FIELDS, tuple(ix.CLASS_SIZES), ix.SMALL_PUT)

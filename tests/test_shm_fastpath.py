@@ -1,0 +1,337 @@
+"""The C fast path of SharedArrayStore: what it takes, what it declines, and that it agrees.
+
+The rest of the store's tests run with and without it (the ``store_paths``
+fixture); these check the fast path itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polystore import SharedArrayStore, _shm_fast, _shm_write
+from polystore import _shm_index as ix
+
+needs_c = pytest.mark.skipif(not _shm_fast.AVAILABLE, reason="polystore._fastpath is not built")
+
+
+def test_the_fast_path_is_built_where_it_is_required() -> None:
+    # CI sets POLYSTORE_REQUIRE_FASTPATH=1, so that a broken build of the
+    # extension cannot pass unnoticed as a pure-Python run.
+    if os.environ.get("POLYSTORE_REQUIRE_FASTPATH", "") not in ("", "0"):
+        assert _shm_fast.AVAILABLE
+        from polystore import _fastpath
+
+        assert hasattr(_fastpath, "Ctl")
+
+
+class Counted:
+    """Counts the Python store-lock sections and lookups of one store."""
+
+    def __init__(self, store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.arena = a = store._arena
+        self.locked = self.finds = 0
+        acquire, find = a.acquire, a.find
+
+        def counted_acquire(blocking: bool = True) -> bool:
+            self.locked += 1
+            return acquire(blocking)
+
+        def counted_find(kbz: bytes, h: int) -> tuple[int, int]:
+            self.finds += 1
+            return find(kbz, h)
+
+        monkeypatch.setattr(a, "acquire", counted_acquire)
+        monkeypatch.setattr(a, "find", counted_find)
+
+    def python_ran(self) -> bool:
+        ran = bool(self.locked or self.finds)
+        self.locked = self.finds = 0
+        return ran
+
+
+@pytest.fixture
+def c_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[SharedArrayStore]:
+    monkeypatch.setattr(_shm_fast, "ENABLED", True)
+    with SharedArrayStore() as store:
+        assert store._arena.fast is not None
+        yield store
+
+
+@needs_c
+def test_the_steady_state_runs_in_c(
+    c_store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c_store.put("k", np.zeros(2048, np.float32))
+    c_store.get("k")  # caches the value's description in this process
+    spy = Counted(c_store, monkeypatch)
+    for i in range(5):
+        c_store.put("k", np.full(2048, i, np.float32))
+        assert not spy.python_ran()
+        view = c_store.get("k")
+        assert not spy.python_ran()
+        assert view.dtype == np.float32 and view.shape == (2048,)
+        assert (view == i).all() and not view.flags.writeable
+        del view
+    assert c_store._arena.meta  # one cached description, still valid
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "case",
+    ["new key", "other shape", "other dtype", "bytes", "fortran", "empty", "large", "no overwrite",
+     "held view"],
+)  # fmt: skip
+def test_every_other_put_goes_to_python(
+    c_store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    base = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    c_store.put("k", base)
+    spy = Counted(c_store, monkeypatch)
+    key, value, held = "k", base + 1, None
+    kwargs: dict[str, Any] = {}
+    if case == "new key":
+        key = "other"
+    elif case == "other shape":
+        value = value.reshape(32, 128)
+    elif case == "other dtype":
+        value = value.astype(np.int32)
+    elif case == "fortran":
+        value = np.asfortranarray(value)
+    elif case == "empty":
+        value = np.zeros((0, 64), np.float32)
+    elif case == "large":
+        value = np.ones(_shm_write.SMALL_PUT // 4 + 1, np.float32)
+    elif case == "no overwrite":
+        kwargs = {"overwrite": False}
+    elif case == "held view":
+        held = c_store.get("k")
+    if case == "bytes":
+        c_store.put_bytes("k", value.tobytes())
+        assert spy.python_ran()
+        assert c_store.get_bytes("k") == value.tobytes()
+        return
+    if case == "no overwrite":
+        with pytest.raises(FileExistsError):
+            c_store.put(key, value, **kwargs)
+        assert spy.python_ran()
+        assert np.array_equal(c_store.get("k"), base)
+        return
+    c_store.put(key, value)
+    assert spy.python_ran()
+    got = c_store.get(key)
+    assert np.array_equal(got, value) and got.dtype == value.dtype
+    if case == "fortran":
+        assert got.flags.f_contiguous and not got.flags.c_contiguous
+    if held is not None:
+        assert np.array_equal(held, base)  # the reader's view did not change
+
+
+@needs_c
+def test_a_get_without_the_cached_description_goes_to_python(
+    c_store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c_store.put("k", np.arange(10.0))
+    c_store._arena.meta.clear()
+    spy = Counted(c_store, monkeypatch)
+    assert np.array_equal(c_store.get("k"), np.arange(10.0))
+    assert spy.python_ran()  # and it cached the description again
+    assert np.array_equal(c_store.get("k"), np.arange(10.0))
+    assert not spy.python_ran()
+    with pytest.raises(KeyError):
+        c_store.get("absent")
+    assert not spy.python_ran()  # an absent key is told in C
+
+
+@needs_c
+def test_a_get_while_a_writer_holds_the_lock_goes_to_python(c_store: SharedArrayStore) -> None:
+    c_store.put("k", np.arange(10.0))
+    c_store.get("k")
+    a = c_store._arena
+    kbz, h = b"k\0", ix.Tables.ht_hash(b"k")
+    a.acquire()
+    try:
+        assert a.fast.get(a, kbz, h) is False
+    finally:
+        a.release()
+    found = a.fast.get(a, kbz, h)
+    assert isinstance(found, tuple)
+    assert a.pins[a.pin_base + found[1]] == 1  # pinned once, for the caller
+    a.unpin(found[1])
+    # another epoch (segments unlinked meanwhile): Python prunes its mappings first
+    a._epoch += 1
+    assert a.fast.get(a, kbz, h) is False
+    a._epoch -= 1
+    assert not a.pins_np.any()
+
+
+@needs_c
+def test_a_put_in_place_declines_a_block_in_use(c_store: SharedArrayStore) -> None:
+    value = np.ones(2048, np.float32)
+    c_store.put("k", value)
+    view = c_store.get("k")
+    a = c_store._arena
+    h = ix.Tables.ht_hash(b"k")
+    seq = a.h[ix.H_SEQ]
+    assert a.fast.put_in_place(a, b"k\0", h, value * 2) is False
+    assert a.h[ix.H_SEQ] == seq and (view == 1).all()
+    assert a.h[ix.H_WSEQ] % 2 == 0  # the write counter is even again
+    del view
+    assert a.fast.put_in_place(a, b"k\0", h, value * 2) is True
+    assert a.h[ix.H_SEQ] == seq + 1 and (c_store.get("k") == 2).all()
+    # not for another dtype, shape or layout, nor without the cached description,
+    # nor without the segment mapped for writing, nor while another thread is in
+    for other in (value.astype(np.int32), value.reshape(64, 32), value[::2], value[:5]):
+        assert a.fast.put_in_place(a, b"k\0", h, other) is False
+    meta, rw_maps = dict(a.meta), dict(a.rw_maps)
+    a.meta.clear()
+    assert a.fast.put_in_place(a, b"k\0", h, value) is False
+    a.meta.update(meta)
+    a.rw_maps.clear()
+    assert a.fast.put_in_place(a, b"k\0", h, value) is False
+    a.rw_maps.update(rw_maps)
+    with a._lock:
+        assert a.fast.put_in_place(a, b"k\0", h, value) is False
+    assert a.h[ix.H_SEQ] == seq + 1 and (c_store.get("k") == 2).all()
+    assert a._holder is None and not a._lock.locked()
+
+
+@needs_c
+def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -> None:
+    c_store.put("k", np.arange(10.0))
+    c_store.put("empty", np.zeros((0, 3)))
+    c_store.get("k")
+    c_store.get("empty")
+    a = c_store._arena
+    refs = a._refs
+
+    def view(key: str, ro_maps: dict[int, Any]) -> Any:
+        kb = key.encode()
+        saved = a.ro_maps
+        a.ro_maps = ro_maps
+        try:
+            return a.fast.view(a, kb + b"\0", ix.Tables.ht_hash(kb))
+        finally:
+            a.ro_maps = saved
+
+    assert view("empty", a.ro_maps) is False  # a new empty array each time: Python makes it
+    assert view("k", {}) is False  # its segment not mapped at this generation
+    assert view("absent", a.ro_maps) is None
+    assert not a.pins_np.any() and not refs
+    got = view("k", a.ro_maps)
+    assert np.array_equal(got, np.arange(10.0)) and not got.flags.writeable
+    assert a.pins_np.sum() == 1 and len(refs) == 1
+    del got
+    assert not a.pins_np.any() and not refs
+
+
+@needs_c
+def test_the_c_view_checks_its_arguments(c_store: SharedArrayStore) -> None:
+    from polystore import _fastpath
+
+    a = c_store._arena
+    with pytest.raises(ValueError, match="does not fit"):
+        _fastpath.Ctl(
+            bytearray(4096), (0, 8, 16, 24, 32, 40), (7, 1, 1, 1, 1), _shm_fast._FIELDS, (64,), 0
+        )
+    with pytest.raises(ValueError, match="offsets"):
+        _fastpath.Ctl(bytearray(4096), (0,), (7, 1, 1, 1, 1), _shm_fast._FIELDS, (64,), 0)
+    with pytest.raises(ValueError, match="increase"):
+        _fastpath.Ctl(a._whole, (0,) * 6, (7, 1, 1, 1, 1), _shm_fast._FIELDS, (64, 64), 0)
+    with pytest.raises(TypeError):
+        a.fast.get(a, "k", 0)
+    with pytest.raises(TypeError):
+        a.fast.put_in_place(a, b"k\0", 0)
+    with pytest.raises(AttributeError):
+        a.fast.view(object(), b"k\0", 0)
+    ctl = _shm_fast.make_ctl(a._whole, a.layout)
+    pin_base = a.pin_base
+    a.pin_base = -8
+    assert ctl.get(a, b"\0\0", 0) is False  # not a row of the pin table
+    a.pin_base = pin_base
+    ctl.release()
+    with pytest.raises(ValueError, match="released"):
+        ctl.get(a, b"k\0", 0)
+
+
+# -- the two paths agree ---------------------------------------------------------------
+
+KEYS = st.sampled_from(["a", "b", "c"])
+VALUES = st.builds(
+    lambda shape, dtype, fill: np.full(shape, fill, dtype),
+    st.sampled_from([(16,), (4, 4), (2048,), (0,)]),
+    st.sampled_from([np.float32, np.int64, np.uint8]),
+    st.integers(0, 100),
+)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), KEYS, VALUES),
+        st.tuples(st.just("get"), KEYS, st.booleans()),  # True: hold the view
+        st.tuples(st.just("delete"), KEYS, st.none()),
+        st.tuples(st.just("drop"), st.none(), st.none()),  # drop every held view
+    ),
+    max_size=40,
+)
+
+
+def _run(store: SharedArrayStore, ops: list[tuple[str, Any, Any]]) -> list[Any]:
+    out: list[Any] = []
+    held: list[np.ndarray] = []
+    for op, key, arg in ops:
+        try:
+            if op == "put":
+                store.put(key, arg)
+                out.append(None)
+            elif op == "get":
+                view = store.get(key)
+                out.append((view.dtype.str, view.shape, view.tobytes()))
+                if arg:
+                    held.append(view)
+            elif op == "delete":
+                store.delete(key)
+                out.append(None)
+            else:
+                held.clear()
+        except KeyError:
+            out.append("KeyError")
+    out.append([(v.shape, v.tobytes()) for v in held])  # held views never change
+    out.append(sorted(store.keys()))
+    return out
+
+
+def _tables(store: SharedArrayStore) -> dict[str, Any]:
+    a = store._arena
+    return {
+        "ht": a.ht_np.copy(),
+        "entries": np.frombuffer(a.eb, np.uint8).copy(),
+        "blocks": a.blk_np[: a.h[ix.H_BLK_HW]].copy(),
+        "header": [a.h[f] for f in (ix.H_SEQ, ix.H_NKEYS, ix.H_ENT_HW, ix.H_BLK_HW, ix.H_IDLE)],
+    }
+
+
+@needs_c
+@settings(max_examples=30)  # two fresh stores per example
+@given(ops=OPS)
+def test_c_and_python_paths_agree(ops: list[tuple[str, Any, Any]]) -> None:
+    results, tables = [], []
+    for enabled in (True, False):
+        old = _shm_fast.ENABLED
+        _shm_fast.ENABLED = enabled
+        try:
+            with SharedArrayStore() as store:
+                assert (store._arena.fast is not None) == enabled
+                results.append(_run(store, ops))
+                tables.append(_tables(store))
+        finally:
+            _shm_fast.ENABLED = old
+    assert results[0] == results[1]
+    c, py = tables
+    assert c["header"] == py["header"]
+    for name in ("ht", "entries", "blocks"):
+        assert np.array_equal(c[name], py[name]), name
