@@ -12,15 +12,27 @@ import sys
 
 from setuptools import Extension, setup
 
-ext_modules = []
-if os.environ.get("POLYSTORE_PURE_PYTHON", "") in ("", "0") and sys.platform != "win32":
-    ext_modules.append(
+
+def fast_path() -> list[Extension]:
+    """The extension, or nothing when it is turned off or numpy's headers are missing."""
+    if os.environ.get("POLYSTORE_PURE_PYTHON", "") not in ("", "0") or sys.platform == "win32":
+        return []
+    try:
+        import numpy  # the build requirements bring it (pyproject.toml)
+    except ImportError:
+        print("polystore: numpy is not importable at build time; no C fast path")
+        return []
+    return [
         Extension(
             "polystore._fastpath",
             sources=["polystore/_fastpath.c"],
+            include_dirs=[numpy.get_include()],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
-            optional=True,
+            optional=True,  # a failed compile leaves a working pure-Python install
         )
-    )
+    ]
+
+
+ext_modules = fast_path()
 
 setup(ext_modules=ext_modules)

@@ -21,6 +21,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -302,8 +305,6 @@ get_impl(Ctl *c, PyObject *const *args)
     return r;
 }
 
-static PyObject *np_frombuffer;  /* numpy.frombuffer */
-static PyObject *str_base, *str_reshape, *kw_order;
 
 /* The view of a pinned block, as view_of() in _shm_read.py makes it. Once
  * *tracked is set, the weak reference unpins the block when the view's base
@@ -316,26 +317,38 @@ make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, i
     if (mapped <= 0)  /* not mapped at this generation yet: Python maps it */
         return mapped < 0 ? NULL : Py_NewRef(Py_False);
 
-    /* From here on objects are made, so the garbage collector may run Python
-     * code that changes ro_maps: the mapping gets a reference of its own. */
-    Py_INCREF(mm);
-    PyObject *off = PyLong_FromLongLong(found->off);
-    if (off == NULL) {
-        Py_DECREF(mm);
-        return NULL;
-    }
     /* meta: (mseq, dtype, shape, count, order, flags, dt) */
-    PyObject *fargs[4] = {mm, PyTuple_GET_ITEM(meta, 1), PyTuple_GET_ITEM(meta, 3), off};
-    PyObject *view = PyObject_Vectorcall(np_frombuffer, fargs, 4, NULL);
-    Py_DECREF(off);
-    Py_DECREF(mm);
-    if (view == NULL)
+    PyObject *dtype = PyTuple_GET_ITEM(meta, 1), *shape = PyTuple_GET_ITEM(meta, 2);
+    if (!PyArray_DescrCheck(dtype) || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) > NPY_MAXDIMS)
+        return Py_NewRef(Py_False);
+    int nd = (int)PyTuple_GET_SIZE(shape);
+    npy_intp dims[NPY_MAXDIMS];
+    for (int j = 0; j < nd; j++) {
+        dims[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, j));
+        if (dims[j] < 0)
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    }
+    int fortran = PyUnicode_Check(PyTuple_GET_ITEM(meta, 4))
+                  && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(meta, 4), "F") == 0;
+
+    /* The view's base: a memoryview of its own over the mapping, which keeps
+     * the mapping alive and which every view derived from this one keeps
+     * alive in turn; when it dies, no view of the block is left in this
+     * process (Arena.track). Objects are made from here on, so garbage
+     * collection may run Python code, which the tables do not depend on. */
+    PyObject *base = PyMemoryView_FromObject(mm);
+    if (base == NULL)
         return NULL;
-    /* Every view derived from this one keeps its base alive: when the base
-     * dies, no view of the block is left in this process (Arena.track). */
-    PyObject *base = PyObject_GetAttr(view, str_base);
-    PyObject *ref = base == NULL ? NULL : PyWeakref_NewRef(base, callback);
-    Py_XDECREF(base);
+    Py_buffer *mapped_buf = PyMemoryView_GET_BUFFER(base);
+    npy_intp nbytes = PyDataType_ELSIZE((PyArray_Descr *)dtype);
+    for (int j = 0; j < nd; j++)
+        nbytes *= dims[j];
+    if (found->off + nbytes > mapped_buf->len) {  /* not this block: leave it to Python */
+        Py_DECREF(base);
+        return Py_NewRef(Py_False);
+    }
+    char *data = (char *)mapped_buf->buf + found->off;
+    PyObject *ref = PyWeakref_NewRef(base, callback);
     PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
     PyObject *entry = id == NULL ? NULL : Py_BuildValue("(OL)", ref, (long long)found->b);
     int stored = entry == NULL ? -1 : PyDict_SetItem(refs, id, entry);
@@ -343,17 +356,21 @@ make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, i
     Py_XDECREF(id);
     Py_XDECREF(ref);
     if (stored < 0) {
-        Py_DECREF(view);
+        Py_DECREF(base);
         return NULL;
     }
-    *tracked = 1;
-    PyObject *shape = PyTuple_GET_ITEM(meta, 2);
-    if (PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) != 1) {
-        PyObject *rargs[3] = {view, shape, PyTuple_GET_ITEM(meta, 4)};
-        PyObject *shaped = PyObject_VectorcallMethod(
-            str_reshape, rargs, 2, kw_order);
+    *tracked = 1;  /* from here, the base's death unpins */
+    Py_INCREF(dtype);  /* PyArray_NewFromDescr takes this reference */
+    PyObject *view = PyArray_NewFromDescr(&PyArray_Type, (PyArray_Descr *)dtype, nd, dims, NULL,
+                                          data, fortran ? NPY_ARRAY_F_CONTIGUOUS : 0, NULL);
+    if (view == NULL) {
+        Py_DECREF(base);
+        return NULL;
+    }
+    PyArray_CLEARFLAGS((PyArrayObject *)view, NPY_ARRAY_WRITEABLE);
+    if (PyArray_SetBaseObject((PyArrayObject *)view, base) < 0) {  /* takes base */
         Py_DECREF(view);
-        return shaped;
+        return NULL;
     }
     return view;
 }
@@ -896,7 +913,6 @@ PyInit__fastpath(void)
         return NULL;
     str_acquire = PyUnicode_InternFromString("acquire");
     str_release = PyUnicode_InternFromString("release");
-    str_base = PyUnicode_InternFromString("base");
     s_epoch = PyUnicode_InternFromString("_epoch");
     s_pin_base = PyUnicode_InternFromString("pin_base");
     s_meta = PyUnicode_InternFromString("meta");
@@ -913,17 +929,9 @@ PyInit__fastpath(void)
             || !s_fd || !s_rw_maps || !s_pending || !s_holder || !s_unpin_pending)
         return NULL;
     str_dtype = PyUnicode_InternFromString("dtype");
-    str_reshape = PyUnicode_InternFromString("reshape");
-    kw_order = Py_BuildValue("(s)", "order");
-    if (str_acquire == NULL || str_release == NULL || str_base == NULL || str_reshape == NULL
-            || str_dtype == NULL || kw_order == NULL)
+    if (str_acquire == NULL || str_release == NULL || str_dtype == NULL)
         return NULL;
-    PyObject *numpy = PyImport_ImportModule("numpy");
-    if (numpy == NULL)
-        return NULL;
-    np_frombuffer = PyObject_GetAttrString(numpy, "frombuffer");
-    Py_DECREF(numpy);
-    if (np_frombuffer == NULL)
+    if (_import_array() < 0)  /* numpy's C API, checked against the numpy that runs */
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
