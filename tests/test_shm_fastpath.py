@@ -335,3 +335,45 @@ def test_c_and_python_paths_agree(ops: list[tuple[str, Any, Any]]) -> None:
     assert c["header"] == py["header"]
     for name in ("ht", "entries", "blocks"):
         assert np.array_equal(c[name], py[name]), name
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12.0).reshape(3, 4),
+        np.asfortranarray(np.arange(24, dtype=np.int16).reshape(2, 3, 4)),
+        np.array(7.5, np.float32),  # 0-d
+        np.arange(5, dtype=">i4"),  # big-endian
+        np.zeros(3, dtype=[("x", np.float32), ("y", np.int8)]),  # structured
+        np.array([True, False]),
+        np.arange(6, dtype=np.complex64).reshape(2, 3)[:, ::-1].copy(),
+    ],
+    ids=["2d", "fortran-3d", "0d", "big-endian", "structured", "bool", "complex"],
+)
+def test_views_made_in_c_are_the_views_python_makes(
+    value: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    views = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_shm_fast, "ENABLED", enabled)
+        with SharedArrayStore() as store:
+            store.put("k", value)
+            store.get("k")  # the description is cached from the second get on
+            spy = Counted(store, monkeypatch)
+            view = store.get("k")
+            assert spy.python_ran() != enabled
+            views.append(
+                (
+                    view.dtype, view.shape, view.strides, view.flags.writeable,
+                    view.flags.c_contiguous, view.flags.f_contiguous, view.flags.aligned,
+                    view.tobytes(order="A"),
+                )  # fmt: skip
+            )
+            assert np.array_equal(view, value)
+            derived = view.T[..., None]  # a view of the view keeps the block pinned
+            del view
+            assert store._arena.pins_np.sum() == 1
+            del derived
+            assert not store._arena.pins_np.any()
+    assert views[0] == views[1]
