@@ -376,12 +376,13 @@ make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, i
 }
 
 PyDoc_STRVAR(ctl_view_doc,
-"view(arena, kbz, hash) -> ndarray | None | False\n\n"
-"get(), then the read-only view of the pinned block, tracked as\n"
-"Arena.track() does (unpinned once no view is left). None if the key\n"
-"is absent; False, with nothing pinned, when the Python path must decide (as\n"
-"for get(), and for an empty value or a segment not mapped for reading at\n"
-"its current generation).");
+"view(arena, key) -> ndarray | None | False\n\n"
+"get() of a key found in the key cache, then the read-only view of the pinned\n"
+"block, tracked as Arena.track() does (unpinned once no view is left). None\n"
+"if the key is absent; False, with nothing pinned, when the Python path must\n"
+"decide (as for get(), and for a key not in the cache, a process without a\n"
+"row in the pin table, an empty value, or a segment not mapped for reading\n"
+"at its current generation).");
 
 static PyObject *
 view_impl(Ctl *c, PyObject *const *args)
@@ -534,9 +535,9 @@ overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *m
 }
 
 PyDoc_STRVAR(ctl_put_doc,
-"put_in_place(arena, kbz, hash, array) -> bool\n\n"
-"Take the store lock (flock on fd) and copy a C-contiguous array over the\n"
-"block of an existing key when the Python path would do exactly that: the\n"
+"put_in_place(arena, key, array) -> bool\n\n"
+"Take the store lock (flock on arena._fd) and copy a C-contiguous array over\n"
+"the block of a key in the key cache when the Python path would do exactly that: the\n"
 "key's current description, cached in arena.meta, has the array's dtype and\n"
 "shape; the block has the array's size class; no process holds a view of it;\n"
 "and its segment is mapped writable at its current generation. Returns\n"
@@ -616,7 +617,7 @@ put_impl(Ctl *c, PyObject *const *args)
 /* -- entry points: the arena's state read in C ------------------------------ */
 
 static PyObject *s_epoch, *s_pin_base, *s_meta, *s_lock, *s_ro_maps, *s_refs, *s_view_dead,
-    *s_fd, *s_rw_maps, *s_pending, *s_holder, *s_unpin_pending;
+    *s_fd, *s_rw_maps, *s_pending, *s_holder, *s_unpin_pending, *s_slot;
 
 /* Fetch n attributes of the arena into out (new references); 0, or -1 with
  * an exception and nothing held. */
@@ -641,59 +642,96 @@ drop(PyObject **refs, int n)
         Py_DECREF(refs[i]);
 }
 
-static int
-check_args(Py_ssize_t nargs, Py_ssize_t want, PyObject *const *args, const char *name)
+/* shmstore's cache of valid keys: str -> (bytes, bytes + NUL, hash) */
+static PyObject *key_cache;
+
+/* The cached parts of a key (a new reference); NULL, without an error, for a
+ * key that is not a str or not in the cache (the Python path validates it). */
+static PyObject *
+cached_key(PyObject *key)
 {
-    if (nargs != want || !PyBytes_Check(args[1])) {
-        PyErr_Format(PyExc_TypeError, "%s() takes the arena, the key's bytes and NUL, its "
-                     "hash%s", name, want == 4 ? " and the array" : "");
+    if (key_cache == NULL || !PyUnicode_CheckExact(key))
+        return NULL;
+    PyObject *parts = PyDict_GetItemWithError(key_cache, key);  /* borrowed */
+    if (parts == NULL || !PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 3
+            || !PyBytes_Check(PyTuple_GET_ITEM(parts, 1)))
+        return NULL;
+    return Py_NewRef(parts);
+}
+
+static int
+check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *name, const char *what)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %s", name, what);
         return -1;
     }
     return 0;
 }
 
-/* The key's bytes and hash, then the arena's attributes `names`, as the
- * argument array of impl (which takes 2 + n of them). */
-static PyObject *
-with_arena(Ctl *c, PyObject *const *args, Py_ssize_t nargs, const char *name,
-           PyObject **names, int n, PyObject *(*impl)(Ctl *, PyObject *const *))
-{
-    PyObject *got[8], *inner[10];
-    if (check_args(nargs, 3, args, name) < 0 || fetch(args[0], names, got, n) < 0)
-        return NULL;
-    inner[0] = args[1];
-    inner[1] = args[2];
-    for (int i = 0; i < n; i++)
-        inner[2 + i] = got[i];
-    PyObject *r = impl(c, inner);
-    drop(got, n);
-    return r;
-}
-
 static PyObject *
 ctl_get(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (check_nargs(nargs, 3, "get", "the arena, the key's bytes and NUL, and its hash") < 0)
+        return NULL;
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "get(): the key must be bytes");
+        return NULL;
+    }
     PyObject *names[4] = {s_epoch, s_pin_base, s_meta, s_lock};
-    return with_arena(c, args, nargs, "get", names, 4, get_impl);
+    PyObject *got[4];
+    if (fetch(args[0], names, got, 4) < 0)
+        return NULL;
+    PyObject *inner[6] = {args[1], args[2], got[0], got[1], got[2], got[3]};
+    PyObject *r = get_impl(c, inner);
+    drop(got, 4);
+    return r;
 }
 
 static PyObject *
 ctl_view(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *names[7] = {s_epoch, s_pin_base, s_meta, s_lock, s_ro_maps, s_refs, s_view_dead};
-    return with_arena(c, args, nargs, "view", names, 7, view_impl);
+    if (check_nargs(nargs, 2, "view", "the arena and the key") < 0)
+        return NULL;
+    PyObject *parts = cached_key(args[1]);
+    if (parts == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    PyObject *names[8] = {s_slot, s_epoch, s_pin_base, s_meta, s_lock, s_ro_maps, s_refs,
+                          s_view_dead};
+    PyObject *got[8];
+    if (fetch(args[0], names, got, 8) < 0) {
+        Py_DECREF(parts);
+        return NULL;
+    }
+    PyObject *r;
+    long slot = PyLong_AsLong(got[0]);
+    if (slot < 0) {  /* no row of the pin table yet: the Python path takes one */
+        r = PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    } else {
+        PyObject *inner[9] = {PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
+                              got[2], got[3], got[4], got[5], got[6], got[7]};
+        r = view_impl(c, inner);
+    }
+    drop(got, 8);
+    Py_DECREF(parts);
+    return r;
 }
 
 static PyObject *
 ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_args(nargs, 4, args, "put_in_place") < 0)
+    if (check_nargs(nargs, 3, "put_in_place", "the arena, the key and the array") < 0)
         return NULL;
     PyObject *arena = args[0];
+    PyObject *parts = cached_key(args[1]);
+    if (parts == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
     PyObject *names[6] = {s_fd, s_epoch, s_rw_maps, s_meta, s_lock, s_pending};
     PyObject *got[6];
-    if (fetch(arena, names, got, 6) < 0)
+    if (fetch(arena, names, got, 6) < 0) {
+        Py_DECREF(parts);
         return NULL;
+    }
     PyObject *lock = got[4], *pending = got[5];
     PyObject *r = NULL;
     /* Another thread of ours in the store, or unpins waiting: the Python path. */
@@ -722,7 +760,8 @@ ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     Py_DECREF(me);
-    PyObject *inner[7] = {got[0], args[1], args[2], got[1], args[3], got[2], got[3]};
+    PyObject *inner[7] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
+                          args[2], got[2], got[3]};
     r = put_impl(c, inner);
     /* Whatever happened: unpins deferred meanwhile, then give the lock back. */
     PyObject *exc_type, *exc_value, *exc_tb;
@@ -745,6 +784,7 @@ ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     }
 done:
     drop(got, 6);
+    Py_DECREF(parts);
     return r;
 }
 
@@ -863,6 +903,17 @@ ctl_dealloc(Ctl *c)
 }
 
 static PyObject *
+set_key_cache(PyObject *Py_UNUSED(module), PyObject *cache)
+{
+    if (!PyDict_Check(cache)) {
+        PyErr_SetString(PyExc_TypeError, "the key cache must be a dict");
+        return NULL;
+    }
+    Py_XSETREF(key_cache, Py_NewRef(cache));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 set_test_hook(PyObject *Py_UNUSED(module), PyObject *hook)
 {
     Py_XSETREF(test_hook, hook == Py_None ? NULL : Py_NewRef(hook));
@@ -870,6 +921,9 @@ set_test_hook(PyObject *Py_UNUSED(module), PyObject *hook)
 }
 
 static PyMethodDef module_methods[] = {
+    {"set_key_cache", set_key_cache, METH_O,
+     "The dict of valid keys that view() and put_in_place() look keys up in: "
+     "str -> (bytes, bytes + NUL, hash), as polystore.shmstore keeps it."},
     {"_set_test_hook", set_test_hook, METH_O,
      "Tests only: call hook() inside every get(), between the pin and the check "
      "(None removes it)."},
@@ -925,8 +979,10 @@ PyInit__fastpath(void)
     s_pending = PyUnicode_InternFromString("_pending");
     s_holder = PyUnicode_InternFromString("_holder");
     s_unpin_pending = PyUnicode_InternFromString("unpin_pending");
+    s_slot = PyUnicode_InternFromString("slot");
     if (!s_epoch || !s_pin_base || !s_meta || !s_lock || !s_ro_maps || !s_refs || !s_view_dead
-            || !s_fd || !s_rw_maps || !s_pending || !s_holder || !s_unpin_pending)
+            || !s_fd || !s_rw_maps || !s_pending || !s_holder || !s_unpin_pending
+            || !s_slot)
         return NULL;
     str_dtype = PyUnicode_InternFromString("dtype");
     if (str_acquire == NULL || str_release == NULL || str_dtype == NULL)

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import _shm_index as ix
 
-__all__ = ["AVAILABLE", "ENABLED", "make_ctl"]
+__all__ = ["AVAILABLE", "ENABLED", "make_ctl", "set_key_cache"]
 
 try:
     from . import _fastpath
@@ -39,6 +39,12 @@ _FIELDS = (
     ix.SEG_FIELDS, ix.S_GEN, ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH, ix.H_SEQ,
     ix.H_PROC_HW,
 )  # fmt: skip
+
+
+def set_key_cache(cache: dict[Any, tuple[bytes, bytes, int]]) -> None:
+    """Tell the C paths where the store keeps its validated keys and their hashes."""
+    if AVAILABLE:
+        _fastpath.set_key_cache(cache)
 
 
 def make_ctl(whole: memoryview, layout: ix.Layout) -> Any:

@@ -45,7 +45,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from . import _shm_arena, _shm_open, _shm_write
+from . import _shm_arena, _shm_fast, _shm_open, _shm_write
 from . import _shm_index as ix
 from ._shm_read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
 from .exceptions import ShmFullError, StorageError, StoreClosedError
@@ -70,6 +70,9 @@ class EntryInfo(NamedTuple):
     nbytes: int
     kind: Literal["array", "bytes"]
     order: Literal["C", "F"]
+
+
+_shm_fast.set_key_cache(_keys)  # the C paths look keys up there too
 
 
 def _key(key: object) -> tuple[bytes, bytes, int]:
@@ -232,17 +235,15 @@ class SharedArrayStore:
         """
         arr = array if type(array) is np.ndarray else np.asarray(array)
         a = self._arena
-        fast = a.fast
-        if fast is not None and overwrite and type(key) is str and a.slot >= 0:
-            parts = _keys.get(key)  # a key seen before is valid
-            # the steady state in C: the key's own block, same dtype and shape,
-            # no view of it anywhere; False: nothing done, the Python path decides
-            if (
-                parts is not None
-                and not self._closed
-                and fast.put_in_place(a, parts[1], parts[2], arr)
-            ):
-                return
+        # the steady state in C: a key seen before, its own block, same dtype and
+        # shape, no view of it anywhere; False: nothing done, the Python path decides
+        if (
+            a.fast is not None
+            and overwrite
+            and not self._closed
+            and a.fast.put_in_place(a, key, arr)
+        ):
+            return
         self._put(key, arr, 0, overwrite)
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
@@ -282,16 +283,13 @@ class SharedArrayStore:
             KeyError: ``key`` is not in the store.
         """
         a = self._arena
-        fast = a.fast
-        if fast is not None and LOCK_FREE_GET and type(key) is str and a.slot >= 0:
-            parts = _keys.get(key)  # a key seen before is valid
-            if parts is not None and not self._closed:
-                # the lock-free read and the view, in C; False: the Python path decides
-                view = fast.view(a, parts[1], parts[2])
+        if a.fast is not None and LOCK_FREE_GET and not self._closed:
+            # the lock-free read and the view, in C; False: the Python path decides
+            view = a.fast.view(a, key)
+            if view is not False:
                 if view is None:
                     raise KeyError(key)
-                if view is not False:
-                    return view
+                return view
         return self._get(key)[0]
 
     def get_bytes(self, key: str) -> bytes:

@@ -177,27 +177,26 @@ def test_a_put_in_place_declines_a_block_in_use(c_store: SharedArrayStore) -> No
     c_store.put("k", value)
     view = c_store.get("k")
     a = c_store._arena
-    h = ix.Tables.ht_hash(b"k")
     seq = a.h[ix.H_SEQ]
-    assert a.fast.put_in_place(a, b"k\0", h, value * 2) is False
+    assert a.fast.put_in_place(a, "k", value * 2) is False
     assert a.h[ix.H_SEQ] == seq and (view == 1).all()
     assert a.h[ix.H_WSEQ] % 2 == 0  # the write counter is even again
     del view
-    assert a.fast.put_in_place(a, b"k\0", h, value * 2) is True
+    assert a.fast.put_in_place(a, "k", value * 2) is True
     assert a.h[ix.H_SEQ] == seq + 1 and (c_store.get("k") == 2).all()
     # not for another dtype, shape or layout, nor without the cached description,
     # nor without the segment mapped for writing, nor while another thread is in
     for other in (value.astype(np.int32), value.reshape(64, 32), value[::2], value[:5]):
-        assert a.fast.put_in_place(a, b"k\0", h, other) is False
+        assert a.fast.put_in_place(a, "k", other) is False
     meta, rw_maps = dict(a.meta), dict(a.rw_maps)
     a.meta.clear()
-    assert a.fast.put_in_place(a, b"k\0", h, value) is False
+    assert a.fast.put_in_place(a, "k", value) is False
     a.meta.update(meta)
     a.rw_maps.clear()
-    assert a.fast.put_in_place(a, b"k\0", h, value) is False
+    assert a.fast.put_in_place(a, "k", value) is False
     a.rw_maps.update(rw_maps)
     with a._lock:
-        assert a.fast.put_in_place(a, b"k\0", h, value) is False
+        assert a.fast.put_in_place(a, "k", value) is False
     assert a.h[ix.H_SEQ] == seq + 1 and (c_store.get("k") == 2).all()
     assert a._holder is None and not a._lock.locked()
 
@@ -212,17 +211,21 @@ def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -
     refs = a._refs
 
     def view(key: str, ro_maps: dict[int, Any]) -> Any:
-        kb = key.encode()
         saved = a.ro_maps
         a.ro_maps = ro_maps
         try:
-            return a.fast.view(a, kb + b"\0", ix.Tables.ht_hash(kb))
+            return a.fast.view(a, key)
         finally:
             a.ro_maps = saved
 
     assert view("empty", a.ro_maps) is False  # a new empty array each time: Python makes it
     assert view("k", {}) is False  # its segment not mapped at this generation
-    assert view("absent", a.ro_maps) is None
+    absent = f"absent-{os.urandom(8).hex()}"
+    assert view(absent, a.ro_maps) is False  # a key never validated: Python checks it
+    with pytest.raises(KeyError):
+        c_store.get(absent)  # validates and caches it
+    assert view(absent, a.ro_maps) is None
+    assert view(b"k", a.ro_maps) is False  # not a str: Python raises the TypeError
     assert not a.pins_np.any() and not refs
     got = view("k", a.ro_maps)
     assert np.array_equal(got, np.arange(10.0)) and not got.flags.writeable
@@ -247,9 +250,13 @@ def test_the_c_view_checks_its_arguments(c_store: SharedArrayStore) -> None:
     with pytest.raises(TypeError):
         a.fast.get(a, "k", 0)
     with pytest.raises(TypeError):
-        a.fast.put_in_place(a, b"k\0", 0)
+        a.fast.put_in_place(a, "k")
     with pytest.raises(AttributeError):
-        a.fast.view(object(), b"k\0", 0)
+        a.fast.view(object(), "k")
+    slot = a.slot
+    a.slot = -1
+    assert a.fast.view(a, "k") is False  # no row in the pin table
+    a.slot = slot
     ctl = _shm_fast.make_ctl(a._whole, a.layout)
     pin_base = a.pin_base
     a.pin_base = -8
@@ -365,10 +372,15 @@ def test_views_made_in_c_are_the_views_python_makes(
             assert spy.python_ran() != enabled
             views.append(
                 (
-                    view.dtype, view.shape, view.strides, view.flags.writeable,
-                    view.flags.c_contiguous, view.flags.f_contiguous, view.flags.aligned,
+                    view.dtype,
+                    view.shape,
+                    view.strides,
+                    view.flags.writeable,
+                    view.flags.c_contiguous,
+                    view.flags.f_contiguous,
+                    view.flags.aligned,
                     view.tobytes(order="A"),
-                )  # fmt: skip
+                )
             )
             assert np.array_equal(view, value)
             derived = view.T[..., None]  # a view of the view keeps the block pinned
