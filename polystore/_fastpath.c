@@ -59,6 +59,8 @@ typedef struct {
     int64_t class_sizes[256];  /* ix.CLASS_SIZES */
     int64_t n_classes;
     int64_t small_put;         /* _shm_write.SMALL_PUT */
+    /* the arena's objects that never change (see bind()) */
+    PyObject *meta, *ro_maps, *rw_maps, *refs, *view_dead;
 } Ctl;
 
 /* The store's index: slot and entry of a key (bytes plus NUL), as find() in
@@ -136,28 +138,25 @@ mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm)
 
 /* -- get ------------------------------------------------------------------ */
 
-/* Add delta to this process's pin count of a block, under the store's thread
- * lock (its threads share the row). Nothing is allocated while it is held, so
- * no garbage collection, hence no view's unpin (which takes the same lock),
- * can run inside. A locked add: also a full barrier. Waiting for the lock
- * lets other threads run, and one may have shut the store down in this
- * process (which it does holding the lock): then nothing is added and 0 is
- * returned, as -1 with an exception is for a failure. */
-static int
-pin_add(Ctl *c, PyObject *lock, int32_t *pin, int32_t delta)
+/* Add delta to one count of this process's row of the pin table. Only this
+ * process writes its row, and with the fast path on every change it makes to
+ * it is one call of this (or of Ctl.pin_add from Python) while holding the
+ * GIL, hence no read-modify-write of another thread can come in between. The
+ * add is locked, which is also the full barrier a reader needs between its
+ * pin and its check of the write counter. A count never goes below zero. */
+static void
+pin_atomic(int32_t *pin, int32_t delta)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(lock, str_acquire);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    int live = c->buf.obj != NULL;
-    if (live && (delta > 0 || LD(pin) > 0))
+    if (delta >= 0) {
         __atomic_fetch_add(pin, delta, __ATOMIC_SEQ_CST);
-    r = PyObject_CallMethodNoArgs(lock, str_release);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return live;
+        return;
+    }
+    int32_t old = LD(pin);
+    while (old > 0) {
+        int32_t now = old + delta > 0 ? old + delta : 0;
+        if (__atomic_compare_exchange_n(pin, &old, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            return;
+    }
 }
 
 typedef struct {
@@ -173,12 +172,16 @@ enum { GOT = 1, ABSENT = 0, DECLINED = -1, FAILED = -2 };
 static int
 lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
 {
-    if (!PyBytes_Check(args[0]) || !PyDict_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "kbz must be bytes and meta a dict");
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "kbz must be bytes");
         return FAILED;
     }
     if (!ctl_live(c))
         return FAILED;
+    if (c->meta == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
+        return FAILED;
+    }
     const char *kbz = PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     int64_t hash = PyLong_AsLongLong(args[1]);
@@ -207,7 +210,7 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
     int64_t mseq = LD(&eq[f[F_E_MSEQ]]);
 
     PyObject *meta;
-    int cached_meta = item_of(args[4], e, &meta);
+    int cached_meta = item_of(c->meta, e, &meta);
     if (cached_meta <= 0)
         return cached_meta < 0 ? FAILED : DECLINED;
     if (!PyTuple_Check(meta) || PyTuple_GET_SIZE(meta) != 7)
@@ -231,9 +234,7 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
             return DECLINED;
         out->gen = LD(&c->sq[out->s * f[F_SEG_FIELDS] + f[F_S_GEN]]);
         out->pin = &c->pins[pin_base + b];
-        int pinned = pin_add(c, args[5], out->pin, 1);
-        if (pinned <= 0)
-            return pinned < 0 ? FAILED : DECLINED;  /* shut down meanwhile: Python says so */
+        pin_atomic(out->pin, 1);
     } else {
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
     }
@@ -243,11 +244,11 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
             PyErr_WriteUnraisable(test_hook);
         Py_XDECREF(r);
         if (c->buf.obj == NULL)  /* the hook ran Python code: shut down meanwhile? */
-            return DECLINED;
+            return DECLINED;  /* (the row went with the store, pin and all) */
     }
     if (LD(&h[f[F_H_WSEQ]]) != seq) {
-        if (out->pin != NULL && pin_add(c, args[5], out->pin, -1) < 0)
-            return FAILED;
+        if (out->pin != NULL)
+            pin_atomic(out->pin, -1);
         return DECLINED;
     }
     out->meta = Py_NewRef(meta);
@@ -274,20 +275,13 @@ not_got(int status)
     return NULL;  /* FAILED, with the exception set */
 }
 
-/* Drop a pin that nothing will track, keeping the error raised, if any.
- * -1 only when there was none and dropping the pin failed. */
-static int
-drop_pin(Ctl *c, PyObject *lock, int32_t *pin)
+/* Drop a pin that nothing will track, unless the store was shut down in this
+ * process meanwhile (its row went with it). */
+static void
+drop_pin(Ctl *c, int32_t *pin)
 {
-    PyObject *exc_type, *exc_value, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-    int dropped = pin_add(c, lock, pin, -1);
-    if (exc_type == NULL)
-        return dropped < 0 ? -1 : 0;
-    if (dropped < 0)
-        PyErr_Clear();
-    PyErr_Restore(exc_type, exc_value, exc_tb);
-    return 0;
+    if (c->buf.obj != NULL)
+        pin_atomic(pin, -1);
 }
 
 static PyObject *
@@ -301,7 +295,7 @@ get_impl(Ctl *c, PyObject *const *args)
                                 (long long)found.s, (long long)found.gen, (long long)found.off);
     Py_DECREF(found.meta);
     if (r == NULL && found.pin != NULL)  /* out of memory: nothing will unpin it */
-        drop_pin(c, args[5], found.pin);
+        drop_pin(c, found.pin);
     return r;
 }
 
@@ -387,10 +381,6 @@ PyDoc_STRVAR(ctl_view_doc,
 static PyObject *
 view_impl(Ctl *c, PyObject *const *args)
 {
-    if (!PyDict_Check(args[6]) || !PyDict_Check(args[7])) {
-        PyErr_SetString(PyExc_TypeError, "the arena's ro_maps and _refs must be dicts");
-        return NULL;
-    }
     Found found;
     int status = lookup_and_pin(c, args, &found);
     if (status != GOT)
@@ -399,14 +389,21 @@ view_impl(Ctl *c, PyObject *const *args)
         Py_DECREF(found.meta);
         Py_RETURN_FALSE;
     }
+    /* Making the view makes objects, so the garbage collector may run Python
+     * code meanwhile, even code that shuts the store down in this process:
+     * what make_view() uses gets references of its own first. */
+    PyObject *ro_maps = c->ro_maps, *refs = c->refs, *callback = c->view_dead;
+    Py_INCREF(ro_maps);
+    Py_INCREF(refs);
+    Py_INCREF(callback);
     int tracked = 0;
-    PyObject *view = make_view(&found, args[6], args[7], args[8], &tracked);
+    PyObject *view = make_view(&found, ro_maps, refs, callback, &tracked);
     Py_DECREF(found.meta);
-    if (!tracked && (view == NULL || view == Py_False)
-            && drop_pin(c, args[5], found.pin) < 0) {
-        Py_XDECREF(view);
-        return NULL;
-    }
+    Py_DECREF(ro_maps);
+    Py_DECREF(refs);
+    Py_DECREF(callback);
+    if (!tracked && (view == NULL || view == Py_False))
+        drop_pin(c, found.pin);
     return view;
 }
 
@@ -550,8 +547,12 @@ static PyObject *str_dtype;
 static PyObject *
 put_impl(Ctl *c, PyObject *const *args)
 {
-    if (!PyBytes_Check(args[1]) || !PyDict_Check(args[5]) || !PyDict_Check(args[6])) {
-        PyErr_SetString(PyExc_TypeError, "kbz must be bytes, rw_maps and meta dicts");
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "kbz must be bytes");
+        return NULL;
+    }
+    if (c->meta == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
         return NULL;
     }
     if (!ctl_live(c))
@@ -598,7 +599,7 @@ put_impl(Ctl *c, PyObject *const *args)
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         int64_t e = find(c, kbz, n, hash);
         if (e >= 0)
-            done = overwrite_locked(c, e, &src, dtype, args[6], args[5]);
+            done = overwrite_locked(c, e, &src, dtype, c->meta, c->rw_maps);
         __atomic_store_n(&h[f[F_H_WSEQ]], h[f[F_H_WSEQ]] + 1, __ATOMIC_RELEASE);
     }
     PyBuffer_Release(&src);
@@ -616,8 +617,8 @@ put_impl(Ctl *c, PyObject *const *args)
 
 /* -- entry points: the arena's state read in C ------------------------------ */
 
-static PyObject *s_epoch, *s_pin_base, *s_meta, *s_lock, *s_ro_maps, *s_refs, *s_view_dead,
-    *s_fd, *s_rw_maps, *s_pending, *s_holder, *s_unpin_pending, *s_slot;
+static PyObject *s_epoch, *s_pin_base, *s_lock, *s_fd, *s_pending, *s_holder,
+    *s_unpin_pending, *s_slot;
 
 /* Fetch n attributes of the arena into out (new references); 0, or -1 with
  * an exception and nothing held. */
@@ -669,6 +670,28 @@ check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *name, const char *wha
     return 0;
 }
 
+/* impl(kbz, hash, epoch, pin_base) with the arena's current epoch and row
+ * of the pin table (False while it has none: the Python path takes one). */
+static PyObject *
+with_row(Ctl *c, PyObject *arena, PyObject *kbz, PyObject *hash,
+         PyObject *(*impl)(Ctl *, PyObject *const *))
+{
+    PyObject *names[3] = {s_slot, s_epoch, s_pin_base};
+    PyObject *got[3];
+    if (fetch(arena, names, got, 3) < 0)
+        return NULL;
+    PyObject *r;
+    long slot = PyLong_AsLong(got[0]);
+    if (slot < 0) {
+        r = PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    } else {
+        PyObject *inner[4] = {kbz, hash, got[1], got[2]};
+        r = impl(c, inner);
+    }
+    drop(got, 3);
+    return r;
+}
+
 static PyObject *
 ctl_get(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -678,14 +701,7 @@ ctl_get(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "get(): the key must be bytes");
         return NULL;
     }
-    PyObject *names[4] = {s_epoch, s_pin_base, s_meta, s_lock};
-    PyObject *got[4];
-    if (fetch(args[0], names, got, 4) < 0)
-        return NULL;
-    PyObject *inner[6] = {args[1], args[2], got[0], got[1], got[2], got[3]};
-    PyObject *r = get_impl(c, inner);
-    drop(got, 4);
-    return r;
+    return with_row(c, args[0], args[1], args[2], get_impl);
 }
 
 static PyObject *
@@ -696,23 +712,8 @@ ctl_view(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     PyObject *parts = cached_key(args[1]);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-    PyObject *names[8] = {s_slot, s_epoch, s_pin_base, s_meta, s_lock, s_ro_maps, s_refs,
-                          s_view_dead};
-    PyObject *got[8];
-    if (fetch(args[0], names, got, 8) < 0) {
-        Py_DECREF(parts);
-        return NULL;
-    }
-    PyObject *r;
-    long slot = PyLong_AsLong(got[0]);
-    if (slot < 0) {  /* no row of the pin table yet: the Python path takes one */
-        r = PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-    } else {
-        PyObject *inner[9] = {PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
-                              got[2], got[3], got[4], got[5], got[6], got[7]};
-        r = view_impl(c, inner);
-    }
-    drop(got, 8);
+    PyObject *r = with_row(c, args[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
+                           view_impl);
     Py_DECREF(parts);
     return r;
 }
@@ -726,13 +727,13 @@ ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     PyObject *parts = cached_key(args[1]);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-    PyObject *names[6] = {s_fd, s_epoch, s_rw_maps, s_meta, s_lock, s_pending};
-    PyObject *got[6];
-    if (fetch(arena, names, got, 6) < 0) {
+    PyObject *names[4] = {s_fd, s_epoch, s_lock, s_pending};
+    PyObject *got[4];
+    if (fetch(arena, names, got, 4) < 0) {
         Py_DECREF(parts);
         return NULL;
     }
-    PyObject *lock = got[4], *pending = got[5];
+    PyObject *lock = got[2], *pending = got[3];
     PyObject *r = NULL;
     /* Another thread of ours in the store, or unpins waiting: the Python path. */
     if (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0) {
@@ -760,8 +761,8 @@ ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     Py_DECREF(me);
-    PyObject *inner[7] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
-                          args[2], got[2], got[3]};
+    PyObject *inner[5] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
+                          args[2]};
     r = put_impl(c, inner);
     /* Whatever happened: unpins deferred meanwhile, then give the lock back. */
     PyObject *exc_type, *exc_value, *exc_tb;
@@ -783,16 +784,78 @@ ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
         Py_CLEAR(r);
     }
 done:
-    drop(got, 6);
+    drop(got, 4);
     Py_DECREF(parts);
     return r;
 }
 
 /* -- the type and the module ------------------------------------------------- */
 
+static int
+ctl_clear(Ctl *c)
+{
+    Py_CLEAR(c->meta);
+    Py_CLEAR(c->ro_maps);
+    Py_CLEAR(c->rw_maps);
+    Py_CLEAR(c->refs);
+    Py_CLEAR(c->view_dead);
+    return 0;
+}
+
+static int
+ctl_traverse(Ctl *c, visitproc visit, void *arg)
+{
+    Py_VISIT(c->meta);
+    Py_VISIT(c->ro_maps);
+    Py_VISIT(c->rw_maps);
+    Py_VISIT(c->refs);
+    Py_VISIT(c->view_dead);
+    return 0;
+}
+
+static PyObject *
+ctl_bind(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])
+            || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) || !PyCallable_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "bind(meta: dict, ro_maps: dict, rw_maps: dict, refs: dict, view_dead)");
+        return NULL;
+    }
+    Py_XSETREF(c->meta, Py_NewRef(args[0]));
+    Py_XSETREF(c->ro_maps, Py_NewRef(args[1]));
+    Py_XSETREF(c->rw_maps, Py_NewRef(args[2]));
+    Py_XSETREF(c->refs, Py_NewRef(args[3]));
+    Py_XSETREF(c->view_dead, Py_NewRef(args[4]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ctl_pin_add(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pin_add(index, delta)");
+        return NULL;
+    }
+    if (!ctl_live(c))
+        return NULL;
+    long long index = PyLong_AsLongLong(args[0]);
+    long delta = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index >= c->max_procs * c->max_blocks || delta < INT32_MIN
+            || delta > INT32_MAX) {
+        PyErr_Format(PyExc_IndexError, "pin_add(%lld, %ld): no such count", index, delta);
+        return NULL;
+    }
+    pin_atomic(&c->pins[index], (int32_t)delta);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 ctl_release(Ctl *c, PyObject *Py_UNUSED(ignored))
 {
+    ctl_clear(c);
     if (c->buf.obj != NULL)
         PyBuffer_Release(&c->buf);
     c->h = c->ht = c->bq = c->sq = NULL;
@@ -898,6 +961,7 @@ ctl_init(Ctl *c, PyObject *args, PyObject *kwds)
 static void
 ctl_dealloc(Ctl *c)
 {
+    PyObject_GC_UnTrack(c);
     ctl_release(c, NULL);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
@@ -934,6 +998,13 @@ static PyMethodDef ctl_methods[] = {
     {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
     {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
     {"put_in_place", (PyCFunction)(void (*)(void))ctl_put_in_place, METH_FASTCALL, ctl_put_doc},
+    {"bind", (PyCFunction)(void (*)(void))ctl_bind, METH_FASTCALL,
+     "bind(meta, ro_maps, rw_maps, refs, view_dead): the arena's objects that never "
+     "change, which get(), view() and put_in_place() use."},
+    {"pin_add", (PyCFunction)(void (*)(void))ctl_pin_add, METH_FASTCALL,
+     "pin_add(index, delta): change a count of this process's row of the pin table "
+     "atomically (never below zero). With the fast path on, every change to the row goes "
+     "through here, so that the lock-free get() needs no thread lock."},
     {"release", (PyCFunction)ctl_release, METH_NOARGS,
      "Give the control segment's buffer back (every later call raises ValueError)."},
     {NULL, NULL, 0, NULL},
@@ -944,7 +1015,9 @@ static PyTypeObject CtlType = {
     .tp_name = "polystore._fastpath.Ctl",
     .tp_basicsize = sizeof(Ctl),
     .tp_dealloc = (destructor)ctl_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)ctl_traverse,
+    .tp_clear = (inquiry)ctl_clear,
     .tp_doc = "Ctl(buffer, offsets, geometry, fields): one store's control segment, "
               "as the C fast paths see it.",
     .tp_methods = ctl_methods,
@@ -969,20 +1042,14 @@ PyInit__fastpath(void)
     str_release = PyUnicode_InternFromString("release");
     s_epoch = PyUnicode_InternFromString("_epoch");
     s_pin_base = PyUnicode_InternFromString("pin_base");
-    s_meta = PyUnicode_InternFromString("meta");
     s_lock = PyUnicode_InternFromString("_lock");
-    s_ro_maps = PyUnicode_InternFromString("ro_maps");
-    s_refs = PyUnicode_InternFromString("_refs");
-    s_view_dead = PyUnicode_InternFromString("view_dead");
     s_fd = PyUnicode_InternFromString("_fd");
-    s_rw_maps = PyUnicode_InternFromString("rw_maps");
     s_pending = PyUnicode_InternFromString("_pending");
     s_holder = PyUnicode_InternFromString("_holder");
     s_unpin_pending = PyUnicode_InternFromString("unpin_pending");
     s_slot = PyUnicode_InternFromString("slot");
-    if (!s_epoch || !s_pin_base || !s_meta || !s_lock || !s_ro_maps || !s_refs || !s_view_dead
-            || !s_fd || !s_rw_maps || !s_pending || !s_holder || !s_unpin_pending
-            || !s_slot)
+    if (!s_epoch || !s_pin_base || !s_lock || !s_fd || !s_pending || !s_holder
+            || !s_unpin_pending || !s_slot)
         return NULL;
     str_dtype = PyUnicode_InternFromString("dtype");
     if (str_acquire == NULL || str_release == NULL || str_dtype == NULL)

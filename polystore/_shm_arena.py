@@ -68,7 +68,6 @@ class Arena(Allocator):
     def __init__(self, owner_pid: int, name: str, fd: int, layout: ix.Layout) -> None:
         self._mm = mmap.mmap(fd, layout.size)
         super().__init__(self._mm, layout)
-        self.fast = make_ctl(self._whole, layout)
         self.owner_pid = owner_pid
         self.name = name
         self.path = ix.ctl_path(owner_pid, name)
@@ -90,6 +89,9 @@ class Arena(Allocator):
         self.meta: dict[int, Meta] = {}
         #: the weak-reference callback of every view (made once: the C read path takes it)
         self.view_dead = self._view_dead
+        self.fast = make_ctl(self._whole, layout)
+        if self.fast is not None:
+            self.fast.bind(self.meta, self.ro_maps, self.rw_maps, self._refs, self.view_dead)
         _all_arenas.add(self)
 
     # -- lifetime ---------------------------------------------------------------
@@ -347,16 +349,27 @@ class Arena(Allocator):
         self.slot = -1
         self.my_slot()
         for b, n in counts.items():
-            self.pins[self.pin_base + b] += n
+            self.pin_add(self.pin_base + b, n)
 
     def _unpin(self, b: int) -> None:
         # Only this process writes its row (pinning is inlined in the read
         # path); the thread lock, or the store lock, which includes it, keeps
         # its threads apart. A retired block whose last view this was is
         # freed by the next sweep.
-        i = self.pin_base + b
-        if self.slot >= 0 and self.pins[i] > 0:
-            self.pins[i] -= 1
+        if self.slot >= 0:
+            self.pin_add(self.pin_base + b, -1)
+
+    def pin_add(self, i: int, delta: int) -> None:
+        """Change count ``i`` of this process's row of the pin table (never below 0).
+
+        The C read path pins without the thread lock, so with it every change
+        to the row is one atomic call (:meth:`polystore._fastpath.Ctl.pin_add`);
+        without it, the callers hold the thread lock.
+        """
+        if self.fast is not None:
+            self.fast.pin_add(i, delta)
+        else:
+            self.pins[i] = max(0, self.pins[i] + delta)
 
     def unpin_pending(self) -> None:
         """Drop the pins of views that died while this thread held the lock (held)."""

@@ -349,7 +349,7 @@ class SharedArrayStore:
             if b >= 0:
                 if a.slot < 0:
                     a.my_slot()
-                a.pins[a.pin_base + b] += 1  # pin: only this process writes its row
+                a.pin_add(a.pin_base + b, 1)  # pin: only this process writes its row
                 k = b * _BLK
                 s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
                 gen = a.sq[s * _SEG + _S_GEN]

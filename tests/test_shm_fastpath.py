@@ -210,24 +210,25 @@ def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -
     a = c_store._arena
     refs = a._refs
 
-    def view(key: str, ro_maps: dict[int, Any]) -> Any:
-        saved = a.ro_maps
-        a.ro_maps = ro_maps
+    def view(key: object, mapped: bool = True) -> Any:
+        saved = dict(a.ro_maps)  # the C view holds the arena's dict itself
+        if not mapped:
+            a.ro_maps.clear()
         try:
             return a.fast.view(a, key)
         finally:
-            a.ro_maps = saved
+            a.ro_maps.update(saved)
 
-    assert view("empty", a.ro_maps) is False  # a new empty array each time: Python makes it
-    assert view("k", {}) is False  # its segment not mapped at this generation
+    assert view("empty") is False  # a new empty array each time: Python makes it
+    assert view("k", mapped=False) is False  # its segment not mapped here yet
     absent = f"absent-{os.urandom(8).hex()}"
-    assert view(absent, a.ro_maps) is False  # a key never validated: Python checks it
+    assert view(absent) is False  # a key never validated: Python checks it
     with pytest.raises(KeyError):
         c_store.get(absent)  # validates and caches it
-    assert view(absent, a.ro_maps) is None
-    assert view(b"k", a.ro_maps) is False  # not a str: Python raises the TypeError
+    assert view(absent) is None
+    assert view(b"k") is False  # not a str: Python raises the TypeError
     assert not a.pins_np.any() and not refs
-    got = view("k", a.ro_maps)
+    got = view("k")
     assert np.array_equal(got, np.arange(10.0)) and not got.flags.writeable
     assert a.pins_np.sum() == 1 and len(refs) == 1
     del got
@@ -238,6 +239,7 @@ def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -
 def test_the_c_view_checks_its_arguments(c_store: SharedArrayStore) -> None:
     from polystore import _fastpath
 
+    c_store.put("k", np.arange(3.0))
     a = c_store._arena
     with pytest.raises(ValueError, match="does not fit"):
         _fastpath.Ctl(
@@ -258,6 +260,11 @@ def test_the_c_view_checks_its_arguments(c_store: SharedArrayStore) -> None:
     assert a.fast.view(a, "k") is False  # no row in the pin table
     a.slot = slot
     ctl = _shm_fast.make_ctl(a._whole, a.layout)
+    with pytest.raises(RuntimeError, match="bind"):
+        ctl.get(a, b"k\0", 0)
+    ctl.bind(a.meta, a.ro_maps, a.rw_maps, a._refs, a.view_dead)
+    with pytest.raises(IndexError):
+        ctl.pin_add(-1, 1)
     pin_base = a.pin_base
     a.pin_base = -8
     assert ctl.get(a, b"\0\0", 0) is False  # not a row of the pin table

@@ -294,3 +294,36 @@ def test_only_a_fork_with_live_views_holds_the_store() -> None:
             _shm_fork._after_fork_in_parent()  # no child: the pipe ends at once
         assert not arena.h[ix.H_WSEQ] & 1 and _shm_fork._handoff is None
         del view
+
+
+@pytest.mark.timeout(60)
+def test_threads_pinning_and_unpinning_one_block_lose_no_count() -> None:
+    # Views of one block taken and dropped by several threads at once: the
+    # C path pins without the thread lock, so every change to the row must
+    # be atomic, or a count is lost (a block freed under a view) or left over.
+    with SharedArrayStore() as store:
+        store.put("k", np.arange(N, dtype=np.float32))
+        a = store._arena
+        store.get("k")
+        held = store.get("k")  # one view stays: its pin must survive the storm
+        errors: list[BaseException] = []
+
+        def churn() -> None:
+            try:
+                for _ in range(3000):
+                    view = store.get("k")
+                    more = view[1:]
+                    del view, more
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=churn) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors
+        row = a.pins_np[a.slot]
+        assert row.sum() == 1 and row.min() >= 0
+        del held
+        assert not a.pins_np.any()
