@@ -1,14 +1,18 @@
 /*
- * polystore._fastpath: the two hot paths of SharedArrayStore in C.
+ * polystore._fastpath: the hot paths of SharedArrayStore in C.
  *
  * The pure-Python paths in _shm_read.py and _shm_write.py define the
- * semantics; this module repeats two of their common cases with far fewer
- * memory accesses and no bytecode:
+ * semantics; this module repeats their common cases with far fewer memory
+ * accesses and no bytecode:
  *
- *   Ctl.get(): the lock-free lookup and pin of get_optimistic(), for a key
- *       whose description this process has cached;
+ *   Ctl.view(): a get() whose value description this process has cached:
+ *       the lock-free lookup and pin of get_optimistic(), then the view;
+ *   Ctl.get(): the same lookup and pin, for the Python path to make a view;
  *   Ctl.put_in_place(): a small put that overwrites a key's own block, the
- *       steady state of a value handed over again and again.
+ *       steady state of a value handed over again and again;
+ *   Ctl.pin_add(): the one way this process changes its row of the pin
+ *       table while the fast path is on (an atomic add), which is what lets
+ *       the read path pin without the store's thread lock.
  *
  * Anything else (a new key, another shape, a block in use, a store closed or
  * shrunk meanwhile, a mapping this process has not made yet) is declined with
@@ -329,8 +333,11 @@ make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, i
      * the mapping alive and which every view derived from this one keeps
      * alive in turn; when it dies, no view of the block is left in this
      * process (Arena.track). Objects are made from here on, so garbage
-     * collection may run Python code, which the tables do not depend on. */
+     * collection may run Python code, even code that drops the mapping from
+     * ro_maps: it is held here until the memoryview holds it. */
+    Py_INCREF(mm);
     PyObject *base = PyMemoryView_FromObject(mm);
+    Py_DECREF(mm);
     if (base == NULL)
         return NULL;
     Py_buffer *mapped_buf = PyMemoryView_GET_BUFFER(base);
