@@ -47,7 +47,7 @@ enum {
     F_H_PROC_HW, N_FIELDS
 };
 
-static PyObject *str_acquire, *str_release;  /* interned method names */
+static PyObject *str_locked;  /* interned method name */
 /* Tests only: called by get() between its pin and its check of the write
  * counter, the window in which a writer must send the reader to the lock. */
 static PyObject *test_hook;
@@ -416,27 +416,6 @@ view_impl(Ctl *c, PyObject *const *args)
 
 /* -- put in place --------------------------------------------------------- */
 
-/* flock() with the GIL released, retried on EINTR after running signal
- * handlers (as fcntl.flock does): an exception they raise is returned. */
-static int
-lock_fd(int fd, int op)
-{
-    for (;;) {
-        int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = flock(fd, op);
-        Py_END_ALLOW_THREADS
-        if (rc == 0)
-            return 0;
-        if (errno != EINTR) {
-            PyErr_SetFromErrno(PyExc_OSError);
-            return -1;
-        }
-        if (PyErr_CheckSignals() < 0)
-            return -1;
-    }
-}
-
 /* Whether entry e holds a plain array (no flags) of exactly src's dtype and
  * shape: its description cached in meta[e] is current (E_MSEQ), names the
  * very dtype object of src, and has src's shape; the entry agrees. */
@@ -524,8 +503,10 @@ overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *m
     if (mapped <= 0)
         return mapped;
     Py_buffer dst;
-    if (PyObject_GetBuffer(mm, &dst, PyBUF_WRITABLE) < 0)
-        return -1;
+    if (PyObject_GetBuffer(mm, &dst, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();  /* the Python path meets the same error and reports it */
+        return 0;
+    }
     int done = 0;
     if (off + src->len <= dst.len) {
         memcpy((char *)dst.buf + off, src->buf, src->len);
@@ -540,14 +521,15 @@ overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *m
 
 PyDoc_STRVAR(ctl_put_doc,
 "put_in_place(arena, key, array) -> bool\n\n"
-"Take the store lock (flock on arena._fd) and copy a C-contiguous array over\n"
-"the block of a key in the key cache when the Python path would do exactly that: the\n"
-"key's current description, cached in arena.meta, has the array's dtype and\n"
-"shape; the block has the array's size class; no process holds a view of it;\n"
-"and its segment is mapped writable at its current generation. Returns\n"
-"False, having changed nothing, in every other case: for arrays of over\n"
-"small_put bytes or empty ones, and when another thread of this process is\n"
-"using the store.");
+"Take the store lock (flock on arena._fd, without waiting) and copy a\n"
+"C-contiguous array over the block of a key in the key cache when the Python\n"
+"path would do exactly that: the key's current description, cached in\n"
+"arena.meta, has the array's dtype and shape; the block has the array's size\n"
+"class; no process holds a view of it; and its segment is mapped writable at\n"
+"its current generation. Returns False, having changed nothing, in every\n"
+"other case: for arrays of over small_put bytes or empty ones, while another\n"
+"thread of this process is in the store, and while another process holds\n"
+"the lock.");
 
 static PyObject *str_dtype;
 
@@ -591,10 +573,16 @@ put_impl(Ctl *c, PyObject *const *args)
         Py_DECREF(dtype);
         Py_RETURN_FALSE;
     }
-    if (lock_fd(fd, LOCK_EX) < 0) {
+    /* The caller saw no thread of this process in the store, and the GIL is
+     * not given up from here to the unlock, so none can come in: the flock,
+     * shared by the threads of a process, is ours alone. Another process
+     * holding it sends this put to the Python path, which waits. */
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
         PyBuffer_Release(&src);
         Py_DECREF(dtype);
-        return NULL;
+        if (errno == EWOULDBLOCK || errno == EINTR)
+            Py_RETURN_FALSE;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     const int64_t *f = c->f;
     int64_t *h = c->h;
@@ -624,8 +612,7 @@ put_impl(Ctl *c, PyObject *const *args)
 
 /* -- entry points: the arena's state read in C ------------------------------ */
 
-static PyObject *s_epoch, *s_pin_base, *s_lock, *s_fd, *s_pending, *s_holder,
-    *s_unpin_pending, *s_slot;
+static PyObject *s_epoch, *s_pin_base, *s_lock, *s_fd, *s_pending, *s_slot;
 
 /* Fetch n attributes of the arena into out (new references); 0, or -1 with
  * an exception and nothing held. */
@@ -742,54 +729,24 @@ ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *lock = got[2], *pending = got[3];
     PyObject *r = NULL;
-    /* Another thread of ours in the store, or unpins waiting: the Python path. */
+    /* A thread of ours in the store (it holds the thread lock, perhaps while
+     * it waits for the flock), or unpins waiting: the Python path. */
     if (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0) {
         r = Py_NewRef(Py_False);
         goto done;
     }
-    PyObject *no = Py_False;
-    PyObject *took = PyObject_VectorcallMethod(str_acquire, (PyObject *[]){lock, no}, 2, NULL);
-    if (took == NULL)
+    PyObject *held = PyObject_CallMethodNoArgs(lock, str_locked);
+    if (held == NULL)
         goto done;
-    int have = took == Py_True;
-    Py_DECREF(took);
-    if (!have) {
+    int busy = held != Py_False;
+    Py_DECREF(held);
+    if (busy) {
         r = Py_NewRef(Py_False);
         goto done;
     }
-    /* As Arena.acquire does: a view dying in this thread meanwhile (garbage
-     * collection can run wherever an object is made) defers its unpin
-     * instead of waiting for the thread lock we hold. */
-    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (me == NULL || PyObject_SetAttr(arena, s_holder, me) < 0) {
-        Py_XDECREF(me);
-        PyObject *rel = PyObject_CallMethodNoArgs(lock, str_release);
-        Py_XDECREF(rel);
-        goto done;
-    }
-    Py_DECREF(me);
     PyObject *inner[5] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
                           args[2]};
     r = put_impl(c, inner);
-    /* Whatever happened: unpins deferred meanwhile, then give the lock back. */
-    PyObject *exc_type, *exc_value, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-    int ok = 1;
-    if (PyList_GET_SIZE(pending) > 0) {
-        PyObject *u = PyObject_CallMethodNoArgs(arena, s_unpin_pending);
-        ok &= u != NULL;
-        Py_XDECREF(u);
-    }
-    ok &= PyObject_SetAttr(arena, s_holder, Py_None) == 0;
-    PyObject *rel = PyObject_CallMethodNoArgs(lock, str_release);
-    ok &= rel != NULL;
-    Py_XDECREF(rel);
-    if (exc_type != NULL) {
-        PyErr_Clear();
-        PyErr_Restore(exc_type, exc_value, exc_tb);
-    } else if (!ok) {
-        Py_CLEAR(r);
-    }
 done:
     drop(got, 4);
     Py_DECREF(parts);
@@ -1045,21 +1002,17 @@ PyInit__fastpath(void)
 {
     if (PyType_Ready(&CtlType) < 0)
         return NULL;
-    str_acquire = PyUnicode_InternFromString("acquire");
-    str_release = PyUnicode_InternFromString("release");
+    str_locked = PyUnicode_InternFromString("locked");
     s_epoch = PyUnicode_InternFromString("_epoch");
     s_pin_base = PyUnicode_InternFromString("pin_base");
     s_lock = PyUnicode_InternFromString("_lock");
     s_fd = PyUnicode_InternFromString("_fd");
     s_pending = PyUnicode_InternFromString("_pending");
-    s_holder = PyUnicode_InternFromString("_holder");
-    s_unpin_pending = PyUnicode_InternFromString("unpin_pending");
     s_slot = PyUnicode_InternFromString("slot");
-    if (!s_epoch || !s_pin_base || !s_lock || !s_fd || !s_pending || !s_holder
-            || !s_unpin_pending || !s_slot)
+    if (!s_epoch || !s_pin_base || !s_lock || !s_fd || !s_pending || !s_slot)
         return NULL;
     str_dtype = PyUnicode_InternFromString("dtype");
-    if (str_acquire == NULL || str_release == NULL || str_dtype == NULL)
+    if (str_locked == NULL || str_dtype == NULL)
         return NULL;
     if (_import_array() < 0)  /* numpy's C API, checked against the numpy that runs */
         return NULL;

@@ -6,6 +6,7 @@ fixture); these check the fast path itself.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -199,6 +200,18 @@ def test_a_put_in_place_declines_a_block_in_use(c_store: SharedArrayStore) -> No
         assert a.fast.put_in_place(a, "k", value) is False
     assert a.h[ix.H_SEQ] == seq + 1 and (c_store.get("k") == 2).all()
     assert a._holder is None and not a._lock.locked()
+    # another process holding the lock (here: another open file description):
+    # the C put does not wait, the Python path does
+    other = os.open(a.path, os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        assert a.fast.put_in_place(a, "k", value * 3) is False
+        assert (c_store.get("k") == 2).all()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert a.fast.put_in_place(a, "k", value * 3) is True
+        assert (c_store.get("k") == 3).all()
+    finally:
+        os.close(other)
 
 
 @needs_c
