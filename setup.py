@@ -25,7 +25,12 @@ def fast_path() -> list[Extension]:
     return [
         Extension(
             "polystore._fastpath",
-            sources=["polystore/_fastpath.c"],
+            sources=[
+                "polystore/_fastpath.c",
+                "polystore/_fastpath_read.c",
+                "polystore/_fastpath_write.c",
+            ],
+            depends=["polystore/_fastpath.h"],
             include_dirs=[numpy.get_include()],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
             optional=True,  # a failed compile leaves a working pure-Python install

@@ -1,6 +1,6 @@
 """The optional C fast paths of :class:`~polystore.SharedArrayStore`.
 
-``polystore._fastpath`` (built from ``_fastpath.c`` at install time when a C
+``polystore._fastpath`` (built from ``_fastpath*.c`` at install time when a C
 compiler is there) repeats the two steady-state cases of the store in C: the
 lock-free lookup and pin of a ``get`` whose value description is cached, and
 a small ``put`` that overwrites its key's own block. Every other case, and

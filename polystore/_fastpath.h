@@ -1,0 +1,118 @@
+/*
+ * polystore._fastpath: declarations shared by its three files.
+ *
+ *   _fastpath.c        the module, the Ctl type and its entry points
+ *   _fastpath_read.c   the lock-free lookup, pin and view (get)
+ *   _fastpath_write.c  the small put that overwrites a block in place
+ *
+ * See _fastpath.c for what the module is for.
+ */
+#ifndef POLYSTORE_FASTPATH_H
+#define POLYSTORE_FASTPATH_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+/* one table of numpy's C API for the three files; _fastpath.c imports it */
+#define PY_ARRAY_UNIQUE_SYMBOL polystore_fastpath_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/file.h>
+
+/* Symbols shared between the files, not exported from the extension. */
+#define FP_INTERNAL __attribute__((visibility("hidden")))
+
+/* Shared memory that other processes write without our lock: every read of
+ * it is a single relaxed atomic load, so the compiler neither tears it nor
+ * caches it across the seqlock check. */
+#define LD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define ST(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+enum {
+    /* order of the `fields` tuple given to Ctl() */
+    F_ENT_SIZE, F_E_BLOCK, F_E_NBYTES, F_E_SEQ, F_E_META, F_E_MSEQ, F_E_KEY,
+    F_E_DTYPE, F_E_SHAPE, F_BLK_FIELDS, F_B_SEG, F_B_OFF, F_B_CLS,
+    F_SEG_FIELDS, F_S_GEN, F_H_WSEQ, F_H_CLOSED, F_H_EPOCH, F_H_SEQ,
+    F_H_PROC_HW, N_FIELDS
+};
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer buf;  /* the whole control segment; buf.obj NULL once released */
+    int64_t *h, *ht, *bq, *sq;
+    char *eb;
+    int32_t *pins;
+    int64_t mask, max_keys, max_blocks, max_segs, max_procs;
+    int64_t f[N_FIELDS];
+    int64_t class_sizes[256];  /* ix.CLASS_SIZES */
+    int64_t n_classes;
+    int64_t small_put;         /* _shm_write.SMALL_PUT */
+    /* the arena's objects that never change (see bind()) */
+    PyObject *meta, *ro_maps, *rw_maps, *refs, *view_dead;
+} Ctl;
+
+typedef struct {
+    PyObject *meta;  /* a reference of its own: other threads may change the dict */
+    int64_t b, s, gen, off;
+    int32_t *pin;    /* NULL for a value without a block */
+} Found;
+
+enum { GOT = 1, ABSENT = 0, DECLINED = -1, FAILED = -2 };
+
+static inline int
+ctl_live(Ctl *c)
+{
+    if (c->buf.obj == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the control segment was released");
+        return 0;
+    }
+    return 1;
+}
+
+static inline int
+key_ok(Ctl *c, Py_ssize_t n)
+{
+    /* kbz is the key and its NUL: it must fit the key field of an entry */
+    return n >= 2 && n <= c->f[F_E_DTYPE] - c->f[F_E_KEY];
+}
+
+/* Add delta to one count of this process's row of the pin table. Only this
+ * process writes its row, and with the fast path on every change it makes to
+ * it is one call of this (or of Ctl.pin_add from Python) while holding the
+ * GIL, hence no read-modify-write of another thread can come in between. The
+ * add is locked, which is also the full barrier a reader needs between its
+ * pin and its check of the write counter. A count never goes below zero. */
+static inline void
+pin_atomic(int32_t *pin, int32_t delta)
+{
+    if (delta >= 0) {
+        __atomic_fetch_add(pin, delta, __ATOMIC_SEQ_CST);
+        return;
+    }
+    int32_t old = LD(pin);
+    while (old > 0) {
+        int32_t now = old + delta > 0 ? old + delta : 0;
+        if (__atomic_compare_exchange_n(pin, &old, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+            return;
+    }
+}
+
+/* Tests only: called by get() between its pin and its check of the write
+ * counter, the window in which a writer must send the reader to the lock. */
+FP_INTERNAL extern PyObject *fp_test_hook;
+FP_INTERNAL extern PyObject *fp_str_dtype;  /* "dtype", interned */
+
+FP_INTERNAL int64_t fp_find(Ctl *c, const char *kbz, Py_ssize_t n, int64_t hash);
+FP_INTERNAL int fp_item_of(PyObject *dict, int64_t key, PyObject **out);
+FP_INTERNAL int fp_mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm);
+/* args: the key's bytes and NUL, its hash, the arena's epoch and pin row base */
+FP_INTERNAL PyObject *fp_get_impl(Ctl *c, PyObject *const *args);
+FP_INTERNAL PyObject *fp_view_impl(Ctl *c, PyObject *const *args);
+/* args: the arena's fd, the key's bytes and NUL, its hash, the epoch, the array */
+FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
+
+#endif

@@ -1,0 +1,292 @@
+/*
+ * polystore._fastpath: the read path, a get() without the store lock.
+ *
+ * A seqlock read of the shared index (see _shm_read.py, which it repeats):
+ * note the write counter, look the key up, pin the block in this process's
+ * row of the pin table, check the counter; then build the view with numpy's
+ * C API over a memoryview of the mapping, which Arena.track() watches.
+ */
+#define NO_IMPORT_ARRAY
+#include "_fastpath.h"
+
+/* The store's index: slot and entry of a key (bytes plus NUL), as find() in
+ * _shm_index.py. Entry -1: absent (slot is where it would go). Entry -2: the
+ * table looked inconsistent, which only a read racing a writer can see. */
+FP_INTERNAL int64_t
+fp_find(Ctl *c, const char *kbz, Py_ssize_t n, int64_t hash)
+{
+    int64_t i = hash & c->mask;
+    for (int64_t probe = 0; probe <= c->mask; probe++) {
+        int64_t v = LD(&c->ht[i]);
+        if (v == 0)
+            return -1;
+        if (v > 0 && (v >> 32) == hash) {
+            int64_t e = (v & 0xFFFFFFFF) - 1;
+            if (e < 0 || e >= c->max_keys)
+                return -2;
+            if (memcmp(c->eb + e * c->f[F_ENT_SIZE] + c->f[F_E_KEY], kbz, n) == 0)
+                return e;
+        }
+        i = (i + 1) & c->mask;
+    }
+    return -2;
+}
+
+/* *out = dict[key] (borrowed), for an int key: 1 found, 0 absent, -1 error. */
+FP_INTERNAL int
+fp_item_of(PyObject *dict, int64_t key, PyObject **out)
+{
+    PyObject *k = PyLong_FromLongLong(key);
+    if (k == NULL)
+        return -1;
+    *out = PyDict_GetItemWithError(dict, k);
+    Py_DECREF(k);
+    if (*out == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return 1;
+}
+
+/* *mm = this process's mapping of segment s (from ro_maps or rw_maps, whose
+ * items are (generation, mmap)), borrowed: 1 if mapped at generation gen,
+ * 0 if not, -1 on error. */
+FP_INTERNAL int
+fp_mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm)
+{
+    PyObject *item;
+    int found = fp_item_of(maps, s, &item);
+    if (found <= 0)
+        return found;
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+        return 0;
+    long long mapped_gen = PyLong_AsLongLong(PyTuple_GET_ITEM(item, 0));
+    if (mapped_gen == -1 && PyErr_Occurred())
+        return -1;
+    *mm = PyTuple_GET_ITEM(item, 1);
+    return mapped_gen == gen;
+}
+
+/* -- get ------------------------------------------------------------------ */
+
+/* The seqlock read of get_optimistic() in _shm_read.py: look the key up and pin
+ * its block, for a value whose description meta[entry] this process cached. */
+static int
+lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
+{
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "kbz must be bytes");
+        return FAILED;
+    }
+    if (!ctl_live(c))
+        return FAILED;
+    if (c->meta == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
+        return FAILED;
+    }
+    const char *kbz = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    int64_t hash = PyLong_AsLongLong(args[1]);
+    int64_t epoch = PyLong_AsLongLong(args[2]);
+    int64_t pin_base = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return FAILED;
+    if (!key_ok(c, n) || pin_base < 0 || pin_base % c->max_blocks
+            || pin_base >= c->max_procs * c->max_blocks)
+        return DECLINED;
+
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    int64_t seq = LD(&h[f[F_H_WSEQ]]);
+    if ((seq & 1) || LD(&h[f[F_H_CLOSED]]) || LD(&h[f[F_H_EPOCH]]) != epoch)
+        return DECLINED;
+    int64_t e = fp_find(c, kbz, n, hash);
+    if (e == -2)
+        return DECLINED;
+    if (e == -1) {
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        return LD(&h[f[F_H_WSEQ]]) == seq ? ABSENT : DECLINED;
+    }
+    const int64_t *eq = (const int64_t *)(c->eb + e * f[F_ENT_SIZE]);
+    int64_t b = LD(&eq[f[F_E_BLOCK]]);
+    int64_t mseq = LD(&eq[f[F_E_MSEQ]]);
+
+    PyObject *meta;
+    int cached_meta = fp_item_of(c->meta, e, &meta);
+    if (cached_meta <= 0)
+        return cached_meta < 0 ? FAILED : DECLINED;
+    if (!PyTuple_Check(meta) || PyTuple_GET_SIZE(meta) != 7)
+        return DECLINED;
+    int64_t cached = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
+    if (cached == -1 && PyErr_Occurred())
+        return FAILED;
+    if (cached != mseq)
+        return DECLINED;
+
+    out->b = b;
+    out->s = out->gen = out->off = 0;
+    out->pin = NULL;
+    if (b >= 0) {
+        if (b >= c->max_blocks)
+            return DECLINED;
+        const int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
+        out->s = LD(&blk[f[F_B_SEG]]);
+        out->off = LD(&blk[f[F_B_OFF]]);
+        if (out->s < 0 || out->s >= c->max_segs || out->off < 0)
+            return DECLINED;
+        out->gen = LD(&c->sq[out->s * f[F_SEG_FIELDS] + f[F_S_GEN]]);
+        out->pin = &c->pins[pin_base + b];
+        pin_atomic(out->pin, 1);
+    } else {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    if (fp_test_hook != NULL) {
+        PyObject *r = PyObject_CallNoArgs(fp_test_hook);
+        if (r == NULL)
+            PyErr_WriteUnraisable(fp_test_hook);
+        Py_XDECREF(r);
+        if (c->buf.obj == NULL)  /* the hook ran Python code: shut down meanwhile? */
+            return DECLINED;  /* (the row went with the store, pin and all) */
+    }
+    if (LD(&h[f[F_H_WSEQ]]) != seq) {
+        if (out->pin != NULL)
+            pin_atomic(out->pin, -1);
+        return DECLINED;
+    }
+    out->meta = Py_NewRef(meta);
+    return GOT;
+}
+
+/* What get() and view() return when lookup_and_pin() did not pin a value. */
+static PyObject *
+not_got(int status)
+{
+    if (status == ABSENT)
+        Py_RETURN_NONE;
+    if (status == DECLINED)
+        Py_RETURN_FALSE;
+    return NULL;  /* FAILED, with the exception set */
+}
+
+/* Drop a pin that nothing will track, unless the store was shut down in this
+ * process meanwhile (its row went with it). */
+static void
+drop_pin(Ctl *c, int32_t *pin)
+{
+    if (c->buf.obj != NULL)
+        pin_atomic(pin, -1);
+}
+
+FP_INTERNAL PyObject *
+fp_get_impl(Ctl *c, PyObject *const *args)
+{
+    Found found;
+    int status = lookup_and_pin(c, args, &found);
+    if (status != GOT)
+        return not_got(status);
+    PyObject *r = Py_BuildValue("(OLLLL)", found.meta, (long long)found.b,
+                                (long long)found.s, (long long)found.gen, (long long)found.off);
+    Py_DECREF(found.meta);
+    if (r == NULL && found.pin != NULL)  /* out of memory: nothing will unpin it */
+        drop_pin(c, found.pin);
+    return r;
+}
+
+/* The view of a pinned block, as view_of() in _shm_read.py makes it. Once
+ * *tracked is set, the weak reference unpins the block when the view's base
+ * dies, so a failure after that (in reshape) leaves the pin to it. */
+static PyObject *
+make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, int *tracked)
+{
+    PyObject *meta = found->meta, *mm;
+    int mapped = fp_mapping_at(ro_maps, found->s, found->gen, &mm);
+    if (mapped <= 0)  /* not mapped at this generation yet: Python maps it */
+        return mapped < 0 ? NULL : Py_NewRef(Py_False);
+
+    /* meta: (mseq, dtype, shape, count, order, flags, dt) */
+    PyObject *dtype = PyTuple_GET_ITEM(meta, 1), *shape = PyTuple_GET_ITEM(meta, 2);
+    if (!PyArray_DescrCheck(dtype) || !PyTuple_Check(shape) || PyTuple_GET_SIZE(shape) > NPY_MAXDIMS)
+        return Py_NewRef(Py_False);
+    int nd = (int)PyTuple_GET_SIZE(shape);
+    npy_intp dims[NPY_MAXDIMS];
+    for (int j = 0; j < nd; j++) {
+        dims[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, j));
+        if (dims[j] < 0)
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    }
+    int fortran = PyUnicode_Check(PyTuple_GET_ITEM(meta, 4))
+                  && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(meta, 4), "F") == 0;
+
+    /* The view's base: a memoryview of its own over the mapping, which keeps
+     * the mapping alive and which every view derived from this one keeps
+     * alive in turn; when it dies, no view of the block is left in this
+     * process (Arena.track). Objects are made from here on, so garbage
+     * collection may run Python code, even code that drops the mapping from
+     * ro_maps: it is held here until the memoryview holds it. */
+    Py_INCREF(mm);
+    PyObject *base = PyMemoryView_FromObject(mm);
+    Py_DECREF(mm);
+    if (base == NULL)
+        return NULL;
+    Py_buffer *mapped_buf = PyMemoryView_GET_BUFFER(base);
+    npy_intp nbytes = PyDataType_ELSIZE((PyArray_Descr *)dtype);
+    for (int j = 0; j < nd; j++)
+        nbytes *= dims[j];
+    if (found->off + nbytes > mapped_buf->len) {  /* not this block: leave it to Python */
+        Py_DECREF(base);
+        return Py_NewRef(Py_False);
+    }
+    char *data = (char *)mapped_buf->buf + found->off;
+    PyObject *ref = PyWeakref_NewRef(base, callback);
+    PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
+    PyObject *entry = id == NULL ? NULL : Py_BuildValue("(OL)", ref, (long long)found->b);
+    int stored = entry == NULL ? -1 : PyDict_SetItem(refs, id, entry);
+    Py_XDECREF(entry);
+    Py_XDECREF(id);
+    Py_XDECREF(ref);
+    if (stored < 0) {
+        Py_DECREF(base);
+        return NULL;
+    }
+    *tracked = 1;  /* from here, the base's death unpins */
+    Py_INCREF(dtype);  /* PyArray_NewFromDescr takes this reference */
+    PyObject *view = PyArray_NewFromDescr(&PyArray_Type, (PyArray_Descr *)dtype, nd, dims, NULL,
+                                          data, fortran ? NPY_ARRAY_F_CONTIGUOUS : 0, NULL);
+    if (view == NULL) {
+        Py_DECREF(base);
+        return NULL;
+    }
+    PyArray_CLEARFLAGS((PyArrayObject *)view, NPY_ARRAY_WRITEABLE);
+    if (PyArray_SetBaseObject((PyArrayObject *)view, base) < 0) {  /* takes base */
+        Py_DECREF(view);
+        return NULL;
+    }
+    return view;
+}
+
+FP_INTERNAL PyObject *
+fp_view_impl(Ctl *c, PyObject *const *args)
+{
+    Found found;
+    int status = lookup_and_pin(c, args, &found);
+    if (status == GOT && found.pin == NULL) {  /* an empty value: Python makes a new array */
+        Py_DECREF(found.meta);
+        status = DECLINED;
+    }
+    if (status != GOT)
+        return not_got(status);
+    /* Making the view makes objects, so the garbage collector may run Python
+     * code meanwhile, even code that shuts the store down in this process:
+     * what make_view() uses gets references of its own first. */
+    PyObject *ro_maps = c->ro_maps, *refs = c->refs, *callback = c->view_dead;
+    Py_INCREF(ro_maps);
+    Py_INCREF(refs);
+    Py_INCREF(callback);
+    int tracked = 0;
+    PyObject *view = make_view(&found, ro_maps, refs, callback, &tracked);
+    Py_DECREF(found.meta);
+    Py_DECREF(ro_maps);
+    Py_DECREF(refs);
+    Py_DECREF(callback);
+    if (!tracked && (view == NULL || view == Py_False))
+        drop_pin(c, found.pin);
+    return view;
+}
