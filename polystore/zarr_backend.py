@@ -61,6 +61,7 @@ import errno
 import functools
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -97,8 +98,10 @@ _CREATE_OPTIONS = frozenset(
         "config",
     }
 )
-#: how often ``load`` reads again when the array keeps being replaced under it
-_READ_ATTEMPTS = 20
+#: how long ``load`` keeps reading again while the array is being replaced under
+#: it (seconds), and its first and longest pause between two tries
+_READ_PATIENCE = 10.0
+_READ_PAUSE = (0.001, 0.05)
 
 
 def _zarr() -> ModuleType:
@@ -298,7 +301,16 @@ class ZarrBackend(StorageBackend):
             return self._open(hierarchy, key, "r")
         if not hierarchy.tree.local:
             return np.asarray(self._open(hierarchy, key, "r")[...])
-        for _ in range(_READ_ATTEMPTS):
+        # Tries while a writer keeps replacing the array, pausing a little
+        # longer each time so that a busy machine still lets one read through.
+        deadline = time.monotonic() + _READ_PATIENCE
+        pause, longest = _READ_PAUSE
+        tries = 0
+        while tries == 0 or time.monotonic() < deadline:
+            if tries:
+                time.sleep(pause)
+                pause = min(2 * pause, longest)
+            tries += 1
             before = hierarchy.version(key)
             if before is None:
                 raise os_error(FileNotFoundError, text)
@@ -313,7 +325,9 @@ class ZarrBackend(StorageBackend):
             if hierarchy.version(key) == before:
                 return value
         raise BlockingIOError(
-            errno.EAGAIN, f"the array was replaced {_READ_ATTEMPTS} times while being read", text
+            errno.EAGAIN,
+            f"the array was replaced {tries} times in {_READ_PATIENCE:g} s while being read",
+            text,
         )
 
     def load_metadata(self, path: Any) -> dict[str, Any]:

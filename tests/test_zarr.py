@@ -278,6 +278,23 @@ def test_readers_see_old_or_new_array_never_a_mix(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / ".polystore-zarr" / "tmp") == []
 
 
+def test_a_read_that_never_sees_the_array_stand_still_gives_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polystore import _zarr_tree, zarr_backend
+
+    backend = ZarrBackend(tmp_path)
+    backend.save(np.full(32, 2.0), "flip")
+    monkeypatch.setattr(zarr_backend, "_READ_PATIENCE", 0.05)
+    # as if a writer replaced the array during every read
+    monkeypatch.setattr(_zarr_tree.Hierarchy, "version", lambda self, key: object())
+    with pytest.raises(BlockingIOError, match="replaced") as info:
+        backend.load("flip")
+    assert info.value.errno == errno.EAGAIN
+    monkeypatch.undo()
+    assert np.array_equal(backend.load("flip"), np.full(32, 2.0))
+
+
 # -- without the extra -------------------------------------------------------------------
 
 
