@@ -121,17 +121,20 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
     if (cached != mseq)
         return DECLINED;
 
+    /* A reference of its own: the test hook below runs Python code, which
+     * may replace the dict's item. Every return from here drops it but GOT. */
+    out->meta = Py_NewRef(meta);
     out->b = b;
     out->s = out->gen = out->off = 0;
     out->pin = NULL;
     if (b >= 0) {
         if (b >= c->max_blocks)
-            return DECLINED;
+            goto declined;
         const int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
         out->s = LD(&blk[f[F_B_SEG]]);
         out->off = LD(&blk[f[F_B_OFF]]);
         if (out->s < 0 || out->s >= c->max_segs || out->off < 0)
-            return DECLINED;
+            goto declined;
         out->gen = LD(&c->sq[out->s * f[F_SEG_FIELDS] + f[F_S_GEN]]);
         out->pin = &c->pins[pin_base + b];
         pin_atomic(out->pin, 1);
@@ -144,15 +147,17 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
             PyErr_WriteUnraisable(fp_test_hook);
         Py_XDECREF(r);
         if (c->buf.obj == NULL)  /* the hook ran Python code: shut down meanwhile? */
-            return DECLINED;  /* (the row went with the store, pin and all) */
+            goto declined;  /* (the row went with the store, pin and all) */
     }
     if (LD(&h[f[F_H_WSEQ]]) != seq) {
         if (out->pin != NULL)
             pin_atomic(out->pin, -1);
-        return DECLINED;
+        goto declined;
     }
-    out->meta = Py_NewRef(meta);
     return GOT;
+declined:
+    Py_DECREF(out->meta);
+    return DECLINED;
 }
 
 /* What get() and view() return when lookup_and_pin() did not pin a value. */
@@ -192,7 +197,7 @@ fp_get_impl(Ctl *c, PyObject *const *args)
 
 /* The view of a pinned block, as view_of() in _shm_read.py makes it. Once
  * *tracked is set, the weak reference unpins the block when the view's base
- * dies, so a failure after that (in reshape) leaves the pin to it. */
+ * dies, so a failure after that (making the array) leaves the pin to it. */
 static PyObject *
 make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, int *tracked)
 {

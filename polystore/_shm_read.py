@@ -73,13 +73,10 @@ def get_optimistic(a: _shm_arena.Arena, kbz: bytes, h: int) -> Any:
     except Exception:  # torn reads can look like anything; the lock sorts it out
         return RETRY
     if b >= 0:
-        if a.fast is not None:  # one atomic add, also the barrier
-            a.fast.pin_add(a.pin_base + b, 1)
-        else:
-            lock = a._lock
-            lock.acquire()  # also the barrier between the pin and the check below
-            a.pins[a.pin_base + b] += 1
-            lock.release()
+        lock = a._lock
+        lock.acquire()  # also the barrier between the pin and the check below
+        a.pin_add(a.pin_base + b, 1)
+        lock.release()
     if hdr[_H_WSEQ] != seq:
         if b >= 0:
             a.unpin(b)
