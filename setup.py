@@ -1,6 +1,6 @@
 """Build script for the one thing pyproject.toml cannot say: the optional C extension.
 
-``polystore._fastpath`` speeds up the steady-state ``put`` and ``get`` of
+``polystore._shm._fastpath`` speeds up the steady-state ``put`` and ``get`` of
 :class:`polystore.SharedArrayStore`. It is optional: where no C compiler is
 found, or with ``POLYSTORE_PURE_PYTHON=1`` in the environment, the install
 succeeds without it and the store runs its pure-Python paths, which define
@@ -24,13 +24,13 @@ def fast_path() -> list[Extension]:
         return []
     return [
         Extension(
-            "polystore._fastpath",
+            "polystore._shm._fastpath",
             sources=[
-                "polystore/_fastpath.c",
-                "polystore/_fastpath_read.c",
-                "polystore/_fastpath_write.c",
+                "polystore/_shm/_fastpath.c",
+                "polystore/_shm/_fastpath_read.c",
+                "polystore/_shm/_fastpath_write.c",
             ],
-            depends=["polystore/_fastpath.h"],
+            depends=["polystore/_shm/_fastpath.h"],
             include_dirs=[numpy.get_include()],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
             optional=True,  # a failed compile leaves a working pure-Python install

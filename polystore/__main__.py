@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import _shm_index as ix
+from ._shm import layout as ix
 
 __all__ = ["StoreFiles", "main", "scan_stores"]
 

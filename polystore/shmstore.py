@@ -45,9 +45,12 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from . import _shm_arena, _shm_fast, _shm_open, _shm_write
-from . import _shm_index as ix
-from ._shm_read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
+from ._shm import arena as _shm_arena
+from ._shm import fast as _shm_fast
+from ._shm import layout as ix
+from ._shm import open as _shm_open
+from ._shm import write as _shm_write
+from ._shm.read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
 from .exceptions import ShmFullError, StorageError, StoreClosedError
 
 __all__ = ["EntryInfo", "SharedArrayStore"]

@@ -347,11 +347,11 @@ def store_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     their parent's choice; a forkserver started earlier keeps its own, which
     is a mix the store must handle anyway: all paths speak one protocol.
     """
-    from polystore import _shm_fast
+    from polystore._shm import fast as _shm_fast
 
     if request.param == "c":
         if not _shm_fast.AVAILABLE:
-            pytest.skip("polystore._fastpath is not built")
+            pytest.skip("polystore._shm._fastpath is not built")
         monkeypatch.setattr(_shm_fast, "ENABLED", True)
         monkeypatch.delenv("POLYSTORE_NO_FASTPATH", raising=False)
     else:

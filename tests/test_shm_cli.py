@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polystore import _shm_index as ix
+from polystore._shm import layout as ix
 from polystore.shmstore import SharedArrayStore
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")

@@ -16,10 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polystore import SharedArrayStore, _shm_fast, _shm_write
-from polystore import _shm_index as ix
+from polystore import SharedArrayStore
+from polystore._shm import fast as _shm_fast
+from polystore._shm import layout as ix
+from polystore._shm import write as _shm_write
 
-needs_c = pytest.mark.skipif(not _shm_fast.AVAILABLE, reason="polystore._fastpath is not built")
+needs_c = pytest.mark.skipif(not _shm_fast.AVAILABLE, reason="the C fast path is not built")
 
 
 def test_the_fast_path_is_built_where_it_is_required() -> None:
@@ -27,7 +29,7 @@ def test_the_fast_path_is_built_where_it_is_required() -> None:
     # extension cannot pass unnoticed as a pure-Python run.
     if os.environ.get("POLYSTORE_REQUIRE_FASTPATH", "") not in ("", "0"):
         assert _shm_fast.AVAILABLE
-        from polystore import _fastpath
+        from polystore._shm import _fastpath
 
         assert hasattr(_fastpath, "Ctl")
 
@@ -250,7 +252,7 @@ def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -
 
 @needs_c
 def test_the_c_view_checks_its_arguments(c_store: SharedArrayStore) -> None:
-    from polystore import _fastpath
+    from polystore._shm import _fastpath
 
     c_store.put("k", np.arange(3.0))
     a = c_store._arena

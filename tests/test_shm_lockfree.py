@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from polystore import SharedArrayStore, _shm_fast, _shm_read, shmstore
-from polystore import _shm_index as ix
+from polystore import SharedArrayStore, shmstore
+from polystore._shm import fast as _shm_fast
+from polystore._shm import layout as ix
+from polystore._shm import read as _shm_read
 
 N = 2048  # 8 KB of float32: small puts overwrite in place when no view holds the block
 
@@ -277,7 +279,7 @@ def test_views_inherited_through_fork_survive_the_parent_dropping_them(nbytes: i
 
 
 def test_only_a_fork_with_live_views_holds_the_store() -> None:
-    from polystore import _shm_fork
+    from polystore._shm import fork as _shm_fork
 
     with SharedArrayStore() as store:
         store.put("k", np.ones(16, dtype=np.uint8))

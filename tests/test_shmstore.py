@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from polystore import _shm_alloc
-from polystore import _shm_index as ix
+from polystore._shm import alloc as _shm_alloc
+from polystore._shm import layout as ix
 from polystore.exceptions import NotShareableError, ShmFullError, StorageError, StoreClosedError
 from polystore.shmstore import SharedArrayStore
 

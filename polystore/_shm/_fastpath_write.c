@@ -1,5 +1,5 @@
 /*
- * polystore._fastpath: the write path, a small put that overwrites in place.
+ * polystore._shm._fastpath: the write path, a small put that overwrites in place.
  *
  * It repeats the steady-state case of put() in _shm_write.py: the key's own
  * block, same dtype and shape, no view of it anywhere, copied under the flock.

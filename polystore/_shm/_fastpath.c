@@ -1,5 +1,5 @@
 /*
- * polystore._fastpath: the hot paths of SharedArrayStore in C.
+ * polystore._shm._fastpath: the hot paths of SharedArrayStore in C.
  *
  * The pure-Python paths in _shm_read.py and _shm_write.py define the
  * semantics; this module repeats their common cases with far fewer memory
@@ -19,7 +19,7 @@
  * a return value, and the caller runs the Python path. Nothing here raises for
  * such cases, and nothing here allocates memory in the store.
  *
- * The table geometry and field numbers come from Python (_shm_index) when a
+ * The table geometry and field numbers come from Python (polystore._shm.layout) when a
  * Ctl is made, so the layout is written down in one place only.
  */
 #include "_fastpath.h"
@@ -424,7 +424,7 @@ static PyMethodDef ctl_methods[] = {
 
 static PyTypeObject CtlType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "polystore._fastpath.Ctl",
+    .tp_name = "polystore._shm._fastpath.Ctl",
     .tp_basicsize = sizeof(Ctl),
     .tp_dealloc = (destructor)ctl_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
@@ -439,7 +439,7 @@ static PyTypeObject CtlType = {
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "polystore._fastpath",
+    .m_name = "polystore._shm._fastpath",
     .m_doc = "The hot paths of SharedArrayStore in C (optional; see polystore._shm_fast).",
     .m_size = -1,
     .m_methods = module_methods,

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .exceptions import NotShareableError
+from ..exceptions import NotShareableError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "polystore-"

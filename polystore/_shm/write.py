@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _shm_arena
-from . import _shm_index as ix
-from ._shm_read import make_meta as _meta
-from .exceptions import ShmFullError, StorageError
+from ..exceptions import ShmFullError, StorageError
+from . import arena as _arena
+from . import layout as ix
+from .read import make_meta as _meta
 
 __all__ = ["SMALL_PUT", "put"]
 
@@ -31,7 +31,7 @@ _B_SEG, _B_OFF, _S_GEN = ix.B_SEG, ix.B_OFF, ix.S_GEN
 
 
 def put(
-    a: _shm_arena.Arena,
+    a: _arena.Arena,
     name: str,
     key: str,
     parts: tuple[bytes, bytes, int],
@@ -103,7 +103,7 @@ def put(
 
 
 def _copy(
-    a: _shm_arena.Arena,
+    a: _arena.Arena,
     b: int,
     arr: np.ndarray[Any, Any],
     src: Any,
@@ -123,7 +123,7 @@ def _copy(
 
 def _install(
     name: str,
-    a: _shm_arena.Arena,
+    a: _arena.Arena,
     i: int,
     e: int,
     kb: bytes,
@@ -162,7 +162,7 @@ def _install(
     _swap(a, old, b)
 
 
-def _swap(a: _shm_arena.Arena, old: int, b: int) -> None:
+def _swap(a: _arena.Arena, old: int, b: int) -> None:
     if b >= 0:
         a.mark_live(b)
     if old >= 0 and old != b:

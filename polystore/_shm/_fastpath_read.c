@@ -1,5 +1,5 @@
 /*
- * polystore._fastpath: the read path, a get() without the store lock.
+ * polystore._shm._fastpath: the read path, a get() without the store lock.
  *
  * A seqlock read of the shared index (see _shm_read.py, which it repeats):
  * note the write counter, look the key up, pin the block in this process's
@@ -10,7 +10,7 @@
 #include "_fastpath.h"
 
 /* The store's index: slot and entry of a key (bytes plus NUL), as find() in
- * _shm_index.py. Entry -1: absent (slot is where it would go). Entry -2: the
+ * layout.py. Entry -1: absent (slot is where it would go). Entry -2: the
  * table looked inconsistent, which only a read racing a writer can see. */
 FP_INTERNAL int64_t
 fp_find(Ctl *c, const char *kbz, Py_ssize_t n, int64_t hash)

@@ -1,5 +1,5 @@
 /*
- * polystore._fastpath: declarations shared by its three files.
+ * polystore._shm._fastpath: declarations shared by its three files.
  *
  *   _fastpath.c        the module, the Ctl type and its entry points
  *   _fastpath_read.c   the lock-free lookup, pin and view (get)

@@ -18,12 +18,12 @@ import select
 import threading
 import warnings
 
-from . import _shm_arena
+from . import arena as _arena
 
 __all__ = ["FORK_HANDOFF_SECONDS", "install"]
 
 #: (arenas held locked across the fork, read end, write end of the child's "done" pipe)
-_handoff: tuple[list[_shm_arena.Arena], int, int] | None = None
+_handoff: tuple[list[_arena.Arena], int, int] | None = None
 #: how long a parent waits for its child to pin what it inherited
 FORK_HANDOFF_SECONDS = 10.0
 
@@ -36,7 +36,7 @@ def _before_fork() -> None:
     global _handoff
     held = []
     me = threading.get_ident()
-    for arena in list(_shm_arena._all_arenas):
+    for arena in list(_arena._all_arenas):
         if not arena._refs or arena.closed or arena._holder == me:
             continue
         try:
@@ -100,7 +100,7 @@ def _after_fork_in_child() -> None:
                 gc.enable()
             os.write(w, b"\0")
             os.close(w)
-    for arena in list(_shm_arena._all_arenas):
+    for arena in list(_arena._all_arenas):
         arena._after_fork(id(arena) in adopted)
 
 

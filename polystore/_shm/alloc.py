@@ -1,7 +1,7 @@
 """Where array bytes live: blocks in recycled data segments, and who may reuse them.
 
 An :class:`Allocator` keeps the bookkeeping of a store's data in its control
-segment (layout in :mod:`polystore._shm_index`):
+segment (layout in :mod:`polystore._shm.layout`):
 
 * a *block* holds one value; blocks of one size class share a segment when
   they are small (a slab), a large block has a segment of its own;
@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from . import _shm_index as ix
-from .exceptions import ShmFullError, StorageError
+from ..exceptions import ShmFullError, StorageError
+from . import layout as ix
 
 __all__ = ["Allocator", "populate", "shm_free_bytes", "unlink_quietly"]
 

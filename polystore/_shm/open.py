@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import time
 
-from . import _shm_fork
-from . import _shm_index as ix
-from ._shm_arena import Arena, lookup, remember
-from .exceptions import StorageError, StoreClosedError
+from ..exceptions import StorageError, StoreClosedError
+from . import fork as _fork
+from . import layout as ix
+from .arena import Arena, lookup, remember
 
 __all__ = ["create_store", "open_store", "owners_of"]
 
-_shm_fork.install()  # before the first arena exists
+_fork.install()  # before the first arena exists
 
 
 def owners_of(name: str) -> list[int]:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _shm_arena
-from . import _shm_index as ix
+from . import arena as _arena
+from . import layout as ix
 
 __all__ = ["LOCK_FREE_GET", "RETRY", "get_optimistic", "make_meta", "read_meta", "view_of"]
 
@@ -34,8 +34,8 @@ RETRY = object()  # what the lock-free read returns when a writer got in the way
 
 def make_meta(
     mseq: int, dtype: np.dtype[Any], shape: tuple[int, ...], flags: int, dt: bytes
-) -> _shm_arena.Meta:
-    """The cached description of a value: see :data:`polystore._shm_arena.Meta`."""
+) -> _arena.Meta:
+    """The cached description of a value: see :data:`polystore._arena.Meta`."""
     count = 1
     for extent in shape:
         count *= extent
@@ -43,7 +43,7 @@ def make_meta(
     return (mseq, dtype, shape, count, order, flags, dt)
 
 
-def get_optimistic(a: _shm_arena.Arena, kbz: bytes, h: int) -> Any:
+def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
     """Look a key up and pin its block without the store lock (see the module docstring).
 
     Returns (meta, block, segment, generation, offset), ``None`` if the key
@@ -87,7 +87,7 @@ def get_optimistic(a: _shm_arena.Arena, kbz: bytes, h: int) -> Any:
 
 
 def view_of(
-    a: _shm_arena.Arena, meta: _shm_arena.Meta, b: int, s: int, gen: int, off: int
+    a: _arena.Arena, meta: _arena.Meta, b: int, s: int, gen: int, off: int
 ) -> tuple[np.ndarray[Any, Any], int]:
     """The read-only view of pinned block ``b`` (a new empty array for ``b == -1``)."""
     _, dtype, shape, count, order, flags, _ = meta
@@ -110,7 +110,7 @@ def view_of(
     return view, flags
 
 
-def read_meta(a: _shm_arena.Arena, e: int) -> _shm_arena.Meta:
+def read_meta(a: _arena.Arena, e: int) -> _arena.Meta:
     """The decoded description of entry ``e``'s value (not cached here)."""
     mseq = a.eq[e * _EQ + ix.E_MSEQ]
     dt, shape, flags = a.read_entry(e)

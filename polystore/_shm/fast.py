@@ -1,11 +1,11 @@
 """The optional C fast paths of :class:`~polystore.SharedArrayStore`.
 
-``polystore._fastpath`` (built from ``_fastpath*.c`` at install time when a C
+``polystore._shm._fastpath`` (built from ``_fastpath*.c`` at install time when a C
 compiler is there) repeats the two steady-state cases of the store in C: the
 lock-free lookup and pin of a ``get`` whose value description is cached, and
 a small ``put`` that overwrites its key's own block. Every other case, and
-every error, goes through the Python paths in ``_shm_read`` and
-``_shm_write``, which define the semantics; the C code declines rather than
+every error, goes through the Python paths in ``read`` and
+``write``, which define the semantics; the C code declines rather than
 decides.
 
 :data:`ENABLED` says whether the extension is in use. Setting
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _shm_index as ix
+from . import layout as ix
 
 __all__ = ["AVAILABLE", "ENABLED", "make_ctl", "set_key_cache"]
 

@@ -1,7 +1,7 @@
 """One process's view of a shared-array store: mappings, the lock, pins, lifetime.
 
 An :class:`Arena` maps the control segment of a store (layout in
-:mod:`polystore._shm_index`, allocation in :mod:`polystore._shm_alloc`) and
+:mod:`polystore._shm.layout`, allocation in :mod:`polystore._shm.alloc`) and
 the data segments it touches, and keeps them mapped for reuse: a steady-state
 put copies into memory that is already mapped and faulted in, and a
 steady-state get only builds a view. All handles of one store in a process
@@ -29,10 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _shm_index as ix
-from ._shm_alloc import Allocator, unlink_quietly
-from ._shm_fast import make_ctl
-from .exceptions import StorageError, StoreClosedError
+from ..exceptions import StorageError, StoreClosedError
+from . import layout as ix
+from .alloc import Allocator, unlink_quietly
+from .fast import make_ctl
 
 __all__ = ["Arena", "Meta", "lookup", "remember"]
 
@@ -363,7 +363,7 @@ class Arena(Allocator):
         """Change count ``i`` of this process's row of the pin table (never below 0).
 
         The C read path pins without the thread lock, so with it every change
-        to the row is one atomic call (:meth:`polystore._fastpath.Ctl.pin_add`);
+        to the row is one atomic call (:meth:`polystore._shm._fastpath.Ctl.pin_add`);
         without it, the callers hold the thread lock.
         """
         if self.fast is not None:

@@ -1,0 +1,1 @@
+"""The shared-memory engine behind :class:`polystore.SharedArrayStore`."""
