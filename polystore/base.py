@@ -199,15 +199,20 @@ class StorageBackend(ABC):
         return [self.load(path, **kwargs) for path in paths]
 
     def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
-        """Copy the file ``src`` to ``dst`` (directories are not copied)."""
-        value = self.load(src, allow_pickle=True)  # raises the usual errors for src first
+        """Copy the file ``src`` to ``dst`` (directories are not copied).
+
+        Object arrays are copied only with ``allow_pickle=True``: without it
+        nothing is unpickled, even when the value is converted to another format.
+        """
+        allow_pickle = bool(kwargs.pop("allow_pickle", False))
+        value = self.load(src, allow_pickle=allow_pickle)  # the usual errors for src first
         meta = self._metadata_or_none(src)
         self.save(
             value,
             dst,
             overwrite=overwrite,
             metadata=meta,
-            allow_pickle=True,
+            allow_pickle=allow_pickle,
             **kwargs,
         )
 

@@ -143,16 +143,19 @@ class FileManager:
     def copy(
         self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
     ) -> None:
-        """Copy the file ``src`` to ``dst``, on the same backend or onto ``dst_backend``."""
+        """Copy the file ``src`` to ``dst``, on the same backend or onto ``dst_backend``.
+
+        Nothing is unpickled unless this call passes ``allow_pickle=True``.
+        """
         source = self.get_backend(backend)
         if dst_backend is None or dst_backend == backend:
             source.copy(src, dst, **kwargs)
             return
         target = self.get_backend(dst_backend)
+        allow_pickle = bool(kwargs.pop("allow_pickle", False))
+        value = source.load(src, allow_pickle=allow_pickle)
         meta = source._metadata_or_none(src)
-        target.save(
-            source.load(src, allow_pickle=True), dst, metadata=meta, allow_pickle=True, **kwargs
-        )
+        target.save(value, dst, metadata=meta, allow_pickle=allow_pickle, **kwargs)
 
     def move(
         self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
