@@ -147,6 +147,23 @@ class DiskBackend(StorageBackend):
                 raise ReservedNameError(text, RESERVED_PREFIX)
         return text if self.root is None else in_root(self.root, text)
 
+    def _resolve_entry(self, text: str) -> str:
+        """Like :meth:`_resolve`, but a link in the last name is not followed.
+
+        This is the path an operation on the entry itself (``delete``) acts
+        on: the parent is resolved and checked against the sandbox, the last
+        name is taken as it is, as ``unlink`` and ``rm`` take it.
+        """
+        stripped = text.rstrip("/" + os.sep) or text
+        head, name = os.path.split(stripped)
+        if name in ("", ".", ".."):
+            return self._resolve(text)
+        if is_reserved(name):
+            raise ReservedNameError(text, RESERVED_PREFIX)
+        if self.root is None:
+            return stripped
+        return os.path.join(self._resolve(head or "."), name)
+
     def _visible(self, entry: os.DirEntry[str]) -> bool:
         """Whether a directory entry belongs in a listing."""
         if is_reserved(entry.name):
@@ -328,8 +345,12 @@ class DiskBackend(StorageBackend):
         return text
 
     def delete(self, path: Any, recursive: bool = False) -> None:
+        """Remove a file or directory; a symbolic link is removed, never what it points to.
+
+        ``recursive=True`` removes links found inside the directory the same way.
+        """
         text = as_str(path)
-        target = self._resolve(text)
+        target = self._resolve_entry(text)
         if self.root is not None and target == self.root:
             raise SandboxError(text, self.root)
         try:

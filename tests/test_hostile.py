@@ -21,7 +21,6 @@ from polystore import FileManager, MemoryBackend
 from polystore.base import StorageBackend
 from polystore.disk import DiskBackend
 from polystore.exceptions import UnsupportedFormatError
-from polystore.shm_backend import SharedMemoryBackend
 
 try:
     import zarr  # noqa: F401 - only whether it is there
@@ -43,6 +42,8 @@ def open_backend(name: str, root: Path) -> Iterator[StorageBackend]:
         with MemoryBackend() as memory:
             yield memory
     elif name == "shm":
+        from polystore.shm_backend import SharedMemoryBackend
+
         with SharedMemoryBackend() as shm:
             yield shm
     else:
@@ -139,3 +140,92 @@ def test_copy_of_stored_objects_needs_allow_pickle(
     with pytest.raises(UnsupportedFormatError, match="pickle"):
         manager.copy("objects.npy", "out/objects.npy", "memory", dst_backend=dst_backend)
     assert not manager.exists("out/objects.npy", backend=dst_backend)
+
+
+# -- symbolic links: delete removes the link, never its target ------------------------
+
+
+@pytest.fixture(params=["root", "no-root"])
+def linked(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[DiskBackend, Path, str]:
+    """A disk backend, the directory its paths name, and the prefix that names it."""
+    area = tmp_path / "area"
+    area.mkdir()
+    if request.param == "root":
+        return DiskBackend(area), area, ""
+    return DiskBackend(), area, str(area) + "/"
+
+
+def _target_tree(tmp_path: Path) -> Path:
+    target = tmp_path / "target"
+    (target / "sub").mkdir(parents=True)
+    np.save(target / "a.npy", np.arange(3))
+    np.save(target / "sub" / "b.npy", np.arange(4))
+    return target
+
+
+def _tree(path: Path) -> list[str]:
+    """What is below ``path``, polystore's own lock and metadata files left out."""
+    return sorted(
+        str(p.relative_to(path)) for p in path.rglob("*") if not p.name.startswith(".polystore-")
+    )
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_delete_a_link_to_a_directory(
+    linked: tuple[DiskBackend, Path, str], tmp_path: Path, recursive: bool
+) -> None:
+    disk, area, prefix = linked
+    target = _target_tree(area)
+    (area / "link").symlink_to(target, target_is_directory=True)
+    disk.delete(prefix + "link", recursive=recursive)
+    assert not os.path.lexists(area / "link")
+    assert _tree(target) == ["a.npy", "sub", "sub/b.npy"]
+
+
+def test_delete_a_link_to_a_file(linked: tuple[DiskBackend, Path, str]) -> None:
+    disk, area, prefix = linked
+    target = _target_tree(area)
+    (area / "link.npy").symlink_to(target / "a.npy")
+    disk.delete(prefix + "link.npy")
+    assert not os.path.lexists(area / "link.npy")
+    np.testing.assert_array_equal(np.load(target / "a.npy"), np.arange(3))
+
+
+def test_delete_a_dangling_link(linked: tuple[DiskBackend, Path, str]) -> None:
+    disk, area, prefix = linked
+    (area / "dangling.npy").symlink_to(area / "nothing-here.npy")
+    disk.delete(prefix + "dangling.npy")
+    assert not os.path.lexists(area / "dangling.npy")
+
+
+def test_delete_a_link_leading_out_of_the_root(tmp_path: Path) -> None:
+    # The link lies inside the sandbox; removing it touches nothing outside.
+    area = tmp_path / "area"
+    area.mkdir()
+    outside = _target_tree(tmp_path)
+    (area / "out").symlink_to(outside, target_is_directory=True)
+    DiskBackend(area).delete("out", recursive=True)
+    assert not os.path.lexists(area / "out")
+    assert _tree(outside) == ["a.npy", "sub", "sub/b.npy"]
+
+
+def test_recursive_delete_never_follows_links(linked: tuple[DiskBackend, Path, str]) -> None:
+    disk, area, prefix = linked
+    target = _target_tree(area)
+    (area / "tree" / "deeper").mkdir(parents=True)
+    np.save(area / "tree" / "own.npy", np.ones(2))
+    (area / "tree" / "to-dir").symlink_to(target, target_is_directory=True)
+    (area / "tree" / "deeper" / "to-file.npy").symlink_to(target / "a.npy")
+    disk.delete(prefix + "tree", recursive=True)
+    assert not os.path.lexists(area / "tree")
+    assert _tree(target) == ["a.npy", "sub", "sub/b.npy"]
+
+
+def test_delete_through_a_linked_directory(linked: tuple[DiskBackend, Path, str]) -> None:
+    # Links before the last name are followed, as they are by rm.
+    disk, area, prefix = linked
+    target = _target_tree(area)
+    (area / "link").symlink_to(target, target_is_directory=True)
+    disk.delete(prefix + "link/a.npy")
+    assert _tree(target) == ["sub", "sub/b.npy"]
+    assert (area / "link").is_symlink()
