@@ -14,6 +14,7 @@ from ._version import __version__
 from .base import StorageBackend
 from .exceptions import (
     BackendNotFoundError,
+    CorruptFileError,
     LockTimeoutError,
     MetadataNotFoundError,
     NotShareableError,
@@ -53,6 +54,7 @@ _LAZY = {
 __all__ = [
     "BackendNotFoundError",
     "BackendRegistry",
+    "CorruptFileError",
     "DiskBackend",
     "FileManager",
     "FileManagerFactory",

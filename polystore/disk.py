@@ -53,13 +53,22 @@ import numpy as np
 from ._atomic import fsync_dir, link_new, remove_quietly, write_temp
 from .base import Kind, StorageBackend
 from .exceptions import (
+    CorruptFileError,
     MetadataNotFoundError,
     ReservedNameError,
     SandboxError,
     UnsupportedFormatError,
     os_error,
 )
-from .formats import Format, FormatRegistry, NpyFormat, default_formats, normalize_metadata
+from .formats import (
+    Format,
+    FormatRegistry,
+    NpyFormat,
+    check_npy_header,
+    default_formats,
+    normalize_metadata,
+    parse_metadata,
+)
 from .locks import (
     META_PREFIX,
     RESERVED_PREFIX,
@@ -274,14 +283,18 @@ class DiskBackend(StorageBackend):
         if mmap_mode is not None and (type(fmt) is not NpyFormat or mmap_mode == "w+"):
             raise UnsupportedFormatError(text, reason="mmap_mode 'r', 'r+' or 'c' needs .npy")
         try:
-            if mmap_mode is not None:
-                # A mapping keeps the file it opened, whatever later replaces the path.
-                return np.load(source, mmap_mode=mmap_mode, allow_pickle=False)
             f = open(source, "rb")  # noqa: SIM115 - closed below, after the error mapping
         except NotADirectoryError as exc:
             raise self._missing_or_not_dir(exc, source, text) from None
         with f:
-            return fmt.read(f, text, **kwargs)
+            if mmap_mode is None:
+                return fmt.read(f, text, **kwargs)
+            check_npy_header(f, text, os.fstat(f.fileno()).st_size)
+        try:
+            # A mapping keeps the file it opened, whatever later replaces the path.
+            return np.load(source, mmap_mode=mmap_mode, allow_pickle=False)
+        except ValueError as exc:  # the file changed since its header was checked
+            raise CorruptFileError(text, f"cannot map the array data ({exc})") from exc
 
     def kind(self, path: Any) -> Kind | None:
         return self._kind_of(self._resolve(as_str(path)))
@@ -482,8 +495,7 @@ class DiskBackend(StorageBackend):
         raw = self._read_sidecar(target)
         if raw is None or not os.path.isfile(target):
             raise MetadataNotFoundError(text)
-        meta: dict[str, Any] = json.loads(raw)
-        return meta
+        return parse_metadata(raw, text)
 
     def lock(
         self, path: Any, timeout: float | None = None, shared: bool = False

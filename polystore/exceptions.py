@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "BackendNotFoundError",
+    "CorruptFileError",
     "LockRequiredError",
     "LockTimeoutError",
     "MetadataNotFoundError",
@@ -79,6 +80,28 @@ class UnsupportedFormatError(StorageError, ValueError):
         if self.supported:
             msg += f"; supported extensions: {', '.join(self.supported)}"
         return msg
+
+
+class CorruptFileError(UnsupportedFormatError):
+    """A stored file is damaged, or was crafted, so that its format cannot read it.
+
+    Nothing is read from such a file beyond what it takes to tell: a header
+    that declares more data than the file holds is refused before any memory
+    is set aside for it.
+
+    Attributes:
+        path: the damaged file (as the caller named it).
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, (), reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+    def __str__(self) -> str:
+        return f"cannot read {self.path!r}, the file is damaged: {self.reason}"
 
 
 class MetadataNotFoundError(StorageError, FileNotFoundError):

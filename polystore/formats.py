@@ -19,7 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from .exceptions import UnsupportedFormatError
+from ._npyio import check_npy_header, read_npy, read_npz, refuse_pickle
+from .exceptions import CorruptFileError, UnsupportedFormatError
 from .paths import split_ext
 
 __all__ = [
@@ -31,17 +32,11 @@ __all__ = [
     "NpzFormat",
     "TextFormat",
     "TiffFormat",
+    "check_npy_header",
     "default_formats",
     "normalize_metadata",
+    "parse_metadata",
 ]
-
-
-def _refuse_pickle(path: str) -> UnsupportedFormatError:
-    return UnsupportedFormatError(
-        path,
-        reason="object arrays are stored with pickle, which polystore never runs by "
-        "default; pass allow_pickle=True if you trust the data",
-    )
 
 
 class Format:
@@ -99,7 +94,7 @@ class NpyFormat(Format):
         # copy=False is for callers that copy the array into storage themselves.
         arr = np.array(data, copy=True, order="C") if copy else np.asarray(data)
         if arr.dtype.hasobject and not allow_pickle:
-            raise _refuse_pickle(path)
+            raise refuse_pickle(path)
         return arr
 
     def write(
@@ -108,16 +103,11 @@ class NpyFormat(Format):
         np.save(stream, value, allow_pickle=allow_pickle)
 
     def read(self, stream: IO[bytes], path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
-        try:
-            return np.load(stream, allow_pickle=allow_pickle)
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise _refuse_pickle(path) from exc
-            raise
+        return read_npy(stream, path, allow_pickle)
 
     def check_load(self, value: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> None:
         if isinstance(value, np.ndarray) and value.dtype.hasobject and not allow_pickle:
-            raise _refuse_pickle(path)
+            raise refuse_pickle(path)
 
 
 class NpzFormat(Format):
@@ -139,7 +129,7 @@ class NpzFormat(Format):
                 raise UnsupportedFormatError(path, reason=f".npz keys must be str, got {key!r}")
             arr = np.array(item, copy=True, order="C") if copy else np.asarray(item)
             if arr.dtype.hasobject and not allow_pickle:
-                raise _refuse_pickle(path)
+                raise refuse_pickle(path)
             out[key] = arr
         return out
 
@@ -155,17 +145,11 @@ class NpzFormat(Format):
         saver(stream, allow_pickle=allow_pickle, **value)
 
     def read(self, stream: IO[bytes], path: str, allow_pickle: bool = False, **kwargs: Any) -> Any:
-        try:
-            with np.load(stream, allow_pickle=allow_pickle) as archive:
-                return {key: archive[key] for key in archive.files}
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise _refuse_pickle(path) from exc
-            raise
+        return read_npz(stream, path, allow_pickle)
 
     def check_load(self, value: Any, path: str, allow_pickle: bool = False, **kwargs: Any) -> None:
         if not allow_pickle and any(a.dtype.hasobject for a in value.values()):
-            raise _refuse_pickle(path)
+            raise refuse_pickle(path)
 
 
 class JsonFormat(Format):
@@ -182,6 +166,8 @@ class JsonFormat(Format):
         except (TypeError, ValueError) as exc:
             reason = f"value is not JSON-serialisable: {exc}"
             raise UnsupportedFormatError(path, reason=reason) from exc
+        except RecursionError as exc:
+            raise UnsupportedFormatError(path, reason="value is nested too deeply") from exc
 
     def write(self, stream: IO[bytes], value: Any, **kwargs: Any) -> None:
         import json
@@ -189,9 +175,19 @@ class JsonFormat(Format):
         stream.write(json.dumps(value, indent=kwargs.get("indent")).encode("utf-8"))
 
     def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
-        import json
+        return _decode_json(stream.read(), path, "")
 
-        return json.loads(stream.read().decode("utf-8"))
+
+def _decode_json(raw: bytes, path: str, what: str) -> Any:
+    """Decode UTF-8 JSON; ``what`` says which part of the file it is, for the message."""
+    import json
+
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both
+        raise CorruptFileError(path, f"{what}not valid UTF-8 JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise CorruptFileError(path, f"{what}JSON nested too deeply to decode") from exc
 
 
 class TextFormat(Format):
@@ -209,7 +205,10 @@ class TextFormat(Format):
         stream.write(value.encode("utf-8"))
 
     def read(self, stream: IO[bytes], path: str, **kwargs: Any) -> Any:
-        return stream.read().decode("utf-8")
+        try:
+            return stream.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptFileError(path, f"not UTF-8 text ({exc})") from exc
 
 
 class BytesFormat(Format):
@@ -336,3 +335,17 @@ def normalize_metadata(metadata: Any, path: str) -> dict[str, Any] | None:
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     normalized: dict[str, Any] = JsonFormat().normalize(metadata, path)
     return normalized
+
+
+def parse_metadata(raw: bytes, path: str) -> dict[str, Any]:
+    """Decode stored metadata; ``path`` is the file it belongs to.
+
+    Raises:
+        CorruptFileError: the stored metadata is not a JSON object.
+    """
+    meta = _decode_json(raw, path, "its metadata is ")
+    if not isinstance(meta, dict):
+        raise CorruptFileError(
+            path, f"its metadata is not a JSON object but a {type(meta).__name__}"
+        )
+    return meta

@@ -32,6 +32,7 @@ import pytest
 from .base import StorageBackend
 from .exceptions import (
     BackendNotFoundError,
+    CorruptFileError,
     LockRequiredError,
     LockTimeoutError,
     MetadataNotFoundError,
@@ -439,6 +440,7 @@ EXCEPTION_SAMPLES: list[BaseException] = [
     StorageError("plain"),
     BackendNotFoundError("nope", ["disk", "memory"]),
     UnsupportedFormatError("x.abc", [".npy"], "unknown extension"),
+    CorruptFileError("a/b.npy", "the header declares 8 bytes of data, the file holds 2"),
     MetadataNotFoundError("a/b.npy"),
     SandboxError("../etc", "/data"),
     LockTimeoutError("a.json", 1.5),

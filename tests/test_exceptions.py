@@ -33,6 +33,8 @@ def test_every_class_is_sampled() -> None:
     [
         (exc_module.BackendNotFoundError("x"), KeyError),
         (exc_module.UnsupportedFormatError("a.x"), ValueError),
+        (exc_module.CorruptFileError("a.npy", "empty"), ValueError),
+        (exc_module.CorruptFileError("a.npy", "empty"), exc_module.UnsupportedFormatError),
         (exc_module.MetadataNotFoundError("a"), FileNotFoundError),
         (exc_module.SandboxError("a", "/r"), PermissionError),
         (exc_module.LockTimeoutError("a", 1), TimeoutError),
@@ -52,3 +54,9 @@ def test_messages_name_the_value_and_choices() -> None:
     assert "a.xyz" in text and ".npy" in text
     err = exc_module.MetadataNotFoundError("p/q.npy")
     assert err.filename == "p/q.npy"
+
+
+def test_corrupt_file_names_the_file_and_the_damage() -> None:
+    err = exc_module.CorruptFileError("p/q.npy", "the file is empty")
+    assert "p/q.npy" in str(err) and "the file is empty" in str(err)
+    assert err.path == "p/q.npy" and err.reason == "the file is empty"

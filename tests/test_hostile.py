@@ -9,7 +9,11 @@ huge allocation from a lying header) as well as the error the caller sees.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
+import tracemalloc
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,7 @@ import pytest
 from polystore import FileManager, MemoryBackend
 from polystore.base import StorageBackend
 from polystore.disk import DiskBackend
-from polystore.exceptions import UnsupportedFormatError
+from polystore.exceptions import CorruptFileError, UnsupportedFormatError
 
 try:
     import zarr  # noqa: F401 - only whether it is there
@@ -229,3 +233,136 @@ def test_delete_through_a_linked_directory(linked: tuple[DiskBackend, Path, str]
     disk.delete(prefix + "link/a.npy")
     assert _tree(target) == ["sub", "sub/b.npy"]
     assert (area / "link").is_symlink()
+
+
+# -- damaged and crafted files -------------------------------------------------------
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _lying_npy(shape: tuple[int, ...], dtype: str = "<f8", tail: bytes = b"\0" * 16) -> bytes:
+    """A .npy header declaring ``shape``, followed by a few bytes instead of the data."""
+    from numpy.lib import format as npf
+
+    buf = io.BytesIO()
+    npf.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + tail
+
+
+def _npz_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+GOOD_NPY = _npy_bytes(np.arange(1000, dtype=np.float64))
+GOOD_NPZ = _npz_bytes({"a.npy": GOOD_NPY})
+TIB8 = (1 << 40,)  # float64: 8 TiB
+
+DAMAGED: dict[str, tuple[str, bytes, str]] = {
+    # case: (file name, content, a word the message must contain)
+    "empty-npy": ("x.npy", b"", "empty"),
+    "truncated-npy": ("x.npy", GOOD_NPY[: len(GOOD_NPY) // 2], "truncated"),
+    "truncated-magic": ("x.npy", GOOD_NPY[:5], ".npy"),
+    "not-npy": ("x.npy", b"hello, I am text, not an array", ".npy"),
+    "bad-header": ("x.npy", GOOD_NPY[:10] + b"{'descr': 1}".ljust(118) + b"\n", ".npy"),
+    "negative-shape": ("x.npy", _lying_npy((-5,)), "shape"),
+    "npy-8TiB": ("x.npy", _lying_npy(TIB8), "8796093022208 bytes"),
+    "empty-npz": ("x.npz", b"", "empty"),
+    "garbage-npz": ("x.npz", b"PK\x03\x04 definitely not a zip archive", ".npz"),
+    "truncated-npz": ("x.npz", GOOD_NPZ[: len(GOOD_NPZ) // 2], ".npz"),
+    "npz-8TiB-member": ("x.npz", _npz_bytes({"a.npy": _lying_npy(TIB8)}), "8796093022208"),
+    "npz-foreign-member": ("x.npz", _npz_bytes({"notes.txt": b"hi"}), "notes.txt"),
+    "deep-json": ("x.json", b"[" * 100_000 + b"]" * 100_000, "deeply"),
+    "bad-json": ("x.json", b'{"a": ', "JSON"),
+    "latin1-json": ("x.json", '{"a": "\u00e9"}'.encode("latin-1"), "UTF-8"),
+    "latin1-txt": ("x.txt", "caf\u00e9".encode("latin-1"), "UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_damaged_files_raise_corrupt_file_error(tmp_path: Path, case: str) -> None:
+    name, content, word = DAMAGED[case]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(content)
+    disk = DiskBackend(tmp_path)
+    with pytest.raises(CorruptFileError) as info:
+        disk.load("in/" + name)
+    assert isinstance(info.value, ValueError)
+    assert "in/" + name in str(info.value)
+    assert word in str(info.value)
+    assert "allow_pickle" not in str(info.value), "damage is not a pickle question"
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert type(clone) is CorruptFileError and str(clone) == str(info.value)
+
+
+@pytest.mark.parametrize("case", [c for c in DAMAGED if DAMAGED[c][0].endswith(".npy")])
+def test_damaged_npy_memory_mapped(tmp_path: Path, case: str) -> None:
+    name, content, _ = DAMAGED[case]
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CorruptFileError, match=name):
+        DiskBackend(tmp_path).load(name, mmap_mode="r")
+
+
+@pytest.mark.parametrize("case", ["truncated-npy", "npy-8TiB", "npz-8TiB-member", "deep-json"])
+@pytest.mark.parametrize("dst_backend", BACKENDS)
+def test_damaged_files_are_not_copied(
+    manager: FileManager, tmp_path: Path, case: str, dst_backend: str
+) -> None:
+    name, content, _ = DAMAGED[case]
+    (tmp_path / "disk" / name).write_bytes(content)
+    targets = {"copy" + Path(name).suffix, "copy.npy", "copy.json"}
+    if dst_backend == "disk":
+        # Within one format the disk backend copies bytes, decoding nothing, as cp does.
+        targets.discard("copy" + Path(name).suffix)
+    for dst in sorted(targets):
+        with pytest.raises(CorruptFileError, match=name):
+            manager.copy(name, "out/" + dst, "disk", dst_backend=dst_backend)
+        assert not manager.exists("out/" + dst, backend=dst_backend)
+
+
+@pytest.mark.parametrize("declared_mib", [256])
+def test_no_allocation_from_a_lying_header(tmp_path: Path, declared_mib: int) -> None:
+    # A size that could be allocated: the load must refuse before trying.
+    (tmp_path / "x.npy").write_bytes(_lying_npy((declared_mib << 17,)))
+    (tmp_path / "x.npz").write_bytes(_npz_bytes({"a.npy": _lying_npy((declared_mib << 17,))}))
+    disk = DiskBackend(tmp_path)
+    for name in ("x.npy", "x.npz"):
+        tracemalloc.start()
+        try:
+            with pytest.raises(CorruptFileError):
+                disk.load(name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, f"{name}: {peak} bytes allocated for {declared_mib} MiB declared"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"text"', b"{not json", b"\xff\xfe"])
+def test_metadata_that_is_not_an_object(tmp_path: Path, content: bytes) -> None:
+    disk = DiskBackend(tmp_path)
+    disk.save(np.ones(2), "a.npy", metadata={"ok": True})
+    (sidecar,) = [p for p in tmp_path.iterdir() if p.name.startswith(".polystore-meta-")]
+    sidecar.write_bytes(content)
+    with pytest.raises(CorruptFileError, match="a.npy") as info:
+        disk.load_metadata("a.npy")
+    assert "metadata" in str(info.value)
+
+
+def test_deeply_nested_values_are_refused(backend: StorageBackend) -> None:
+    if backend.name == "zarr":
+        pytest.skip("zarr stores arrays only")
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(UnsupportedFormatError, match="nested"):
+        backend.save(deep, "deep.json")
+    with pytest.raises(UnsupportedFormatError, match="nested"):
+        backend.save(np.ones(1), "a.npy", metadata={"deep": deep})
+    assert not backend.exists("deep.json") and not backend.exists("a.npy")
