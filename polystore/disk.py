@@ -278,7 +278,13 @@ class DiskBackend(StorageBackend):
     def load(self, path: Any, **kwargs: Any) -> Any:
         text = as_str(path)
         source = self._resolve(text)
-        fmt = self.formats.for_path(text)
+        try:
+            fmt = self.formats.for_path(text)
+        except UnsupportedFormatError:
+            # a directory is reported as one, whatever its name
+            if self._kind_of(source) == "dir":
+                raise os_error(IsADirectoryError, text) from None
+            raise
         mmap_mode = kwargs.pop("mmap_mode", None)
         if mmap_mode is not None and (type(fmt) is not NpyFormat or mmap_mode == "w+"):
             raise UnsupportedFormatError(text, reason="mmap_mode 'r', 'r+' or 'c' needs .npy")
@@ -286,6 +292,8 @@ class DiskBackend(StorageBackend):
             f = open(source, "rb")  # noqa: SIM115 - closed below, after the error mapping
         except NotADirectoryError as exc:
             raise self._missing_or_not_dir(exc, source, text) from None
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise os_error(type(exc), text) from None
         with f:
             if mmap_mode is None:
                 return fmt.read(f, text, **kwargs)
@@ -424,6 +432,8 @@ class DiskBackend(StorageBackend):
         """
         src_text, dst_text = as_str(src), as_str(dst)
         source, target = self._resolve(src_text), self._resolve(dst_text)
+        if self._kind_of(source) == "dir":  # before the names are asked for a format
+            raise os_error(IsADirectoryError, src_text)
         if not self._same_format(src_text, dst_text):
             super().copy(src, dst, overwrite=overwrite, **kwargs)
             return
@@ -447,6 +457,8 @@ class DiskBackend(StorageBackend):
         """Move the file ``src`` to ``dst`` with its metadata, by renaming it when possible."""
         src_text, dst_text = as_str(src), as_str(dst)
         source, target = self._resolve(src_text), self._resolve(dst_text)
+        if self._kind_of(source) == "dir":  # before the names are asked for a format
+            raise os_error(IsADirectoryError, src_text)
         if not self._same_format(src_text, dst_text):
             super().move(src, dst, overwrite=overwrite, **kwargs)
             return

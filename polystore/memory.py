@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .base import Kind, StorageBackend, _normalize_extensions
-from .exceptions import MetadataNotFoundError, NotShareableError, SandboxError, os_error
+from .exceptions import (
+    MetadataNotFoundError,
+    NotShareableError,
+    SandboxError,
+    UnsupportedFormatError,
+    os_error,
+)
 from .formats import FormatRegistry, default_formats, normalize_metadata
 from .paths import as_str, join_listing, virtual, virtual_parents
 
@@ -230,7 +236,13 @@ class MemoryBackend(StorageBackend):
     def load(self, path: Any, **kwargs: Any) -> Any:
         text = as_str(path)
         vpath = virtual(text)
-        fmt = self.formats.for_path(text)
+        try:
+            fmt = self.formats.for_path(text)
+        except UnsupportedFormatError:
+            # a directory is reported as one, whatever its name
+            if self._kind_of(vpath) == "dir":
+                raise os_error(IsADirectoryError, text) from None
+            raise
         try:
             value = self._data[vpath]
         except KeyError:

@@ -218,10 +218,15 @@ class BackendTests:
         with pytest.raises(FileNotFoundError):
             backend.load("no/such/dir/missing.npy")
 
-    def test_load_directory(self, backend: StorageBackend) -> None:
-        backend.ensure_directory("d.npy")
+    @pytest.mark.parametrize("name", ["d.npy", "d", "d.unknown-ext"])
+    def test_load_directory(self, backend: StorageBackend, name: str) -> None:
+        # whatever the name: a directory is never mistaken for a badly named file
+        backend.ensure_directory(name)
         with pytest.raises(IsADirectoryError):
-            backend.load("d.npy")
+            backend.load(name)
+        with pytest.raises(IsADirectoryError):
+            backend.copy(name, "copy.npy")
+        assert not backend.exists("copy.npy")
 
     def test_exists_is_file_is_dir(self, backend: StorageBackend) -> None:
         backend.save(np.ones(1), "q/f.npy")

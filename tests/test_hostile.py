@@ -350,7 +350,7 @@ def test_metadata_that_is_not_an_object(tmp_path: Path, content: bytes) -> None:
     disk.save(np.ones(2), "a.npy", metadata={"ok": True})
     (sidecar,) = [p for p in tmp_path.iterdir() if p.name.startswith(".polystore-meta-")]
     sidecar.write_bytes(content)
-    with pytest.raises(CorruptFileError, match="a.npy") as info:
+    with pytest.raises(CorruptFileError, match=r"a\.npy") as info:
         disk.load_metadata("a.npy")
     assert "metadata" in str(info.value)
 
@@ -366,3 +366,47 @@ def test_deeply_nested_values_are_refused(backend: StorageBackend) -> None:
     with pytest.raises(UnsupportedFormatError, match="nested"):
         backend.save(np.ones(1), "a.npy", metadata={"deep": deep})
     assert not backend.exists("deep.json") and not backend.exists("a.npy")
+
+
+# -- directories are not files, whatever their name --------------------------------
+
+DIRECTORY_NAMES = ["d", "d.npy", "d.npz", "d.json", "d.txt", "d.unknown-ext"]
+
+
+@pytest.mark.parametrize("name", DIRECTORY_NAMES)
+def test_loading_a_directory(backend: StorageBackend, name: str) -> None:
+    backend.ensure_directory("top/" + name)
+    backend.save(np.ones(2), f"top/{name}/inside.npy")
+    with pytest.raises(IsADirectoryError) as info:
+        backend.load("top/" + name)
+    assert info.value.filename == "top/" + name
+    with pytest.raises(IsADirectoryError):
+        backend.load_batch(["top/" + name])
+
+
+@pytest.mark.parametrize("name", DIRECTORY_NAMES)
+@pytest.mark.parametrize("op", ["copy", "move"])
+def test_copying_a_directory(backend: StorageBackend, name: str, op: str) -> None:
+    backend.save(np.ones(2), f"top/{name}/inside.npy")
+    call = backend.copy if op == "copy" else backend.move
+    for dst in ("out.npy", "out.json", "out-" + name):
+        with pytest.raises(IsADirectoryError):
+            call("top/" + name, dst)
+        assert not backend.exists(dst)
+    assert backend.is_file(f"top/{name}/inside.npy")
+
+
+@pytest.mark.parametrize("name", ["d", "d.npy", "d.unknown-ext"])
+@pytest.mark.parametrize("src_backend", BACKENDS)
+def test_copying_a_directory_between_backends(
+    manager: FileManager, src_backend: str, name: str
+) -> None:
+    manager.save(np.ones(2), f"top/{name}/inside.npy", backend=src_backend)
+    for dst_backend in BACKENDS:
+        if dst_backend == src_backend:
+            continue
+        for op in (manager.copy, manager.move):
+            with pytest.raises(IsADirectoryError):
+                op("top/" + name, "out.npy", src_backend, dst_backend=dst_backend)
+            assert not manager.exists("out.npy", backend=dst_backend)
+    assert manager.is_file(f"top/{name}/inside.npy", backend=src_backend)
