@@ -14,7 +14,10 @@ with ``.polystore-`` (:data:`RESERVED_PREFIX`):
   was held by a process that died).
 * ``.polystore-lock``: a directory's commit lock, which
   :class:`~polystore.DiskBackend` holds for the few microseconds it takes to
-  rename a finished file (and its metadata) into place.
+  rename a finished file (and its metadata) into place, on file systems that
+  refuse to lock a directory itself (NFS). It exists only while it is held.
+  Elsewhere the commit lock is a lock on the directory, which leaves no file:
+  a directory holds exactly what was saved in it.
 * ``.polystore-meta-<name>.json``: the metadata saved with ``<name>`` by
   :class:`~polystore.DiskBackend`.
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import hashlib
 import json
@@ -345,13 +349,55 @@ def atomic_update_json(
 
 @contextlib.contextmanager
 def directory_lock(directory: str, timeout: float | None) -> Iterator[None]:
-    """Hold ``directory``'s commit lock (the persistent ``.polystore-lock``)."""
-    target = os.path.join(directory, DIR_LOCK_NAME)
-    fd = acquire(target, timeout, removable=False, name=directory)
+    """Hold ``directory``'s commit lock.
+
+    The lock is taken on the directory itself, so that committing a file
+    leaves nothing else behind in it. Where the file system refuses that, it
+    is the lock file ``.polystore-lock``, removed again on release.
+    """
+    fd = _lock_directory(directory, timeout)
+    if fd is None:
+        target = os.path.join(directory, DIR_LOCK_NAME)
+        fd = acquire(target, timeout, name=directory)
+        try:
+            yield
+        finally:
+            release(fd, target)
+        return
     try:
         yield
     finally:
-        release(fd, target, removable=False)
+        try:
+            _portalocker().unlock(fd)  # explicitly: a forked child may share fd
+        finally:
+            os.close(fd)
+
+
+#: what flock on a directory gives where the file system cannot lock one; NFS
+#: emulates flock with byte-range locks, which need a file open for writing
+_NO_DIRECTORY_LOCKS = frozenset({errno.EBADF, errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP})
+
+
+def _lock_directory(directory: str, timeout: float | None) -> int | None:
+    """Lock the directory's own descriptor; ``None`` where that is not possible."""
+    fd = os.open(directory or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+    try:
+        if timeout is None:
+            _flock(fd, shared=False, wait=True)
+        elif not _flock_until(fd, False, time.monotonic() + timeout):
+            raise LockTimeoutError(directory, timeout)
+    except LockTimeoutError:
+        os.close(fd)
+        raise
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _NO_DIRECTORY_LOCKS:
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # -- leftovers of killed processes -------------------------------------------
@@ -391,7 +437,7 @@ def remove_stale(
       written more than ``max_age`` seconds ago (the age guards against pids
       of other machines or containers sharing the directory, which look dead
       from here);
-    * per-path lock files that nobody holds (a live holder's are kept);
+    * lock files that nobody holds (a live holder's are kept);
     * metadata files whose data file is gone, checked under the directory's
       commit lock (waiting at most ``lock_timeout`` seconds for it).
     """
@@ -403,7 +449,7 @@ def remove_stale(
         if name.startswith(TEMP_PREFIX):
             if _stale_temp(name, path, now, max_age):
                 removed.append(name)
-        elif name.startswith(LOCK_PREFIX):
+        elif name.startswith(LOCK_PREFIX) or name == DIR_LOCK_NAME:
             if _remove_unheld_lock(path):
                 removed.append(name)
         elif name.startswith(META_PREFIX) and _remove_orphan_metadata(

@@ -168,16 +168,43 @@ def test_stale_temporary_files_are_hidden_then_cleaned(disk: DiskBackend, root: 
     for path in (dead, live):
         os.utime(path, (old, old))
     disk.ensure_directory("d")  # cleans a directory that already exists
-    assert raw_names(root / "d") == sorted([".polystore-lock", "a.npy", live.name])
+    assert raw_names(root / "d") == sorted(["a.npy", live.name])
 
 
 def test_cleanup_removes_unheld_locks_and_orphan_metadata(disk: DiskBackend, root: Path) -> None:
     disk.save(np.ones(1), "d/a.npy", metadata={"k": 1})
     (root / "d" / ".polystore-lock-a.npy").touch()  # left by a killed holder
+    (root / "d" / ".polystore-lock").touch()  # a commit lock's, likewise
     os.unlink(root / "d" / "a.npy")  # metadata now describes nothing
     removed = disk.cleanup(".", max_age=0)
-    assert removed == ["./d/.polystore-lock-a.npy", "./d/.polystore-meta-a.npy.json"]
-    assert raw_names(root / "d") == [".polystore-lock"]
+    assert removed == [
+        "./d/.polystore-lock",
+        "./d/.polystore-lock-a.npy",
+        "./d/.polystore-meta-a.npy.json",
+    ]
+    assert raw_names(root / "d") == []
+
+
+def test_only_what_was_saved_is_left(disk: DiskBackend, root: Path) -> None:
+    # No lock or metadata file outlives its use: a user listing the directory
+    # with os.listdir sees the files they wrote and nothing else.
+    disk.save(np.ones(1), "d/a.npy")
+    disk.save({"k": 1}, "d/b.json", overwrite=False)
+    disk.copy("d/a.npy", "d/c.npy")
+    disk.copy("d/b.json", "d/c.json")
+    disk.move("d/c.npy", "e/c.npy")
+    assert raw_names(root / "d") == ["a.npy", "b.json", "c.json"]
+    assert raw_names(root / "e") == ["c.npy"]
+    disk.save(np.ones(1), "d/a.npy", metadata={"k": 1})
+    assert raw_names(root / "d") == [".polystore-meta-a.npy.json", "a.npy", "b.json", "c.json"]
+    disk.save(np.ones(1), "d/a.npy")
+    assert raw_names(root / "d") == ["a.npy", "b.json", "c.json"]
+    for name in ("a.npy", "b.json", "c.json"):
+        disk.delete("d/" + name)
+    assert raw_names(root / "d") == []
+    with disk.lock("e/c.npy"):
+        assert len(raw_names(root / "e")) == 2
+    assert raw_names(root / "e") == ["c.npy"]
 
 
 def test_directory_with_only_own_files_deletes(disk: DiskBackend, root: Path) -> None:
@@ -236,7 +263,7 @@ def test_failed_write_leaves_nothing(disk: DiskBackend, root: Path) -> None:
     backend.save(np.ones(1), "d/keep.npy")
     with pytest.raises(RuntimeError, match="fire"):
         backend.save(1, "d/x.boom")
-    assert raw_names(root / "d") == [".polystore-lock", "keep.npy"]
+    assert raw_names(root / "d") == ["keep.npy"]
 
 
 # -- formats ----------------------------------------------------------------------
@@ -305,7 +332,7 @@ def test_move_renames_and_carries_metadata(disk: DiskBackend, root: Path) -> Non
     disk.move("a.npy", "b.npy")
     assert os.stat(root / "b.npy").st_ino == inode
     assert disk.load_metadata("b.npy") == {"k": 1}
-    assert raw_names(root) == [".polystore-lock", ".polystore-meta-b.npy.json", "b.npy"]
+    assert raw_names(root) == [".polystore-meta-b.npy.json", "b.npy"]
     with pytest.raises(FileExistsError):
         disk.save(np.ones(1), "c.npy") or disk.move("c.npy", "b.npy", overwrite=False)
     disk.move("b.npy", "sub/d.npy", overwrite=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from polystore import locks
 from polystore.exceptions import LockTimeoutError, StorageError, UnsupportedFormatError
 from polystore.locks import (
     LOCK_PREFIX,
@@ -193,3 +194,19 @@ def test_remove_stale_spares_live_writers_and_held_locks(tmp_path: Path) -> None
     finally:
         release.set()
         thread.join()
+
+
+@pytest.mark.parametrize("where", ["directory", "lock file"])
+def test_directory_lock_excludes_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    if where == "lock file":
+        # as on a file system that cannot lock a directory (NFS)
+        monkeypatch.setattr(locks, "_lock_directory", lambda directory, timeout: None)
+    with locks.directory_lock(str(tmp_path), 1.0):
+        second = locks.directory_lock(str(tmp_path), 0.0)
+        with pytest.raises(LockTimeoutError):
+            second.__enter__()
+    with locks.directory_lock(str(tmp_path), 0.0):
+        pass
+    assert os.listdir(tmp_path) == []
