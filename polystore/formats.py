@@ -327,13 +327,21 @@ def normalize_metadata(metadata: Any, path: str) -> dict[str, Any] | None:
 
     Raises:
         TypeError: ``metadata`` is not a dict.
-        UnsupportedFormatError: it cannot be written as JSON.
+        UnsupportedFormatError: it cannot be written as JSON (NaN and
+            infinities included).
     """
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     normalized: dict[str, Any] = JsonFormat().normalize(metadata, path)
+    import json
+
+    try:
+        # NaN and infinities would be written as tokens that JSON does not have
+        json.dumps(normalized, allow_nan=False)
+    except ValueError as exc:
+        raise UnsupportedFormatError(path, reason=f"metadata must be valid JSON: {exc}") from exc
     return normalized
 
 

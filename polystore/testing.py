@@ -405,6 +405,9 @@ class BackendTests:
             backend.save(np.ones(2), "m/a.npy", metadata={"bad": object()})
         with pytest.raises(TypeError):
             backend.save(np.ones(2), "m/a.npy", metadata=["not", "a", "dict"])  # type: ignore[arg-type]
+        for not_json in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError):
+                backend.save(np.ones(2), "m/a.npy", metadata={"scale": [1.0, not_json]})
         assert not backend.exists("m/a.npy")
 
     def test_metadata_follows_copy_move_delete(self, backend: StorageBackend) -> None:
