@@ -1,10 +1,11 @@
-"""Command line: find and reclaim shared array stores in ``/dev/shm``.
+"""Command line: find and reclaim shared array stores.
 
-``python -m polystore ls [NAME ...]``
-    List every :class:`~polystore.SharedArrayStore` with files in ``/dev/shm``:
-    name, owner pid, state, memory used, keys and files.
+``python -m polystore ls [--directory DIR] [NAME ...]``
+    List every :class:`~polystore.SharedArrayStore` with files in the
+    directory (``/dev/shm``, or ``POLYSTORE_SHM_DIR`` if set): name, owner
+    pid, state, memory used, keys and files.
 
-``python -m polystore gc [--dry-run] [NAME ...]``
+``python -m polystore gc [--directory DIR] [--dry-run] [NAME ...]``
     Remove, of the current user's stores, those whose owner is dead (killed
     before it could close them), and stray segment files left without their
     control segment. Stores of live owners are never touched. Given names,
@@ -58,11 +59,11 @@ class StoreFiles:
         return None if self.header is None else self.header[ix.H_NKEYS]
 
 
-def scan_stores() -> list[StoreFiles]:
-    """Every store with files in ``/dev/shm``, sorted by owner pid and name."""
+def scan_stores(directory: str | None = None) -> list[StoreFiles]:
+    """Every store with files in ``directory`` (the default one if None), by owner pid and name."""
     groups: dict[tuple[int, str], StoreFiles] = {}
     try:
-        entries = list(os.scandir(ix.SHM_DIR))
+        entries = list(os.scandir(directory or ix.default_dir()))
     except FileNotFoundError:
         return []
     for entry in entries:
@@ -95,15 +96,15 @@ def _size(n: int) -> str:
     return f"{value:.1f} {units[0]}"
 
 
-def _named(names: Sequence[str]) -> list[StoreFiles]:
-    return [s for s in scan_stores() if not names or s.name in names]
+def _named(names: Sequence[str], directory: str | None) -> list[StoreFiles]:
+    return [s for s in scan_stores(directory) if not names or s.name in names]
 
 
-def cmd_ls(names: Sequence[str] = ()) -> int:
+def cmd_ls(names: Sequence[str] = (), directory: str | None = None) -> int:
     """``ls``: print one line per store."""
-    stores = _named(names)
+    stores = _named(names, directory)
     if not stores:
-        print(f"no shared array stores in {ix.SHM_DIR}")
+        print(f"no shared array stores in {directory or ix.default_dir()}")
         return 0
     print(f"{'NAME':<24} {'OWNER':>8} {'STATE':<8} {'SIZE':>10} {'KEYS':>6} {'FILES':>6}")
     for s in stores:
@@ -114,11 +115,11 @@ def cmd_ls(names: Sequence[str] = ()) -> int:
     return 0
 
 
-def cmd_gc(dry_run: bool = False, names: Sequence[str] = ()) -> int:
+def cmd_gc(dry_run: bool = False, names: Sequence[str] = (), directory: str | None = None) -> int:
     """``gc``: remove the current user's dead and orphaned stores."""
     uid = os.getuid()
     removed = 0
-    for s in _named(names):
+    for s in _named(names, directory):
         if s.uid != uid or s.state not in ("dead", "orphan"):
             continue
         verb = "would remove" if dry_run else "removed"
@@ -143,15 +144,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m polystore", description="Find and reclaim polystore shared memory."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ls = sub.add_parser("ls", help="list shared array stores in /dev/shm")
+    ls = sub.add_parser("ls", help="list shared array stores")
     gc = sub.add_parser("gc", help="remove stores whose owner process is dead")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     for command in (ls, gc):
+        command.add_argument(
+            "--directory",
+            metavar="DIR",
+            help=f"where the stores live (default: ${ix.DIR_ENV} or {ix.SHM_DIR})",
+        )
         command.add_argument("names", nargs="*", metavar="NAME", help="only stores so named")
     args = parser.parse_args(argv)
+    if args.directory is not None and not os.path.isdir(args.directory):
+        parser.error(f"--directory {args.directory}: not a directory")
     if args.command == "ls":
-        return cmd_ls(args.names)
-    return cmd_gc(args.dry_run, args.names)
+        return cmd_ls(args.names, args.directory)
+    return cmd_gc(args.dry_run, args.names, args.directory)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,8 @@ def _positive(value: object, what: str) -> int:
     return value
 
 
-def _reattach(owner_pid: int, name: str) -> SharedArrayStore:
-    return SharedArrayStore._bind(_shm_open.open_store(owner_pid, name), owner=False)
+def _reattach(directory: str, owner_pid: int, name: str) -> SharedArrayStore:
+    return SharedArrayStore._bind(_shm_open.open_store(directory, owner_pid, name), owner=False)
 
 
 def _close_owned(arena: _shm_arena.Arena) -> None:
@@ -124,9 +124,15 @@ class SharedArrayStore:
         max_blocks: capacity of the block table (defaults to ``2 * max_keys``;
             small arrays take one block each, 64 share one segment).
         max_segs: capacity of the segment table.
+        directory: where the store's files live: ``/dev/shm`` unless the
+            environment variable ``POLYSTORE_SHM_DIR`` names another
+            directory. Any directory of a memory-backed (tmpfs) or local file
+            system works; other processes attach with the same directory.
 
     Raises:
-        StorageError: the name is taken or ``/dev/shm`` is missing.
+        StorageError: the name is taken.
+        NotADirectoryError: ``directory`` is not a directory.
+        ShmFullError: no room for the store's tables.
     """
 
     def __init__(
@@ -139,9 +145,9 @@ class SharedArrayStore:
         max_procs: int = 128,
         max_blocks: int | None = None,
         max_segs: int = 8192,
+        directory: str | os.PathLike[str] | None = None,
     ) -> None:
-        if not os.path.isdir(ix.SHM_DIR):
-            raise StorageError(f"SharedArrayStore needs {ix.SHM_DIR} (Linux)")
+        where = ix.check_dir(directory)
         name = ix.new_store_name() if name is None else ix.check_store_name(name)
         config = {
             "max_bytes": 0 if max_bytes is None else _positive(max_bytes, "max_bytes"),
@@ -151,11 +157,15 @@ class SharedArrayStore:
             "max_blocks": _positive(max_blocks or 2 * max_keys, "max_blocks"),
             "max_segs": _positive(max_segs, "max_segs"),
         }
-        self._init(_shm_open.create_store(name, config), owner=True)
+        self._init(_shm_open.create_store(where, name, config), owner=True)
 
     @classmethod
-    def attach(cls, name: str) -> SharedArrayStore:
+    def attach(
+        cls, name: str, *, directory: str | os.PathLike[str] | None = None
+    ) -> SharedArrayStore:
         """Attach to the store called ``name``, created by another process (or this one).
+
+        ``directory`` is the one the store was created in (same default).
 
         Raises:
             StorageError: no such store, it belongs to another user, or its
@@ -163,15 +173,16 @@ class SharedArrayStore:
             StoreClosedError: its owner closed it.
         """
         ix.check_store_name(name)
-        owners = _shm_open.owners_of(name)
+        where = ix.check_dir(directory)
+        owners = _shm_open.owners_of(where, name)
         if not owners:
-            raise StorageError(f"no shared array store named {name!r}")
+            raise StorageError(f"no shared array store named {name!r} in {where}")
         for pid in owners[:-1]:
             try:
-                return cls._bind(_shm_open.open_store(pid, name), owner=False)
+                return cls._bind(_shm_open.open_store(where, pid, name), owner=False)
             except StorageError:
                 continue  # the remains of a dead owner; a live one may follow
-        return cls._bind(_shm_open.open_store(owners[-1], name), owner=False)
+        return cls._bind(_shm_open.open_store(where, owners[-1], name), owner=False)
 
     @classmethod
     def _bind(cls, arena: _shm_arena.Arena, owner: bool) -> SharedArrayStore:
@@ -199,13 +210,18 @@ class SharedArrayStore:
             self._finalizer.atexit = False
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reattach, (self._owner_pid, self._name))
+        return (_reattach, (self._arena.dir, self._owner_pid, self._name))
 
     # -- properties ------------------------------------------------------------------
     @property
     def name(self) -> str:
         """The store's name, which :meth:`attach` takes."""
         return self._name
+
+    @property
+    def directory(self) -> str:
+        """The directory that holds the store's files."""
+        return self._arena.dir
 
     @property
     def is_owner(self) -> bool:
@@ -238,14 +254,9 @@ class SharedArrayStore:
         """
         arr = array if type(array) is np.ndarray else np.asarray(array)
         a = self._arena
-        # the steady state in C: a key seen before, its own block, same dtype and
-        # shape, no view of it anywhere; False: nothing done, the Python path decides
-        if (
-            a.fast is not None
-            and overwrite
-            and not self._closed
-            and a.fast.put_in_place(a, key, arr)
-        ):
+        # the steady state in C: a key seen before, same dtype and shape, a free
+        # block ready; False: nothing done, the Python path decides
+        if a.fast is not None and overwrite and not self._closed and a.fast.put_small(a, key, arr):
             return
         self._put(key, arr, 0, overwrite)
 
@@ -265,18 +276,15 @@ class SharedArrayStore:
             KeyError: ``key`` is not in the store.
         """
         _, kbz, h = _key(key)
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             i, e = a.find(kbz, h)
             if e < 0:
                 raise KeyError(key)
             old = a.eq[e * _EQ + ix.E_BLOCK]
             a.remove(i, e)
+            a.meta.pop(e, None)
             if old >= 0:
                 a.retire(old)
-        finally:
-            a.release()
 
     # -- reading ---------------------------------------------------------------------
     def get(self, key: str) -> np.ndarray[Any, Any]:
@@ -337,8 +345,7 @@ class SharedArrayStore:
             if found is not RETRY:
                 meta, b, s, gen, off = found
                 return view_of(a, meta, b, s, gen, off)
-        a.acquire()
-        try:
+        with a.locked:
             e = a.find(kbz, h)[1]
             if e < 0:
                 raise KeyError(key)
@@ -356,8 +363,6 @@ class SharedArrayStore:
                 k = b * _BLK
                 s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
                 gen = a.sq[s * _SEG + _S_GEN]
-        finally:
-            a.release()
         return view_of(a, meta, b, s, gen, off)
 
     def info(self, key: str) -> EntryInfo:
@@ -367,16 +372,12 @@ class SharedArrayStore:
             KeyError: ``key`` is not in the store.
         """
         _, kbz, h = _key(key)
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             e = a.find(kbz, h)[1]
             if e < 0:
                 raise KeyError(key)
             nbytes = a.eq[e * _EQ + ix.E_NBYTES]
             dt, shape, flags = a.read_entry(e)
-        finally:
-            a.release()
         return EntryInfo(
             shape,
             ix.decode_dtype(dt),
@@ -387,12 +388,8 @@ class SharedArrayStore:
 
     def keys(self) -> list[str]:
         """Every key in the store, sorted."""
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             return sorted(a.key_of(e) for e in a.entries())
-        finally:
-            a.release()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -401,27 +398,17 @@ class SharedArrayStore:
         if not isinstance(key, str):
             return False
         _, kbz, h = _key(key)
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             return a.find(kbz, h)[1] >= 0
-        finally:
-            a.release()
 
     def __len__(self) -> int:
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             return a.h[ix.H_NKEYS]
-        finally:
-            a.release()
 
     # -- memory ----------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         """Counters: keys, segments, mapped bytes, idle (reusable) bytes, limits."""
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             live = a.seg_np[:, ix.S_STATE] == ix.SEG_LIVE
             return {
                 "keys": a.h[ix.H_NKEYS],
@@ -432,8 +419,6 @@ class SharedArrayStore:
                 "cache_bytes": a.h[ix.H_CACHE_BYTES],
                 "processes": int(np.count_nonzero(a.proc_np[:, ix.P_PID])),
             }
-        finally:
-            a.release()
 
     def reserve(self, nbytes: int, block_bytes: int) -> int:
         """Create memory for later puts now, so that they find it mapped and faulted in.
@@ -475,12 +460,9 @@ class SharedArrayStore:
                 taken.append(a.grow(cls))
         finally:
             if taken:
-                a.acquire()
-                try:
+                with a.locked:
                     for b in taken:
                         a.free(b)
-                finally:
-                    a.release()
         return len(taken) * ix.CLASS_SIZES[cls]
 
     def map_all(self) -> int:
@@ -497,12 +479,8 @@ class SharedArrayStore:
 
     def trim(self) -> int:
         """Unlink every idle segment now instead of keeping it for reuse; return its bytes."""
-        a = self._live()
-        a.acquire()
-        try:
+        with self._live().locked as a:
             return a.evict_idle(a.h[ix.H_IDLE])
-        finally:
-            a.release()
 
     # -- lifetime --------------------------------------------------------------------
     def close(self) -> None:

@@ -90,7 +90,7 @@ def test_ls_and_gc_reclaim_a_killed_owner(killed_owner: tuple[int, str]) -> None
 
 def test_gc_removes_orphaned_segments() -> None:
     pid = 2**22 + 12345  # above the default pid_max: no such process
-    orphan = ix.seg_path(pid, "cli_orphan", 0, 1)
+    orphan = ix.seg_path(ix.SHM_DIR, pid, "cli_orphan", 0, 1)
     with open(orphan, "wb") as f:
         f.write(b"\0" * 4096)
     try:

@@ -17,7 +17,7 @@ from polystore._shm import fast as _shm_fast
 from polystore._shm import layout as ix
 from polystore._shm import read as _shm_read
 
-N = 2048  # 8 KB of float32: small puts overwrite in place when no view holds the block
+N = 2048  # 8 KB of float32: a small put, copied under the lock
 
 # every test with and without the C fast path
 pytestmark = pytest.mark.usefixtures("store_paths")
@@ -103,7 +103,7 @@ def test_a_writer_between_lookup_and_check_sends_the_reader_to_the_lock(
 
         def write_once() -> None:  # as if another process wrote right after our lookup
             if not calls:
-                a.h[ix.H_WSEQ] += 2
+                a.q[ix.H_WSEQ] += 2
             calls.append(1)
 
         def find_then_write(kbz: bytes, h: int) -> tuple[int, int]:
@@ -151,7 +151,7 @@ def test_a_counter_left_odd_by_a_dead_writer_is_repaired() -> None:
     with SharedArrayStore() as store:
         store.put("k", np.arange(4.0))
         a = store._arena
-        a.h[ix.H_WSEQ] += 1  # odd, as a writer killed inside the lock leaves it
+        a.q[ix.H_WSEQ] += 1  # odd, as a writer killed inside the lock leaves it
         before = a.h[ix.H_WSEQ]
         assert np.array_equal(store.get("k"), np.arange(4.0))  # through the lock
         assert a.h[ix.H_WSEQ] > before and not a.h[ix.H_WSEQ] & 1

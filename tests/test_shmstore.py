@@ -302,7 +302,7 @@ def test_max_bytes_raises_before_writing() -> None:
 def test_full_dev_shm_raises_before_writing(
     store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_shm_alloc, "shm_free_bytes", lambda: 1 << 20)
+    monkeypatch.setattr(_shm_alloc, "shm_free_bytes", lambda directory: 1 << 20)
     with pytest.raises(ShmFullError, match="/dev/shm"):
         store.put("k", np.ones(1 << 20))
     assert "k" not in store and store.stats()["segments"] == 0
@@ -669,7 +669,7 @@ def test_store_of_a_killed_owner_takes_no_more_memory() -> None:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file to another user")
 def test_attach_refuses_foreign_store(run_python: Any, store: SharedArrayStore) -> None:
-    ctl = ix.ctl_path(os.getpid(), store.name)
+    ctl = ix.ctl_path(ix.SHM_DIR, os.getpid(), store.name)
     os.chown(ctl, 4242, -1)
     try:
         out = run_python(

@@ -8,8 +8,9 @@
  *   Ctl.view(): a get() whose value description this process has cached:
  *       the lock-free lookup and pin of get_optimistic(), then the view;
  *   Ctl.get(): the same lookup and pin, for the Python path to make a view;
- *   Ctl.put_in_place(): a small put that overwrites a key's own block, the
- *       steady state of a value handed over again and again;
+ *   Ctl.put_small(): a small put of a key's same dtype and shape into a free
+ *       block of its size class, the steady state of a value handed over
+ *       again and again, journaled like every locked section;
  *   Ctl.pin_add(): the one way this process changes its row of the pin
  *       table while the fast path is on (an atomic add), which is what lets
  *       the read path pin without the store's thread lock.
@@ -26,6 +27,7 @@
 
 static PyObject *str_locked;  /* interned method name */
 FP_INTERNAL PyObject *fp_test_hook;
+FP_INTERNAL long fp_kill_at, fp_steps;
 FP_INTERNAL PyObject *fp_str_dtype;
 
 PyDoc_STRVAR(ctl_get_doc,
@@ -47,16 +49,18 @@ PyDoc_STRVAR(ctl_view_doc,
 "at its current generation).");
 
 PyDoc_STRVAR(ctl_put_doc,
-"put_in_place(arena, key, array) -> bool\n\n"
-"Take the store lock (flock on arena._fd, without waiting) and copy a\n"
-"C-contiguous array over the block of a key in the key cache when the Python\n"
-"path would do exactly that: the key's current description, cached in\n"
-"arena.meta, has the array's dtype and shape; the block has the array's size\n"
-"class; no process holds a view of it; and its segment is mapped writable at\n"
-"its current generation. Returns False, having changed nothing, in every\n"
-"other case: for arrays of over small_put bytes or empty ones, while another\n"
-"thread of this process is in the store, and while another process holds\n"
-"the lock.");
+"put_small(arena, key, array) -> bool\n\n"
+"Take the store lock (flock on arena._fd, without waiting) and put a\n"
+"C-contiguous array under a key in the key cache when the Python path would\n"
+"do just that: the key's current description, cached in arena.meta, has the\n"
+"array's dtype and shape; a free block of its size class is at the head of\n"
+"the free list, in a segment mapped writable here; no segment becomes busy\n"
+"or idle. The array is copied into that block, the key pointed at it and the\n"
+"old block retired, every change journaled (see polystore._shm.tables).\n"
+"Returns False, having changed nothing, in every other case: for arrays of\n"
+"over small_put bytes or empty ones, while another thread of this process is\n"
+"in the store, while another process holds the lock, and when a dead lock\n"
+"holder left work to finish.");
 
 /* -- entry points: the arena's state read in C ------------------------------ */
 
@@ -161,9 +165,9 @@ ctl_view(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
-ctl_put_in_place(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs(nargs, 3, "put_in_place", "the arena, the key and the array") < 0)
+    if (check_nargs(nargs, 3, "put_small", "the arena, the key and the array") < 0)
         return NULL;
     PyObject *arena = args[0];
     PyObject *parts = cached_key(args[1]);
@@ -270,7 +274,7 @@ ctl_release(Ctl *c, PyObject *Py_UNUSED(ignored))
     ctl_clear(c);
     if (c->buf.obj != NULL)
         PyBuffer_Release(&c->buf);
-    c->h = c->ht = c->bq = c->sq = NULL;
+    c->h = c->ht = c->bq = c->sq = c->log = NULL;
     c->eb = NULL;
     c->pins = NULL;
     Py_RETURN_NONE;
@@ -301,14 +305,14 @@ ctl_init(Ctl *c, PyObject *args, PyObject *kwds)
     }
     c->n_classes = n_classes;
     c->small_put = small_put;
-    if (PyTuple_GET_SIZE(offsets) != 6 || PyTuple_GET_SIZE(geometry) != 5
+    if (PyTuple_GET_SIZE(offsets) != 7 || PyTuple_GET_SIZE(geometry) != 5
             || PyTuple_GET_SIZE(fields) != N_FIELDS) {
         PyErr_Format(PyExc_ValueError,
-            "Ctl() takes 6 offsets, 5 geometry values and %d field numbers", N_FIELDS);
+            "Ctl() takes 7 offsets, 5 geometry values and %d field numbers", N_FIELDS);
         return -1;
     }
-    int64_t off[6], geo[5];
-    for (int i = 0; i < 6; i++)
+    int64_t off[7], geo[5];
+    for (int i = 0; i < 7; i++)
         off[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(offsets, i));
     for (int i = 0; i < 5; i++)
         geo[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(geometry, i));
@@ -321,15 +325,17 @@ ctl_init(Ctl *c, PyObject *args, PyObject *kwds)
         return -1;
     /* Every table must lie inside its section and the buffer, and every field
      * inside its record: a wrong layout is refused here, not found out later
-     * by writing out of bounds. Sections: header, ht, ent, blk, seg, pins. */
+     * by writing out of bounds. Sections: header, ht, ent, blk, seg, pins, log;
+     * the header first, the others anywhere after it, none overlapping. */
     const int64_t *f = c->f;
     int ok = 1;
     for (int i = 0; i < 5; i++)
         ok &= geo[i] > 0 && geo[i] < ((int64_t)1 << 32);
     for (int i = 0; i < N_FIELDS; i++)
-        ok &= f[i] >= 0 && f[i] < 4096;
+        ok &= f[i] >= 0 && (f[i] < 4096 || i == F_LOG_RECORDS);
+    ok &= f[F_LOG_RECORDS] < ((int64_t)1 << 32);
     int64_t header_slots = 0;
-    for (int i = F_H_WSEQ; i <= F_H_PROC_HW; i++)
+    for (int i = F_H_WSEQ; i <= F_H_CLASS0; i++)
         header_slots = f[i] + 1 > header_slots ? f[i] + 1 : header_slots;
     int64_t longest_entry_field = 0;
     for (int i = F_E_BLOCK; i <= F_E_MSEQ; i++)
@@ -339,15 +345,25 @@ ctl_init(Ctl *c, PyObject *args, PyObject *kwds)
     ok &= (longest_entry_field + 1) * 8 <= f[F_E_KEY] && f[F_E_KEY] < f[F_E_DTYPE]
           && f[F_E_DTYPE] < f[F_E_SHAPE];
     ok &= f[F_B_SEG] < f[F_BLK_FIELDS] && f[F_B_OFF] < f[F_BLK_FIELDS]
-          && f[F_B_CLS] < f[F_BLK_FIELDS] && f[F_S_GEN] < f[F_SEG_FIELDS];
+          && f[F_B_CLS] < f[F_BLK_FIELDS] && f[F_B_STATE] < f[F_BLK_FIELDS]
+          && f[F_B_NEXT] < f[F_BLK_FIELDS] && f[F_B_PREV] < f[F_BLK_FIELDS]
+          && f[F_B_OWNER] < f[F_BLK_FIELDS] && f[F_S_GEN] < f[F_SEG_FIELDS]
+          && f[F_S_USED] < f[F_SEG_FIELDS] && f[F_LOG_RECORDS] > 64;
+    ok &= f[F_H_CLASS0] + n_classes <= 4096;
+    header_slots = f[F_H_CLASS0] + n_classes > header_slots ? f[F_H_CLASS0] + n_classes
+                                                            : header_slots;
     if (ok) {
-        int64_t need[6] = {
+        int64_t need[7] = {
             header_slots * 8, (geo[0] + 1) * 8, geo[1] * f[F_ENT_SIZE],
             geo[2] * f[F_BLK_FIELDS] * 8, geo[3] * f[F_SEG_FIELDS] * 8, geo[4] * geo[2] * 4,
+            f[F_LOG_RECORDS] * 16,
         };
-        for (int i = 0; i < 6; i++) {
-            int64_t end = i < 5 ? off[i + 1] : (int64_t)c->buf.len;
-            ok &= off[i] >= 0 && off[i] % 8 == 0 && off[i] + need[i] <= end;
+        ok &= off[0] == 0;
+        for (int i = 0; i < 7; i++) {
+            ok &= off[i] >= 0 && off[i] % 8 == 0 && need[i] > 0
+                  && off[i] + need[i] <= (int64_t)c->buf.len;
+            for (int j = 0; j < i; j++)
+                ok &= off[i] + need[i] <= off[j] || off[j] + need[j] <= off[i];
         }
     }
     if (!ok) {
@@ -362,6 +378,8 @@ ctl_init(Ctl *c, PyObject *args, PyObject *kwds)
     c->bq = (int64_t *)(base + off[3]);
     c->sq = (int64_t *)(base + off[4]);
     c->pins = (int32_t *)(base + off[5]);
+    c->log = (int64_t *)(base + off[6]);
+    c->words = (int64_t)c->buf.len / 8;
     c->mask = geo[0];
     c->max_keys = geo[1];
     c->max_blocks = geo[2];
@@ -396,9 +414,25 @@ set_test_hook(PyObject *Py_UNUSED(module), PyObject *hook)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+arm_faults(PyObject *Py_UNUSED(module), PyObject *at)
+{
+    long n = PyLong_AsLong(at);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    long taken = fp_steps;
+    fp_kill_at = n;
+    fp_steps = 0;
+    return PyLong_FromLong(taken);
+}
+
 static PyMethodDef module_methods[] = {
+    {"_arm_faults", arm_faults, METH_O,
+     "Tests only: count the steps of the write path from now on and SIGKILL this "
+     "process at step n (-1: never, 0: stop counting); returns the steps taken since "
+     "the previous call."},
     {"set_key_cache", set_key_cache, METH_O,
-     "The dict of valid keys that view() and put_in_place() look keys up in: "
+     "The dict of valid keys that view() and put_small() look keys up in: "
      "str -> (bytes, bytes + NUL, hash), as polystore.shmstore keeps it."},
     {"_set_test_hook", set_test_hook, METH_O,
      "Tests only: call hook() inside every get(), between the pin and the check "
@@ -409,10 +443,10 @@ static PyMethodDef module_methods[] = {
 static PyMethodDef ctl_methods[] = {
     {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
     {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
-    {"put_in_place", (PyCFunction)(void (*)(void))ctl_put_in_place, METH_FASTCALL, ctl_put_doc},
+    {"put_small", (PyCFunction)(void (*)(void))ctl_put_small, METH_FASTCALL, ctl_put_doc},
     {"bind", (PyCFunction)(void (*)(void))ctl_bind, METH_FASTCALL,
      "bind(meta, ro_maps, rw_maps, refs, view_dead): the arena's objects that never "
-     "change, which get(), view() and put_in_place() use."},
+     "change, which get(), view() and put_small() use."},
     {"pin_add", (PyCFunction)(void (*)(void))ctl_pin_add, METH_FASTCALL,
      "pin_add(index, delta): change a count of this process's row of the pin table "
      "atomically (never below zero). With the fast path on, every change to the row goes "
@@ -440,7 +474,7 @@ static PyTypeObject CtlType = {
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "polystore._shm._fastpath",
-    .m_doc = "The hot paths of SharedArrayStore in C (optional; see polystore._shm_fast).",
+    .m_doc = "The hot paths of SharedArrayStore in C (optional; see polystore._shm.fast).",
     .m_size = -1,
     .m_methods = module_methods,
 };

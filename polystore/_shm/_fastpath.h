@@ -3,7 +3,7 @@
  *
  *   _fastpath.c        the module, the Ctl type and its entry points
  *   _fastpath_read.c   the lock-free lookup, pin and view (get)
- *   _fastpath_write.c  the small put that overwrites a block in place
+ *   _fastpath_write.c  the small put into a free block, journaled
  *
  * See _fastpath.c for what the module is for.
  */
@@ -21,7 +21,9 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/file.h>
+#include <unistd.h>
 
 /* Symbols shared between the files, not exported from the extension. */
 #define FP_INTERNAL __attribute__((visibility("hidden")))
@@ -37,13 +39,17 @@ enum {
     F_ENT_SIZE, F_E_BLOCK, F_E_NBYTES, F_E_SEQ, F_E_META, F_E_MSEQ, F_E_KEY,
     F_E_DTYPE, F_E_SHAPE, F_BLK_FIELDS, F_B_SEG, F_B_OFF, F_B_CLS,
     F_SEG_FIELDS, F_S_GEN, F_H_WSEQ, F_H_CLOSED, F_H_EPOCH, F_H_SEQ,
-    F_H_PROC_HW, N_FIELDS
+    F_H_PROC_HW, F_H_LOG_LEN, F_H_UNLINK_N, F_H_CLASS0, F_B_STATE, F_B_NEXT,
+    F_B_PREV, F_B_OWNER, F_S_USED, F_FREE, F_LIVE, F_RETIRED, F_LOG_RECORDS,
+    N_FIELDS
 };
 
 typedef struct {
     PyObject_HEAD
     Py_buffer buf;  /* the whole control segment; buf.obj NULL once released */
     int64_t *h, *ht, *bq, *sq;
+    int64_t *log;   /* the undo journal: (index into the segment, old value) pairs */
+    int64_t words;  /* int64 words in the segment */
     char *eb;
     int32_t *pins;
     int64_t mask, max_keys, max_blocks, max_segs, max_procs;
@@ -99,6 +105,17 @@ pin_atomic(int32_t *pin, int32_t delta)
         if (__atomic_compare_exchange_n(pin, &old, now, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
             return;
     }
+}
+
+/* Tests only (polystore._shm.faults): count the steps of the write path and
+ * SIGKILL this process at step fp_kill_at (0: off, -1: count only). */
+FP_INTERNAL extern long fp_kill_at, fp_steps;
+
+static inline void
+fp_step(void)
+{
+    if (fp_kill_at && ++fp_steps == fp_kill_at)
+        kill(getpid(), SIGKILL);
 }
 
 /* Tests only: called by get() between its pin and its check of the write

@@ -4,12 +4,13 @@ from typing import Any
 
 def set_key_cache(cache: dict[Any, tuple[bytes, bytes, int]]) -> None: ...
 def _set_test_hook(hook: Callable[[], object] | None) -> None: ...
+def _arm_faults(at: int) -> int: ...
 
 class Ctl:
     def __init__(
         self,
         buffer: Any,
-        offsets: tuple[int, int, int, int, int, int],
+        offsets: tuple[int, ...],
         geometry: tuple[int, int, int, int, int],
         fields: tuple[int, ...],
         class_sizes: tuple[int, ...],
@@ -19,7 +20,7 @@ class Ctl:
         self, arena: Any, kbz: bytes, hash: int
     ) -> tuple[Any, int, int, int, int] | bool | None: ...
     def view(self, arena: Any, key: object) -> Any: ...
-    def put_in_place(self, arena: Any, key: object, array: Any) -> bool: ...
+    def put_small(self, arena: Any, key: object, array: Any) -> bool: ...
     def bind(
         self,
         meta: dict[int, Any],

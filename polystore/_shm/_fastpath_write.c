@@ -1,8 +1,9 @@
 /*
- * polystore._shm._fastpath: the write path, a small put that overwrites in place.
+ * polystore._shm._fastpath: the write path, a small put into a free block.
  *
- * It repeats the steady-state case of put() in _shm_write.py: the key's own
- * block, same dtype and shape, no view of it anywhere, copied under the flock.
+ * It repeats the steady-state case of put() in write.py: a key seen before,
+ * same dtype and shape, a free block of its class at hand; copied and
+ * installed under the flock in one journaled section.
  */
 #define NO_IMPORT_ARRAY
 #include "_fastpath.h"
@@ -59,13 +60,51 @@ class_of(Ctl *c, int64_t n)
     return lo;
 }
 
-/* Under the store lock: copy src over entry e's block if the Python path would
- * do just that. Returns 1 if done, 0 if declined, -1 with an exception set. */
-static int
-overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *meta,
-                 PyObject *rw_maps)
+/* Journaled store, as Tables.set() in tables.py: the record (index, old value)
+ * is written, then counted, then the value stored. The release stores keep
+ * that order against the compiler (x86 keeps it in the processor), so a
+ * counted record always names a store that was made or not yet made. */
+static void
+log_set(Ctl *c, int64_t *p, int64_t v)
 {
     const int64_t *f = c->f;
+    int64_t *len = &c->h[f[F_H_LOG_LEN]];
+    fp_step();
+    int64_t n = *len;
+    c->log[2 * n] = p - c->h;
+    c->log[2 * n + 1] = *p;
+    __atomic_store_n(len, n + 1, __ATOMIC_RELEASE);
+    fp_step();
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
+static int
+pinned(Ctl *c, int64_t b)
+{
+    int64_t procs = c->h[c->f[F_H_PROC_HW]];
+    if (procs > c->max_procs)
+        procs = c->max_procs;
+    for (int64_t p = 0; p < procs; p++)
+        if (LD(&c->pins[p * c->max_blocks + b]))
+            return 1;
+    return 0;
+}
+
+/* Under the store lock, with an empty journal: put src under entry e into the
+ * free block at the head of its class's list, as put() in write.py would.
+ * Every check comes before the first store. Returns 1 if done, 0 if declined,
+ * -1 with an exception set.
+ *
+ * Invariant kept: the bytes go into a block no key names (it was free), and
+ * the key moves to it in the same journaled section, so a kill at any point
+ * leaves the key's old value whole (rolled back by the next lock holder) or
+ * the new one committed. */
+static int
+swap_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *meta,
+            PyObject *rw_maps)
+{
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
     int64_t *eq = (int64_t *)(c->eb + e * f[F_ENT_SIZE]);
     int64_t b = eq[f[F_E_BLOCK]];
     if (b < 0 || b >= c->max_blocks)
@@ -73,24 +112,28 @@ overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *m
     int same = same_description(c, e, eq, src, dtype, meta);
     if (same <= 0)
         return same;
-    const int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
-    if (blk[f[F_B_CLS]] != class_of(c, src->len))
+    int64_t cls = class_of(c, src->len);
+    int64_t *old = c->bq + b * f[F_BLK_FIELDS];
+    if (cls >= c->n_classes || old[f[F_B_CLS]] != cls)
         return 0;
-    /* Pinned? The odd write counter and the fence before this made every
-     * reader that pins from now on see us and back off. */
-    int64_t procs = c->h[f[F_H_PROC_HW]];
-    if (procs > c->max_procs)
-        procs = c->max_procs;
-    for (int64_t p = 0; p < procs; p++)
-        if (LD(&c->pins[p * c->max_blocks + b]))
-            return 0;
-    int64_t s = blk[f[F_B_SEG]], off = blk[f[F_B_OFF]];
-    if (s < 0 || s >= c->max_segs || off < 0)
+    int64_t *head = &h[f[F_H_CLASS0] + cls];
+    int64_t nb = *head;
+    if (nb < 0 || nb >= c->max_blocks || nb == b)
         return 0;
-    int64_t gen = c->sq[s * f[F_SEG_FIELDS] + f[F_S_GEN]];
-
+    int64_t *blk = c->bq + nb * f[F_BLK_FIELDS];
+    int64_t s = blk[f[F_B_SEG]], off = blk[f[F_B_OFF]], s_old = old[f[F_B_SEG]];
+    int64_t next = blk[f[F_B_NEXT]];
+    if (s < 0 || s >= c->max_segs || s_old < 0 || s_old >= c->max_segs || off < 0
+            || next >= c->max_blocks || blk[f[F_B_STATE]] != f[F_FREE])
+        return 0;
+    int64_t *seg = c->sq + s * f[F_SEG_FIELDS], *seg_old = c->sq + s_old * f[F_SEG_FIELDS];
+    int busy = pinned(c, b);
+    /* A segment that turns busy or idle changes the idle accounting and may
+     * call for eviction: the Python path does that. */
+    if (s != s_old && (seg[f[F_S_USED]] == 0 || (!busy && seg_old[f[F_S_USED]] <= 1)))
+        return 0;
     PyObject *mm;
-    int mapped = fp_mapping_at(rw_maps, s, gen, &mm);
+    int mapped = fp_mapping_at(rw_maps, s, seg[f[F_S_GEN]], &mm);
     if (mapped <= 0)
         return mapped;
     Py_buffer dst;
@@ -98,16 +141,50 @@ overwrite_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *m
         PyErr_Clear();  /* the Python path meets the same error and reports it */
         return 0;
     }
-    int done = 0;
-    if (off + src->len <= dst.len) {
-        memcpy((char *)dst.buf + off, src->buf, src->len);
-        int64_t seq = c->h[f[F_H_SEQ]] + 1;
-        c->h[f[F_H_SEQ]] = seq;
-        ST(&eq[f[F_E_SEQ]], seq);
-        done = 1;
+    if (off + src->len > dst.len) {
+        PyBuffer_Release(&dst);
+        return 0;
     }
+    /* take nb off its free list */
+    log_set(c, head, next);
+    if (next >= 0)
+        log_set(c, &c->bq[next * f[F_BLK_FIELDS] + f[F_B_PREV]], -1);
+    fp_step();
+    memcpy((char *)dst.buf + off, src->buf, src->len);
     PyBuffer_Release(&dst);
-    return done;
+    fp_step();
+    log_set(c, &blk[f[F_B_STATE]], f[F_LIVE]);
+    /* point the key at it */
+    int64_t seq = h[f[F_H_SEQ]] + 1;
+    log_set(c, &h[f[F_H_SEQ]], seq);
+    log_set(c, &eq[f[F_E_BLOCK]], nb);
+    log_set(c, &eq[f[F_E_SEQ]], seq);
+    /* retire the old block, or put it back at the head of the list */
+    if (busy) {
+        log_set(c, &old[f[F_B_STATE]], f[F_RETIRED]);
+    } else {
+        int64_t first = *head;
+        log_set(c, &old[f[F_B_STATE]], f[F_FREE]);
+        log_set(c, &old[f[F_B_OWNER]], -1);
+        log_set(c, &old[f[F_B_PREV]], -1);
+        log_set(c, &old[f[F_B_NEXT]], first);
+        if (first >= 0)
+            log_set(c, &c->bq[first * f[F_BLK_FIELDS] + f[F_B_PREV]], b);
+        log_set(c, head, b);
+    }
+    /* blocks in use per segment: one more for nb, one fewer for b if freed */
+    int64_t more = 1, fewer = busy ? 0 : 1;
+    if (s == s_old) {
+        more -= fewer;
+        fewer = 0;
+    }
+    if (more)
+        log_set(c, &seg[f[F_S_USED]], seg[f[F_S_USED]] + more);
+    if (fewer)
+        log_set(c, &seg_old[f[F_S_USED]], seg_old[f[F_S_USED]] - fewer);
+    fp_step();
+    __atomic_store_n(&h[f[F_H_LOG_LEN]], 0, __ATOMIC_RELEASE);  /* the commit */
+    return 1;
 }
 
 
@@ -165,15 +242,18 @@ fp_put_impl(Ctl *c, PyObject *const *args)
     const int64_t *f = c->f;
     int64_t *h = c->h;
     int done = 0;
-    if (!h[f[F_H_CLOSED]] && h[f[F_H_EPOCH]] == epoch) {
+    int64_t wseq = h[f[F_H_WSEQ]];
+    /* An odd counter, a journal or unlinks left: a lock holder died, and
+     * Arena.acquire() must finish its work first. */
+    if (!h[f[F_H_CLOSED]] && h[f[F_H_EPOCH]] == epoch && !(wseq & 1)
+            && h[f[F_H_LOG_LEN]] == 0 && h[f[F_H_UNLINK_N]] == 0) {
         /* Tell lock-free readers a writer is in, as Arena.acquire() does. */
-        int64_t wseq = h[f[F_H_WSEQ]];
-        __atomic_store_n(&h[f[F_H_WSEQ]], (wseq & 1) ? wseq + 2 : wseq + 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 1, __ATOMIC_SEQ_CST);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
         int64_t e = fp_find(c, kbz, n, hash);
         if (e >= 0)
-            done = overwrite_locked(c, e, &src, dtype, c->meta, c->rw_maps);
-        __atomic_store_n(&h[f[F_H_WSEQ]], h[f[F_H_WSEQ]] + 1, __ATOMIC_RELEASE);
+            done = swap_locked(c, e, &src, dtype, c->meta, c->rw_maps);
+        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 2, __ATOMIC_RELEASE);
     }
     PyBuffer_Release(&src);
     Py_DECREF(dtype);

@@ -9,7 +9,10 @@ share its arena.
 
 Concurrency: every change to the control segment happens under ``flock`` on
 the control file (the kernel drops it when its holder dies) plus a thread lock
-for the threads of one process. Large values are copied outside the lock into
+for the threads of one process, in a locked section that is a transaction:
+``with arena.locked:`` commits on success and rolls back on an exception, and
+the next holder rolls back the section of a holder that died (see
+:mod:`polystore._shm.tables`). Large values are copied outside the lock into
 a block no one else can see until the put installs it.
 
 Blocks are recycled, never unmapped under a reader: a block replaced or
@@ -30,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..exceptions import StorageError, StoreClosedError
+from . import faults as _faults
 from . import layout as ix
 from .alloc import Allocator, unlink_quietly
 from .fast import make_ctl
@@ -43,7 +47,7 @@ _all_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
 # Bound once: the lock is taken on every call, and these save lookups there.
 _flock, _LOCK_EX, _LOCK_UN, _LOCK_NB = fcntl.flock, fcntl.LOCK_EX, fcntl.LOCK_UN, fcntl.LOCK_NB
 _get_ident = threading.get_ident
-_H_CLOSED, _H_EPOCH, _H_WSEQ = ix.H_CLOSED, ix.H_EPOCH, ix.H_WSEQ
+_H_CLOSED, _H_EPOCH, _H_WSEQ, _H_LOG_LEN = ix.H_CLOSED, ix.H_EPOCH, ix.H_WSEQ, ix.H_LOG_LEN
 _fence_lock = threading.Lock()
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 
@@ -54,23 +58,48 @@ def fence() -> None:
     _fence_lock.release()
 
 
+class _Section:
+    """``with arena.locked:``: a locked section that commits, or rolls back on an exception."""
+
+    __slots__ = ("arena",)
+
+    def __init__(self, arena: Arena) -> None:
+        self.arena = arena
+
+    def __enter__(self) -> Arena:
+        self.arena.acquire()
+        return self.arena
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.arena.release()
+        else:
+            self.arena.abort()
+
+
 class Arena(Allocator):
     """The mapped control segment of one store, as seen from this process.
 
     Attributes:
         owner_pid: pid of the process that created the store.
         name: the store's name.
+        dir: the directory of its files.
+        locked: ``with arena.locked:`` runs a locked section (a transaction).
         handles: number of open :class:`~polystore.SharedArrayStore` objects using it.
         leave_when_unused: leave the store once no handle and no view remains.
         closed: set once this process no longer uses the store.
     """
 
-    def __init__(self, owner_pid: int, name: str, fd: int, layout: ix.Layout) -> None:
+    def __init__(
+        self, directory: str, owner_pid: int, name: str, fd: int, layout: ix.Layout
+    ) -> None:
         self._mm = mmap.mmap(fd, layout.size)
         super().__init__(self._mm, layout)
         self.owner_pid = owner_pid
         self.name = name
-        self.path = ix.ctl_path(owner_pid, name)
+        self.dir = directory
+        self.path = ix.ctl_path(directory, owner_pid, name)
+        self.locked = _Section(self)
         self.handles = 0
         self.leave_when_unused = False
         self.closed = False
@@ -151,15 +180,11 @@ class Arena(Allocator):
             return
         if self.slot >= 0:
             try:
-                self.acquire()
+                with self.locked:
+                    self.reclaim(self.slot)
+                    self.slot = -1
             except StoreClosedError:
                 pass  # the owner closed the store: nothing left to give back
-            else:
-                try:
-                    self._reclaim(self.slot)
-                    self.slot = -1
-                finally:
-                    self.release()
         self.shutdown()
 
     def destroy(self) -> None:
@@ -167,20 +192,16 @@ class Arena(Allocator):
         if self.closed:
             return
         try:
-            self.acquire()
+            with self.locked:
+                self.set(ix.H_CLOSED, 1)
         except StoreClosedError:
             pass  # closed already; still make sure no file remains
-        else:
-            try:
-                self.h[ix.H_CLOSED] = 1
-            finally:
-                self.release()
         prefix = f"{ix.PREFIX}{self.owner_pid}-{self.name}."
-        names = [n for n in os.listdir(ix.SHM_DIR) if n.startswith(prefix)]
+        names = [n for n in os.listdir(self.dir) if n.startswith(prefix)]
         # Data segments first: a control file whose data is gone would look
         # like the remains of a crashed owner to `python -m polystore gc`.
         for filename in sorted(names, key=lambda n: n.endswith(".ctl")):
-            unlink_quietly(os.path.join(ix.SHM_DIR, filename))
+            unlink_quietly(os.path.join(self.dir, filename))
         self.shutdown()
 
     def drop_handle(self, explicit: bool) -> None:
@@ -223,29 +244,52 @@ class Arena(Allocator):
             self._holder = None
             self._lock.release()
             raise
-        h = self.h
-        if h[_H_CLOSED] or h[_H_EPOCH] != self._epoch:
-            if h[_H_CLOSED]:
-                _flock(self._fd, _LOCK_UN)
-                self._holder = None
-                self._lock.release()
+        q = self.q
+        # Tell lock-free readers a writer is in: odd, and never a value seen before.
+        seq = q[_H_WSEQ]
+        q[_H_WSEQ] = seq + 2 if seq & 1 else seq + 1  # odd already: its holder died
+        fence()  # the pins read from here on include every reader that missed it
+        if q[_H_LOG_LEN] or q[ix.H_UNLINK_N]:
+            self.recover()
+        if q[_H_CLOSED] or q[_H_EPOCH] != self._epoch:
+            if q[_H_CLOSED]:
+                self._unlock()
                 raise self.closed_error()
             self._prune()
-        # Tell lock-free readers a writer is in: odd, and never a value seen before.
-        seq = h[_H_WSEQ]
-        h[_H_WSEQ] = seq + 2 if seq & 1 else seq + 1  # odd already: its holder died
-        fence()  # the pins read from here on include every reader that missed it
         return True
 
+    def recover(self) -> None:
+        """Finish what a lock holder that died left: undo its section, redo its unlinks (held)."""
+        if self.rollback():
+            # Our cached descriptions may name entries of the undone section.
+            self.meta.clear()
+        self.unlink_dropped()
+
     def release(self) -> None:
-        """Release the store lock, first dropping pins whose views died meanwhile."""
+        """Commit the section, evict idle memory beyond the cache, and release the lock."""
         try:
+            self.commit()
+            h = self.h
+            if h[ix.H_IDLE] > h[ix.H_CACHE_BYTES]:
+                self.evict_idle(h[ix.H_IDLE] - h[ix.H_CACHE_BYTES])
             self.unpin_pending()
         finally:
-            self._holder = None
-            self.h[_H_WSEQ] += 1
-            _flock(self._fd, _LOCK_UN)
-            self._lock.release()
+            self._unlock()
+
+    def abort(self) -> None:
+        """Roll the section back and release the lock (after an exception in it)."""
+        try:
+            if self.rollback():
+                self.meta.clear()
+            self.unpin_pending()
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        self._holder = None
+        self.q[_H_WSEQ] += 1
+        _flock(self._fd, _LOCK_UN)
+        self._lock.release()
 
     def _prune(self) -> None:
         # Some process unlinked segments: drop our mappings of them so their
@@ -265,7 +309,7 @@ class Arena(Allocator):
         item = cache.get(s)
         if item is not None and item[0] == gen:
             return item[1]
-        path = ix.seg_path(self.owner_pid, self.name, s, gen)
+        path = ix.seg_path(self.dir, self.owner_pid, self.name, s, gen)
         try:
             fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -289,13 +333,10 @@ class Arena(Allocator):
 
     def map_all(self) -> int:
         """Map every live segment both ways with its page tables filled; return its bytes."""
-        self.acquire()
-        try:
+        with self.locked:
             segs = self.seg_np
             rows = np.flatnonzero(segs[:, ix.S_STATE] == ix.SEG_LIVE)
             live = segs[rows][:, [ix.S_GEN, ix.S_SIZE]].tolist()
-        finally:
-            self.release()
         total = 0
         for s, (gen, size) in zip(rows.tolist(), live, strict=True):
             try:
@@ -328,10 +369,15 @@ class Arena(Allocator):
                 )
         p = int(free[0])
         pid, start = ix.my_identity()
-        self.pq[p * ix.PROC_FIELDS + ix.P_START] = start
-        self.pq[p * ix.PROC_FIELDS + ix.P_PID] = pid
+        self.back_row(p)  # before anything may pin in it
+        k = self.P0 + p * ix.PROC_FIELDS
+        self.set(k + ix.P_START, start)
+        self.set(k + ix.P_PID, pid)
         if self.h[ix.H_PROC_HW] <= p:
-            self.h[ix.H_PROC_HW] = p + 1
+            self.set(ix.H_PROC_HW, p + 1)
+        # Committed at once: it is called first in a section, and self.slot
+        # must never name a row that a rollback gives back.
+        self.commit()
         self.slot = p
         self.pin_base = p * self.layout.max_blocks
         _register_exit_hook()
@@ -415,20 +461,23 @@ class Arena(Allocator):
     def abandon(self, b: int) -> None:
         """Free a block this process took but did not install (takes the lock)."""
         try:
-            self.acquire()
+            with self.locked:
+                k = b * ix.BLK_FIELDS
+                if self.bq[k + ix.B_STATE] == ix.WRITING and self.bq[k + ix.B_OWNER] == self.slot:
+                    self.free(b)
         except StoreClosedError:
             return  # the owner closed the store: the block went with it
-        try:
-            if self.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.WRITING:
-                self.free(b)
-        finally:
-            self.release()
 
     def grow(self, cls: int) -> int:
-        """Take a block of class ``cls``, creating a segment if need be (takes the lock)."""
-        nblk, size = ix.segment_shape(cls)
-        self.acquire()
-        try:
+        """Take a block of class ``cls``, creating a segment if need be (takes the lock).
+
+        Three steps, each safe to die after: a locked section records the
+        new segment as being created by this process; its file is created
+        and backed without the lock; a second section makes it live. A
+        process killed in between leaves a reservation that the reaper
+        drops, unlinking the file.
+        """
+        with self.locked:
             if not ix.is_alive(self.owner_pid, self.h[ix.H_START]):
                 # Nobody would remove a new segment but `python -m polystore gc`.
                 raise StorageError(
@@ -440,50 +489,46 @@ class Arena(Allocator):
             b = self.pop_free(cls)
             if b >= 0:
                 return b
-            s, gen, descs = self._reserve(cls, nblk, size)
-        finally:
-            self.release()
-        path = ix.seg_path(self.owner_pid, self.name, s, gen)
+            s, gen, descs = self.reserve_segment(cls)
+        path = ix.seg_path(self.dir, self.owner_pid, self.name, s, gen)
         try:
-            mm = self._create_file(path, size)
-            self.acquire()
+            if _faults.kill_at:
+                _faults.step()
+            mm = self.create_segment_file(path, ix.segment_shape(cls)[1])
+            if _faults.kill_at:
+                _faults.step()
+            with self.locked:
+                self.set_seg(s, ix.S_STATE, ix.SEG_LIVE)
+                self.set_seg(s, ix.S_USED, 1)
+                self.set_block(descs[0], ix.B_STATE, ix.WRITING)
+                for d in descs[1:]:
+                    self.push_free(d)
         except BaseException:
-            self._abandon_reservation(s, path)
+            self._abandon_reservation(s, gen, path)
             raise
-        try:
-            k = s * ix.SEG_FIELDS
-            self.sq[k + ix.S_STATE] = ix.SEG_LIVE
-            self.sq[k + ix.S_USED] = 1
-            self.bq[descs[0] * ix.BLK_FIELDS + ix.B_STATE] = ix.WRITING
-            for d in descs[1:]:
-                self.push_free(d)
-        finally:
-            self.release()
         self.rw_maps[s] = (gen, mm)
         return descs[0]
 
-    def _abandon_reservation(self, s: int, path: str) -> None:
+    def _abandon_reservation(self, s: int, gen: int, path: str) -> None:
         try:
-            self.acquire()
+            with self.locked:
+                k = s * ix.SEG_FIELDS
+                if self.sq[k + ix.S_STATE] == ix.SEG_CREATING and self.sq[k + ix.S_GEN] == gen:
+                    self.drop_reservation(s)
         except StoreClosedError:
             pass  # the owner closed the store and took the reservation with it
-        else:
-            try:
-                self.drop_reservation(s)
-            finally:
-                self.release()
         unlink_quietly(path)
 
 
 # -- process-wide bookkeeping ---------------------------------------------------------------
 
 #: the arena of each store this process uses, shared by all its handles
-_arenas: dict[tuple[int, str], Arena] = {}
+_arenas: dict[tuple[str, int, str], Arena] = {}
 _exit_hook_pid = -1
 
 
 def _forget(arena: Arena) -> None:
-    key = (arena.owner_pid, arena.name)
+    key = (arena.dir, arena.owner_pid, arena.name)
     if _arenas.get(key) is arena:
         del _arenas[key]
 
@@ -505,13 +550,13 @@ def _register_exit_hook() -> None:
     _exit_hook_pid = os.getpid()
 
 
-def lookup(owner_pid: int, name: str) -> Arena | None:
+def lookup(directory: str, owner_pid: int, name: str) -> Arena | None:
     """The open arena of a store in this process, if any."""
-    arena = _arenas.get((owner_pid, name))
+    arena = _arenas.get((directory, owner_pid, name))
     return None if arena is None or arena.closed else arena
 
 
 def remember(arena: Arena) -> Arena:
     """Make ``arena`` the one this process uses for its store."""
-    _arenas[(arena.owner_pid, arena.name)] = arena
+    _arenas[(arena.dir, arena.owner_pid, arena.name)] = arena
     return arena

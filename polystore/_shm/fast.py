@@ -3,7 +3,7 @@
 ``polystore._shm._fastpath`` (built from ``_fastpath*.c`` at install time when a C
 compiler is there) repeats the two steady-state cases of the store in C: the
 lock-free lookup and pin of a ``get`` whose value description is cached, and
-a small ``put`` that overwrites its key's own block. Every other case, and
+a small ``put`` of a key's same dtype and shape into a free block. Every other case, and
 every error, goes through the Python paths in ``read`` and
 ``write``, which define the semantics; the C code declines rather than
 decides.
@@ -37,7 +37,8 @@ _FIELDS = (
     ix.ENT_SIZE, ix.E_BLOCK, ix.E_NBYTES, ix.E_SEQ, ix.E_META, ix.E_MSEQ, ix.E_KEY,
     ix.E_DTYPE, ix.E_SHAPE, ix.BLK_FIELDS, ix.B_SEG, ix.B_OFF, ix.B_CLS,
     ix.SEG_FIELDS, ix.S_GEN, ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH, ix.H_SEQ,
-    ix.H_PROC_HW,
+    ix.H_PROC_HW, ix.H_LOG_LEN, ix.H_UNLINK_N, ix.H_CLASS0, ix.B_STATE, ix.B_NEXT,
+    ix.B_PREV, ix.B_OWNER, ix.S_USED, ix.FREE, ix.LIVE, ix.RETIRED, ix.LOG_RECORDS,
 )  # fmt: skip
 
 
@@ -52,10 +53,9 @@ def make_ctl(whole: memoryview, layout: ix.Layout) -> Any:
     if not ENABLED:
         return None
     off = layout.offsets()
-    header, ht, ent, blk, seg, pins = (
-        off[name][0] for name in ("header", "ht", "ent", "blk", "seg", "pins")
+    offsets = tuple(
+        off[name][0] for name in ("header", "ht", "ent", "blk", "seg", "pins", "log")
     )
-    offsets = (header, ht, ent, blk, seg, pins)
     geometry = (
         layout.ht_cap - 1, layout.max_keys, layout.max_blocks, layout.max_segs, layout.max_procs,
     )  # fmt: skip

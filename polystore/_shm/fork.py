@@ -49,7 +49,7 @@ def _before_fork() -> None:
             r, w = os.pipe()
         except OSError:  # no pipe, no handshake: the child's views are as before
             for arena in held:
-                arena.release()
+                arena.abort()
             return
         _handoff = (held, r, w)
 
@@ -67,8 +67,10 @@ def _after_fork_in_parent() -> None:
         waiter.poll(FORK_HANDOFF_SECONDS * 1000)
     finally:
         os.close(r)
+        # The parent changed nothing in these sections; whatever the journal
+        # holds is a row claim of a child that died half way: undo it.
         for arena in held:
-            arena.release()
+            arena.abort()
 
 
 def _after_fork_in_child() -> None:

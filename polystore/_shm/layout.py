@@ -1,11 +1,13 @@
-"""On-disk layout of a :class:`~polystore.SharedArrayStore` and helpers around it.
+"""Where a :class:`~polystore.SharedArrayStore` keeps its bytes: files, header, tables.
 
 Files
 -----
-A store named ``N`` whose owner is process ``P`` lives in ``/dev/shm`` as
+A store named ``N`` whose owner is process ``P`` lives in its directory
+(``/dev/shm`` unless the store was given another) as
 
-* ``polystore-P-N.ctl``: the control segment (header, key index, entry, block,
-  segment and process tables, pin counts), mapped by every attached process;
+* ``polystore-P-N.ctl``: the control segment (header, undo journal, key
+  index, segment, process, entry and block tables, pin counts), mapped by
+  every attached process;
 * ``polystore-P-N.S.G``: data segment number ``S`` in its ``G``-th incarnation.
 
 Every name starts with ``polystore-<owner pid>-``, which is how ``python -m
@@ -14,43 +16,52 @@ polystore gc`` and the test suite tell whose segments they are.
 Control segment
 ---------------
 A header of int64 slots (``H_*``), then tables sized by the store's
-configuration, each page aligned:
+configuration, each page aligned, in this order:
 
-* ``ht``: open-addressing hash table, one int64 per slot: ``0`` empty, ``-1``
-  deleted, else ``hash << 32 | (entry + 1)``;
+* ``log``: the undo journal, :data:`LOG_RECORDS` pairs (int64 index into the
+  segment, old value) of the locked section under way (see
+  :mod:`polystore._shm.tables`);
+* ``ht``: open-addressing hash table with linear probing, one int64 per slot:
+  ``0`` empty, else ``hash << 32 | (entry + 1)``;
+* ``seg``: one record of int64 fields ``S_*`` per data segment;
+* ``proc``: one record of int64 fields ``P_*`` per attached process;
 * ``ent``: one :data:`ENT_SIZE`-byte record per stored key (int64 fields
   ``E_*``, then the key, the dtype description and the shape);
 * ``blk``: one record of int64 fields ``B_*`` per data block;
-* ``seg``: one record of int64 fields ``S_*`` per data segment;
-* ``proc``: one record of int64 fields ``P_*`` per attached process;
 * ``pins``: int32 ``[proc, block]``: how many views each process holds. Only
   the process of a row writes it (the reaper too, once that process is dead),
   so a view is pinned and unpinned without the store lock; a block is in use
   while any row of the first ``H_PROC_HW`` counts it.
 
-Readers do not take the store lock either (see ``H_WSEQ``): every locked
-section makes the counter odd on entry and even on exit, and a reader checks
-that it was even and unchanged around what it read.
+The sections up to ``proc`` are backed by memory when the store is created;
+``ent``, ``blk`` and ``pins`` are backed in chunks as they are first used
+(``H_*_BACKED``), always before anything writes there, so that a full file
+system gives :class:`~polystore.ShmFullError` and never SIGBUS.
+
+Readers do not take the store lock (see ``H_WSEQ``): every locked section
+makes the counter odd on entry and even on exit, and a reader checks that it
+was even and unchanged around what it read.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-import mmap
 import os
 import re
-import zlib
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ..exceptions import NotShareableError
 
+#: where stores live unless told otherwise (``directory=`` or :data:`DIR_ENV`)
 SHM_DIR = "/dev/shm"
+#: environment variable naming the default directory of new stores
+DIR_ENV = "POLYSTORE_SHM_DIR"
 PREFIX = "polystore-"
 MAGIC = int.from_bytes(b"PLYSTOR1", "little")
-VERSION = 2
+VERSION = 3
 PAGE = 4096
 
 # -- header slots (int64) ------------------------------------------------------
@@ -76,12 +87,19 @@ H_ENT_FREE = 18
 H_ENT_HW = 19  # entries [0, hw) have been handed out at least once
 H_BLK_FREE = 20
 H_BLK_HW = 21
-H_TOMBS = 22
+H_LOG_LEN = 22  # records in the undo journal; 0 when no locked section is half done
 H_CREATED = 23  # wall-clock seconds
 H_WSEQ = 24  # odd while a process holds the store lock; bumped on entry and exit
 H_PROC_HW = 25  # rows [0, hw) of the process table have been used
+H_ENT_BACKED = 26  # entries [0, n) have memory behind them
+H_BLK_BACKED = 27  # block records and their pin columns [0, n) likewise
+H_ROWS_BACKED = 28  # pin rows [0, n) likewise (for the first H_BLK_BACKED blocks)
+H_UNLINK_N = 29  # segment files to unlink once the section that dropped them commits
 H_CLASS0 = 64  # free-list head of every size class
+H_UNLINK0 = 384  # (segment, generation) pairs of those files
+MAX_UNLINK = 64
 HEADER_SLOTS = 512
+LOG_RECORDS = 16384  # undo records one locked section may write before it commits
 
 # -- entry record --------------------------------------------------------------
 ENT_SIZE = 1024
@@ -133,7 +151,8 @@ def _class_sizes() -> list[int]:
 
 CLASS_SIZES = _class_sizes()
 N_CLASSES = len(CLASS_SIZES)
-assert H_CLASS0 + N_CLASSES <= HEADER_SLOTS  # the free-list heads fit in the header
+assert H_CLASS0 + N_CLASSES <= H_UNLINK0  # the free-list heads fit in the header
+assert H_UNLINK0 + 2 * MAX_UNLINK <= HEADER_SLOTS
 
 
 def class_of(nbytes: int) -> int:
@@ -167,11 +186,12 @@ class Layout(NamedTuple):
     def _sections(self) -> list[tuple[str, int]]:
         return [
             ("header", HEADER_SLOTS * 8),
+            ("log", LOG_RECORDS * 16),
             ("ht", self.ht_cap * 8),
-            ("ent", self.max_keys * ENT_SIZE),
-            ("blk", self.max_blocks * BLK_FIELDS * 8),
             ("seg", self.max_segs * SEG_FIELDS * 8),
             ("proc", self.max_procs * PROC_FIELDS * 8),
+            ("ent", self.max_keys * ENT_SIZE),
+            ("blk", self.max_blocks * BLK_FIELDS * 8),
             ("pins", self.max_procs * self.max_blocks * 4),
         ]
 
@@ -187,8 +207,13 @@ class Layout(NamedTuple):
 
     @property
     def size(self) -> int:
-        """Bytes of the whole control segment (sparse: untouched pages cost nothing)."""
+        """Bytes of the whole control segment (sparse: see :attr:`fixed_size`)."""
         return self.offsets()["end"][0]
+
+    @property
+    def fixed_size(self) -> int:
+        """Bytes at the start of the control segment that are backed at creation."""
+        return self.offsets()["ent"][0]
 
 
 # -- names ---------------------------------------------------------------------------
@@ -213,14 +238,39 @@ def check_store_name(name: object) -> str:
     return name
 
 
-def ctl_path(pid: int, name: str) -> str:
+def default_dir() -> str:
+    """The directory of stores not given one: :data:`DIR_ENV`, else :data:`SHM_DIR`."""
+    return os.environ.get(DIR_ENV) or SHM_DIR
+
+
+def check_dir(directory: object) -> str:
+    """The absolute path of a directory that can hold stores, else raise.
+
+    Raises:
+        TypeError: not a str or path.
+        NotADirectoryError: it is not an existing directory.
+    """
+    if directory is None:
+        directory = default_dir()
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(path):
+        raise NotADirectoryError(
+            f"{path!r} is not a directory: shared array stores need one on a "
+            f"memory-backed or local file system (set directory= or {DIR_ENV})"
+        )
+    return path
+
+
+def ctl_path(directory: str, pid: int, name: str) -> str:
     """Path of a store's control segment."""
-    return f"{SHM_DIR}/{PREFIX}{pid}-{name}.ctl"
+    return f"{directory}/{PREFIX}{pid}-{name}.ctl"
 
 
-def seg_path(pid: int, name: str, slot: int, gen: int) -> str:
+def seg_path(directory: str, pid: int, name: str, slot: int, gen: int) -> str:
     """Path of one data segment."""
-    return f"{SHM_DIR}/{PREFIX}{pid}-{name}.{slot}.{gen}"
+    return f"{directory}/{PREFIX}{pid}-{name}.{slot}.{gen}"
 
 
 _FILE_RE = re.compile(r"polystore-([0-9]+)-([A-Za-z0-9_][A-Za-z0-9_-]{0,63})\.(ctl|[0-9]+\.[0-9]+)")
@@ -342,186 +392,3 @@ def read_header(path: str) -> list[int] | None:
         return header_of(fd)
     finally:
         os.close(fd)
-
-
-# -- the tables ----------------------------------------------------------------------------
-
-_EQ = ENT_SIZE // 8  # int64 slots per entry record
-_HASH_MASK = 0xFFFFFFFF
-
-
-class Tables:
-    """Typed views of a mapped control segment, and the key index kept in it.
-
-    The methods change shared memory: callers hold the store lock.
-
-    Attributes:
-        h, ht, eq, bq, sq: int64 views of the header, hash table, entries,
-            blocks and segments; ``eb`` the entries as bytes.
-    """
-
-    def __init__(self, mm: mmap.mmap, layout: Layout) -> None:
-        self.layout = layout
-        self.mask = layout.ht_cap - 1
-        off = layout.offsets()
-        whole = memoryview(mm)
-
-        def part(section: str) -> memoryview:
-            start, length = off[section]
-            return whole[start : start + length]
-
-        self.h = part("header").cast("q")
-        self.ht = part("ht").cast("q")
-        self.eb = part("ent")
-        self.eq = self.eb.cast("q")
-        self.bq = part("blk").cast("q")
-        self.sq = part("seg").cast("q")
-        self.pq = part("proc").cast("q")
-        self.pins = part("pins").cast("i")
-        self._whole = whole
-        self.ht_np = np.frombuffer(self.ht, dtype=np.int64)
-        self.blk_np = np.frombuffer(self.bq, dtype=np.int64).reshape(layout.max_blocks, -1)
-        self.seg_np = np.frombuffer(self.sq, dtype=np.int64).reshape(layout.max_segs, -1)
-        self.proc_np = np.frombuffer(self.pq, dtype=np.int64).reshape(layout.max_procs, -1)
-        self.pins_np = np.frombuffer(self.pins, dtype=np.int32).reshape(layout.max_procs, -1)
-        #: the C view of the segment (polystore._shm_fast), set by the arena
-        self.fast: Any = None
-
-    def release_views(self) -> None:
-        """Release the views of the tables, as far as nothing else holds them."""
-        if self.fast is not None:
-            self.fast.release()
-            self.fast = None
-        del self.ht_np, self.blk_np, self.seg_np, self.proc_np, self.pins_np
-        views = (self.h, self.ht, self.eq, self.eb, self.bq, self.sq, self.pq, self.pins)
-        for view in (*views, self._whole):
-            try:
-                view.release()
-            except BufferError:
-                pass  # exported further: released with the last view of it
-
-    # -- key index ------------------------------------------------------------------------
-    # Hash-table slots: 0 empty, -1 deleted, else hash << 32 | (entry + 1).
-
-    def find(self, kbz: bytes, h: int) -> tuple[int, int]:
-        """(slot, entry) of a key (``kbz`` is its bytes plus a NUL); entry -1 if absent.
-
-        For an absent key the slot is where :meth:`insert` puts it.
-        """
-        ht, eb, mask = self.ht, self.eb, self.mask
-        n = len(kbz)
-        i = h & mask
-        v = ht[i]
-        if v > 0 and v >> 32 == h:  # the usual case: found at the first probe
-            e = (v & _HASH_MASK) - 1
-            o = e * ENT_SIZE + E_KEY
-            if eb[o : o + n] == kbz:
-                return i, e
-        tomb = -1
-        while True:
-            v = ht[i]
-            if v == 0:
-                return (i if tomb < 0 else tomb), -1
-            if v < 0:
-                if tomb < 0:
-                    tomb = i
-            elif v >> 32 == h:
-                e = (v & _HASH_MASK) - 1
-                o = e * ENT_SIZE + E_KEY
-                if eb[o : o + n] == kbz:
-                    return i, e
-            i = (i + 1) & mask
-
-    def insert(self, i: int, h: int, kb: bytes) -> int:
-        """Add a key at slot ``i`` (from :meth:`find`); return its new entry."""
-        hdr = self.h
-        e = hdr[H_ENT_FREE]
-        if e >= 0:
-            hdr[H_ENT_FREE] = self.eq[e * _EQ + E_NEXT]
-        else:
-            e = hdr[H_ENT_HW]
-            if e >= self.layout.max_keys:
-                raise MemoryError(f"the key index is full (max_keys={self.layout.max_keys})")
-            hdr[H_ENT_HW] = e + 1
-        o = e * ENT_SIZE + E_KEY
-        self.eb[o : o + E_DTYPE - E_KEY] = kb.ljust(E_DTYPE - E_KEY, b"\0")
-        self.eq[e * _EQ + E_META] = len(kb)
-        if self.ht[i] < 0:
-            hdr[H_TOMBS] -= 1
-        self.ht[i] = (h << 32) | (e + 1)
-        hdr[H_NKEYS] += 1
-        return e
-
-    def remove(self, i: int, e: int) -> None:
-        """Remove the key in slot ``i`` whose entry is ``e``."""
-        hdr, ht = self.h, self.ht
-        if ht[(i + 1) & self.mask] == 0:
-            ht[i] = 0  # no probe sequence runs through this slot
-        else:
-            ht[i] = -1
-            hdr[H_TOMBS] += 1
-        hdr[H_NKEYS] -= 1
-        self.eq[e * _EQ + E_NEXT] = hdr[H_ENT_FREE]
-        hdr[H_ENT_FREE] = e
-        if hdr[H_TOMBS] > self.layout.ht_cap // 4:
-            self._rehash()
-
-    def _rehash(self) -> None:
-        live = self.ht_np[self.ht_np > 0].tolist()
-        self.ht_np[:] = 0
-        ht, mask = self.ht, self.mask
-        for v in live:
-            i = (v >> 32) & mask
-            while ht[i]:
-                i = (i + 1) & mask
-            ht[i] = v
-        self.h[H_TOMBS] = 0
-
-    def entries(self) -> list[int]:
-        """Entries of every stored key."""
-        live = self.ht_np[self.ht_np > 0]
-        return ((live & _HASH_MASK) - 1).tolist()
-
-    def key_of(self, e: int) -> str:
-        """The key of entry ``e``."""
-        o = e * ENT_SIZE + E_KEY
-        n = self.eq[e * _EQ + E_META] & 0xFFFF
-        return bytes(self.eb[o : o + n]).decode("utf-8", "surrogatepass")
-
-    @staticmethod
-    def ht_hash(kb: bytes) -> int:
-        """The 31-bit hash of a key's bytes."""
-        return zlib.crc32(kb) & 0x7FFFFFFF
-
-    def write_entry(
-        self, e: int, b: int, seq: int, nbytes: int, dt: bytes, shape: tuple[int, ...], flags: int
-    ) -> None:
-        """Describe the value of entry ``e``, put number ``seq``."""
-        eq = self.eq
-        k = e * _EQ
-        o = e * ENT_SIZE + E_DTYPE
-        self.eb[o : o + len(dt)] = dt
-        first = k + E_SHAPE // 8
-        for j, extent in enumerate(shape):
-            eq[first + j] = extent
-        klen = eq[k + E_META] & 0xFFFF
-        eq[k + E_META] = klen | len(shape) << 16 | flags << 24 | len(dt) << 32
-        eq[k + E_MSEQ] = seq
-        self.write_value(e, b, seq, nbytes)
-
-    def write_value(self, e: int, b: int, seq: int, nbytes: int) -> None:
-        """Point entry ``e`` at new bytes of the same dtype, shape and flags."""
-        eq = self.eq
-        k = e * _EQ
-        eq[k + E_BLOCK] = b
-        eq[k + E_NBYTES] = nbytes
-        eq[k + E_SEQ] = seq
-
-    def read_entry(self, e: int) -> tuple[bytes, tuple[int, ...], int]:
-        """(dtype description, shape, flags) of entry ``e``."""
-        k = e * _EQ
-        meta = self.eq[k + E_META]
-        ndim, flags, dlen = (meta >> 16) & 0xFF, (meta >> 24) & 0xFF, (meta >> 32) & 0xFFFF
-        o = e * ENT_SIZE + E_DTYPE
-        first = k + E_SHAPE // 8
-        return bytes(self.eb[o : o + dlen]), tuple(self.eq[first : first + ndim]), flags

@@ -16,6 +16,7 @@ import time
 from ..exceptions import StorageError, StoreClosedError
 from . import fork as _fork
 from . import layout as ix
+from .alloc import reserve_memory
 from .arena import Arena, lookup, remember
 
 __all__ = ["create_store", "open_store", "owners_of"]
@@ -23,11 +24,11 @@ __all__ = ["create_store", "open_store", "owners_of"]
 _fork.install()  # before the first arena exists
 
 
-def owners_of(name: str) -> list[int]:
+def owners_of(directory: str, name: str) -> list[int]:
     """Pids of the processes that own a store called ``name`` (one, unless it leaked)."""
     suffix = f"-{name}.ctl"
     pids = []
-    for filename in os.listdir(ix.SHM_DIR):
+    for filename in os.listdir(directory):
         if filename.endswith(suffix):
             parsed = ix.parse_filename(filename)
             if parsed is not None and parsed[1] == name and parsed[2]:
@@ -35,10 +36,14 @@ def owners_of(name: str) -> list[int]:
     return sorted(pids)
 
 
-def create_store(name: str, config: dict[str, int]) -> Arena:
-    """Create the control segment of a new store owned by this process."""
-    for pid in owners_of(name):
-        header = ix.read_header(ix.ctl_path(pid, name))
+def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
+    """Create the control segment of a new store owned by this process.
+
+    Its fixed tables are backed by memory before anything writes them
+    (ShmFullError if there is none); the rest as they grow.
+    """
+    for pid in owners_of(directory, name):
+        header = ix.read_header(ix.ctl_path(directory, pid, name))
         state = (
             "is in use"
             if header and ix.is_alive(pid, header[ix.H_START])
@@ -49,16 +54,18 @@ def create_store(name: str, config: dict[str, int]) -> Arena:
         config["max_keys"], config["max_blocks"], config["max_procs"], config["max_segs"]
     )
     pid, start = ix.my_identity()
-    path = ix.ctl_path(pid, name)
+    path = ix.ctl_path(directory, pid, name)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     try:
-        os.ftruncate(fd, layout.size)  # sparse: only the pages written cost memory
-        arena = Arena(pid, name, fd, layout)
+        os.ftruncate(fd, layout.size)  # sparse: only the pages backed cost memory
+        reserve_memory(fd, 0, layout.fixed_size, directory)
+        arena = Arena(directory, pid, name, fd, layout)
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
-    h = arena.h
+    # Nobody can attach before the magic number is written: no journal needed.
+    h = arena.q
     for slot, value in (
         (ix.H_VERSION, ix.VERSION), (ix.H_CTL_SIZE, layout.size), (ix.H_UID, os.getuid()),
         (ix.H_PID, pid), (ix.H_START, start), (ix.H_MAX_BYTES, config["max_bytes"]),
@@ -74,13 +81,13 @@ def create_store(name: str, config: dict[str, int]) -> Arena:
     return remember(arena)
 
 
-def open_store(pid: int, name: str) -> Arena:
+def open_store(directory: str, pid: int, name: str) -> Arena:
     """This process's arena of an existing store, after checking who owns it."""
-    arena = lookup(pid, name)
+    arena = lookup(directory, pid, name)
     if arena is not None:
         return arena
     try:
-        fd = os.open(ix.ctl_path(pid, name), os.O_RDWR | os.O_NOFOLLOW)
+        fd = os.open(ix.ctl_path(directory, pid, name), os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise StorageError(f"no shared array store named {name!r} (owner pid {pid})") from None
     try:
@@ -91,7 +98,7 @@ def open_store(pid: int, name: str) -> Arena:
                 f"shared array store {name!r} belongs to user id {uid}, not to this user"
             )
         if header is None or header[ix.H_PID] != pid:
-            raise StorageError(f"{ix.ctl_path(pid, name)} is not a shared array store")
+            raise StorageError(f"{ix.ctl_path(directory, pid, name)} is not a shared array store")
         if not ix.is_alive(pid, header[ix.H_START]):
             raise StorageError(
                 f"the owner (pid {pid}) of shared array store {name!r} is dead; "
@@ -103,7 +110,7 @@ def open_store(pid: int, name: str) -> Arena:
             header[ix.H_MAX_KEYS], header[ix.H_MAX_BLOCKS],
             header[ix.H_MAX_PROCS], header[ix.H_MAX_SEGS],
         )  # fmt: skip
-        arena = Arena(pid, name, fd, layout)
+        arena = Arena(directory, pid, name, fd, layout)
     except BaseException:
         os.close(fd)
         raise

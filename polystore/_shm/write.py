@@ -1,10 +1,17 @@
 """The write path of :class:`~polystore.SharedArrayStore`: copying a value in, installing it.
 
-A put of up to :data:`SMALL_PUT` bytes copies while it holds the store lock,
-into the key's own block when no reader pins it, else into a free block. A
-larger put takes a block under the lock, copies without it (no other process
-can see that block yet), and takes the lock again to point the key at it.
-Either way the old block is retired, and freed once no reader pins it.
+Invariant: a put never writes into a block that a key names. It copies into
+a block taken off a free list, then points the key at it in one locked
+section, so a process killed at any point leaves the key with its old value
+or its new one, and readers of the old value keep seeing it unchanged.
+
+A put of up to :data:`SMALL_PUT` bytes takes the block, copies and installs
+in one locked section: if it dies there, the next lock holder rolls the whole
+section back. A larger put takes the block in one section (as WRITING, owned
+by this process), copies without the lock, and installs in a second; if it
+dies in between, the reaper frees the block. Either way the old block is
+retired, and freed once no reader pins it; a key put again and again
+alternates between two blocks.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import ShmFullError, StorageError
+from ..exceptions import ShmFullError
 from . import arena as _arena
+from . import faults as _faults
 from . import layout as ix
 from .read import make_meta as _meta
 
@@ -40,7 +48,7 @@ def put(
     overwrite: bool,
 ) -> None:
     """Store a copy of ``arr`` under ``key`` (``parts``: its bytes, bytes + NUL and hash)."""
-    kb, kbz, h = parts
+    _, kbz, h = parts
     dt = ix.encode_dtype(arr.dtype)
     nbytes = arr.nbytes
     # A C-contiguous array exports its bytes as a plain buffer, whatever its
@@ -57,46 +65,37 @@ def put(
     cls = ix.class_of(nbytes) if nbytes else -1
     value = (nbytes, arr.dtype, dt, arr.shape, flags)
     b = -1
-    a.acquire()
-    try:
+    with a.locked:
         if a.slot < 0:
             a.my_slot()
         i, e = a.find(kbz, h)
         if e >= 0 and not overwrite:
             raise FileExistsError(errno.EEXIST, "key exists", key)
         if nbytes == 0:
-            return _install(name, a, i, e, kb, -1, value)
-        if nbytes <= SMALL_PUT:
-            # Small values are copied while holding the lock, which makes
-            # overwriting in place safe when no view of the old value exists.
-            old = a.eq[e * _EQ + _E_BLOCK] if e >= 0 else -1
-            if old >= 0 and a.reusable(old, cls):
-                _copy(a, old, arr, src, nbytes)
-                return _install(name, a, i, e, kb, old, value)
-            b = a.pop_free(cls)
-            if b >= 0:
-                try:
-                    _copy(a, b, arr, src, nbytes)
-                    return _install(name, a, i, e, kb, b, value)
-                except BaseException:
-                    a.free(b)
-                    raise
-        else:
-            b = a.pop_free(cls)
-    finally:
-        a.release()
+            return _install(a, i, e, parts, -1, value)
+        b = a.pop_free(cls)
+        if b >= 0 and nbytes <= SMALL_PUT:
+            # Copied while holding the lock: one lock round trip, and a
+            # rollback gives the block back if this process dies here.
+            if _faults.kill_at:
+                _faults.step()
+            _copy(a, b, arr, src, nbytes)
+            if _faults.kill_at:
+                _faults.step()
+            return _install(a, i, e, parts, b, value)
     if b < 0:
         b = a.grow(cls)
     try:
+        if _faults.kill_at:
+            _faults.step()
         _copy(a, b, arr, src, nbytes)  # outside the lock: no one else sees b
-        a.acquire()
-        try:
+        if _faults.kill_at:
+            _faults.step()
+        with a.locked:
             i, e = a.find(kbz, h)
             if e >= 0 and not overwrite:
                 raise FileExistsError(errno.EEXIST, "key exists", key)
-            _install(name, a, i, e, kb, b, value)
-        finally:
-            a.release()
+            _install(a, i, e, parts, b, value)
     except BaseException:
         a.abandon(b)
         raise
@@ -122,48 +121,52 @@ def _copy(
 
 
 def _install(
-    name: str,
     a: _arena.Arena,
     i: int,
     e: int,
-    kb: bytes,
+    parts: tuple[bytes, bytes, int],
     b: int,
     value: tuple[int, np.dtype[Any], bytes, tuple[int, ...], int],
 ) -> None:
-    """Point key ``kb`` (slot ``i``, entry ``e`` from find) at block ``b`` (locked)."""
+    """Point the key (slot ``i``, entry ``e`` from find) at block ``b`` (locked).
+
+    A new description (dtype, shape or flags) goes into a fresh entry that
+    replaces the old one in the hash table, so no entry a key names is ever
+    rewritten in place.
+    """
     nbytes, dtype, dt, shape, flags = value
-    a.h[_H_SEQ] = seq = a.h[_H_SEQ] + 1
+    seq = a.h[_H_SEQ] + 1
+    a.set(_H_SEQ, seq)
+    old = -1
     if e >= 0:
         old = a.eq[e * _EQ + _E_BLOCK]
-        meta = a.meta.get(e)
-        if (  # the steady state: same dtype, shape and layout as before
-            meta is not None
-            and meta[0] == a.eq[e * _EQ + _E_MSEQ]
-            and meta[2] == shape
-            and meta[5] == flags
-            and meta[6] == dt
-        ):
-            if old == b:  # overwritten in place: only the put number changes
-                a.eq[e * _EQ + _E_SEQ] = seq
-                return
+        if _same_description(a, e, dt, shape, flags):
             a.write_value(e, b, seq, nbytes)
             _swap(a, old, b)
             return
+    kb, _, h = parts
+    fresh = a.new_entry()
+    a.fill_entry(fresh, kb, (b, seq, nbytes, dt, shape, flags))
+    if e >= 0:
+        a.replace(i, h, fresh, e)
+        a.meta.pop(e, None)
     else:
-        try:
-            e = a.insert(i, a.ht_hash(kb), kb)
-        except MemoryError as exc:
-            raise StorageError(
-                f"shared array store {name!r}: {exc}; create it with a larger max_keys"
-            ) from None
-        old = -1
-    a.write_entry(e, b, seq, nbytes, dt, shape, flags)
-    a.meta[e] = _meta(seq, dtype, shape, flags, dt)
+        a.insert(i, h, fresh)
+    a.meta[fresh] = _meta(seq, dtype, shape, flags, dt)
     _swap(a, old, b)
+
+
+def _same_description(
+    a: _arena.Arena, e: int, dt: bytes, shape: tuple[int, ...], flags: int
+) -> bool:
+    meta = a.meta.get(e)
+    if meta is not None and meta[0] == a.eq[e * _EQ + _E_MSEQ]:
+        return meta[2] == shape and meta[5] == flags and meta[6] == dt
+    return a.read_entry(e) == (dt, shape, flags)
 
 
 def _swap(a: _arena.Arena, old: int, b: int) -> None:
     if b >= 0:
         a.mark_live(b)
-    if old >= 0 and old != b:
+    if old >= 0:
         a.retire(old)
