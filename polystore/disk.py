@@ -19,10 +19,11 @@ polystore's own files start with ``.polystore-`` (listed in
 prefix are refused with :class:`~polystore.exceptions.ReservedNameError`.
 Metadata lives in one sidecar per file, ``.polystore-meta-<name>.json``, so
 processes saving different files into one directory never share a metadata
-file. A file and its sidecar are renamed into place under the directory's
-commit lock, held for microseconds, so concurrent saves of one path leave a
-file with its own metadata; a crash between the two renames leaves the file
-without metadata, never with another version's. A killed writer's temporary
+file. A file and its sidecar are committed under the directory's commit lock,
+held for microseconds, so concurrent saves of one path leave a file with its
+own metadata; and they are committed together (see :mod:`polystore._sidecar`),
+so a writer killed at any step leaves the old file with its old metadata or
+the new with the new. A killed writer's temporary
 file stays (unlisted) until :meth:`DiskBackend.cleanup`, which
 :meth:`DiskBackend.ensure_directory` runs on a directory that already exists.
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import stat
@@ -50,6 +50,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from . import _sidecar
 from ._atomic import fsync_dir, link_new, remove_quietly, write_temp
 from .base import Kind, StorageBackend
 from .exceptions import (
@@ -67,7 +68,6 @@ from .formats import (
     check_npy_header,
     default_formats,
     normalize_metadata,
-    parse_metadata,
 )
 from .locks import (
     META_PREFIX,
@@ -215,33 +215,32 @@ class DiskBackend(StorageBackend):
         target: str,
         text: str,
         writer: Callable[[IO[bytes]], object],
-        meta: bytes | None,
+        meta: dict[str, Any] | None,
         overwrite: bool,
         durable: bool,
     ) -> None:
-        """Write ``target`` (and its metadata) to temporary files, then rename them into place."""
+        """Write ``target`` to a temporary file, then commit it with its metadata.
+
+        The commit follows :mod:`polystore._sidecar`: a writer killed at any
+        point leaves the old file with its old metadata or the new with the new.
+        """
         directory = os.path.dirname(target)
         sidecar = self._sidecar(target)
         tmp = write_temp(directory, writer, fsync=durable)
-        meta_tmp = None
         try:
-            if meta is not None:
-                meta_tmp = write_temp(directory, lambda f: f.write(meta), fsync=durable)
             with directory_lock(directory, self.lock_timeout):
-                if overwrite:
-                    # Old metadata goes first: if we die before the end, the file
-                    # is left without metadata rather than with another version's.
-                    remove_quietly(sidecar)
-                    os.replace(tmp, target)
-                else:
-                    link_new(tmp, target, text)
-                    remove_quietly(sidecar)
-                if meta_tmp is not None:
-                    os.replace(meta_tmp, sidecar)
+                kept = _sidecar.stage(target, sidecar, tmp, meta, text, durable)
+                try:
+                    if overwrite:
+                        os.replace(tmp, target)
+                    else:
+                        link_new(tmp, target, text)
+                except BaseException:
+                    _sidecar.write_entries(sidecar, kept, durable)
+                    raise
+                _sidecar.finish(target, sidecar, meta, durable)
         except BaseException:
             remove_quietly(tmp)
-            if meta_tmp is not None:
-                remove_quietly(meta_tmp)
             raise
         if durable:
             fsync_dir(directory)
@@ -268,11 +267,10 @@ class DiskBackend(StorageBackend):
         fmt = self.formats.for_path(text)
         value = _prepare(fmt, data, text, kwargs)
         meta = normalize_metadata(metadata, text)
-        meta_bytes = None if meta is None else json.dumps(meta).encode("utf-8")
         self._check_target(target, text, overwrite)
         durable = self.fsync if fsync is None else bool(fsync)
         self._write_and_commit(
-            target, text, lambda f: fmt.write(f, value, **kwargs), meta_bytes, overwrite, durable
+            target, text, lambda f: fmt.write(f, value, **kwargs), meta, overwrite, durable
         )
 
     def load(self, path: Any, **kwargs: Any) -> Any:
@@ -382,11 +380,13 @@ class DiskBackend(StorageBackend):
             raise os_error(NotADirectoryError, text) from None
         if not stat.S_ISDIR(st.st_mode):
             with directory_lock(os.path.dirname(target), self.lock_timeout):
-                remove_quietly(self._sidecar(target))
                 try:
                     os.unlink(target)
                 except FileNotFoundError:
                     raise os_error(FileNotFoundError, text) from None
+                # after the file: a writer killed between the two leaves an
+                # orphan sidecar, which cleanup removes, not a file without metadata
+                remove_quietly(self._sidecar(target))
         elif recursive:
             shutil.rmtree(target)
         else:
@@ -417,12 +417,8 @@ class DiskBackend(StorageBackend):
         if kind != "file":
             raise os_error(IsADirectoryError if kind else FileNotFoundError, text)
 
-    def _read_sidecar(self, target: str) -> bytes | None:
-        try:
-            with open(self._sidecar(target), "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+    def _metadata_of(self, target: str, text: str) -> dict[str, Any] | None:
+        return _sidecar.metadata_of(target, self._sidecar(target), text)
 
     def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Copy the file ``src`` to ``dst`` with its metadata, byte for byte.
@@ -449,9 +445,8 @@ class DiskBackend(StorageBackend):
             os.chmod(f.fileno(), stat.S_IMODE(st.st_mode))
             os.utime(f.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
 
-        self._write_and_commit(
-            target, dst_text, writer, self._read_sidecar(source), overwrite, durable
-        )
+        meta = self._metadata_of(source, src_text)
+        self._write_and_commit(target, dst_text, writer, meta, overwrite, durable)
 
     def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Move the file ``src`` to ``dst`` with its metadata, by renaming it when possible."""
@@ -489,25 +484,31 @@ class DiskBackend(StorageBackend):
         return stack
 
     def _rename(self, source: str, target: str, dst_text: str, overwrite: bool) -> None:
+        """Rename a file with its metadata (both directories' commit locks held)."""
         src_meta, dst_meta = self._sidecar(source), self._sidecar(target)
-        has_meta = os.path.isfile(src_meta)
-        if overwrite:
-            remove_quietly(dst_meta)
-            os.replace(source, target)
-        else:
-            link_new(source, target, dst_text)
-            remove_quietly(dst_meta)
-        if has_meta:
-            os.replace(src_meta, dst_meta)
+        meta = _sidecar.metadata_of(source, src_meta, dst_text)
+        durable = self.fsync
+        # A rename keeps the file's identity, so its entry is valid at the new name.
+        kept = _sidecar.stage(target, dst_meta, source, meta, dst_text, durable)
+        try:
+            if overwrite:
+                os.replace(source, target)
+            else:
+                link_new(source, target, dst_text)
+        except BaseException:
+            _sidecar.write_entries(dst_meta, kept, durable)
+            raise
+        _sidecar.finish(target, dst_meta, meta, durable)
+        remove_quietly(src_meta)
 
     # -- metadata, locks, cleanup ---------------------------------------------
     def load_metadata(self, path: Any) -> dict[str, Any]:
         text = as_str(path)
         target = self._resolve(text)
-        raw = self._read_sidecar(target)
-        if raw is None or not os.path.isfile(target):
+        meta = self._metadata_of(target, text) if os.path.isfile(target) else None
+        if meta is None:
             raise MetadataNotFoundError(text)
-        return parse_metadata(raw, text)
+        return meta
 
     def lock(
         self, path: Any, timeout: float | None = None, shared: bool = False
