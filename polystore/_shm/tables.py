@@ -241,7 +241,8 @@ class Tables:
         """Write all of fresh entry ``e``: key, ``(block, seq, nbytes, dtype, shape, flags)``.
 
         Not journaled: ``e`` came from :meth:`new_entry` in this section and
-        no slot names it yet.
+        no slot names it yet. Its free-list link is left alone, since a
+        rollback makes it a free entry again.
         """
         b, seq, nbytes, dt, shape, flags = value
         eq, eb = self._ent_wq, self._ent_w
@@ -257,7 +258,8 @@ class Tables:
         eq[k + ix.E_NBYTES] = nbytes
         eq[k + ix.E_SEQ] = seq
         eq[k + ix.E_MSEQ] = seq
-        eq[k + ix.E_NEXT] = -1
+        # E_NEXT stays as it is: a rollback puts the entry back on the free
+        # list, whose rest hangs on that link.
 
     def insert(self, i: int, h: int, e: int) -> None:
         """Link filled entry ``e`` into empty slot ``i`` (from :meth:`find`)."""

@@ -1,0 +1,270 @@
+"""A writer SIGKILLed at every step of every write path never corrupts the store.
+
+Each scenario is one store operation. It first runs once in a forked child
+that only counts its steps (``polystore._shm.faults``: every journaled store,
+copy, commit, unlink and rollback is a step, in Python and in C); then, for
+every step ``n``, a fresh child runs it again and SIGKILLs itself at step
+``n``. After each kill the test process, as the survivor, checks:
+
+* every invariant of the control segment and its files (``check.problems``,
+  which takes the lock and so first rolls back what the dead child left);
+* the keys the child did not touch hold exactly their values;
+* the key it touched holds its old value or its new one, never a mix (values
+  are self-describing: element 0 names the key, every other element is the
+  version);
+* a probe put, get and delete works.
+
+Then it puts the old state back for the next step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from polystore import SharedArrayStore
+from polystore._shm import fast as _shm_fast
+from polystore._shm import faults
+from polystore._shm import layout as ix
+from polystore._shm.check import problems
+
+pytestmark = pytest.mark.timeout(300)
+
+N_SMALL = 1000  # int64 elements: 8 KB
+N_LARGE = (3 << 20) // 8  # 3 MiB: the large put, copied outside the lock
+STABLE = {f"s{i}": (i + 1, 64 * (i + 1)) for i in range(10)}  # key -> (id, elements)
+
+
+def value(kid: int, version: int, n: int) -> np.ndarray:
+    """A self-describing array: element 0 is the key's id, the rest its version."""
+    arr = np.full(n, version, np.int64)
+    arr[0] = kid
+    return arr
+
+
+def version_of(store: SharedArrayStore, key: str, kid: int) -> int | None:
+    """The version a key holds (None if absent); fails on a torn or foreign value."""
+    try:
+        view = store.get(key)
+    except KeyError:
+        return None
+    arr = np.array(view).ravel()
+    del view
+    assert arr[0] == kid, f"{key!r} holds the value of key id {arr[0]}"
+    assert (arr[1:] == arr[1]).all(), f"{key!r} is torn: versions {np.unique(arr[1:])}"
+    return int(arr[1])
+
+
+@dataclass
+class Scenario:
+    """One operation, the state it starts from, and the outcomes allowed after a kill."""
+
+    name: str
+    setup: Callable[[SharedArrayStore], None]
+    op: Callable[[SharedArrayStore], Any]
+    #: key -> (id, versions allowed after a kill; None: absent)
+    allowed: dict[str, tuple[int, set[int | None]]]
+    store_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: run in the child before arming, e.g. to hold a view
+    prepare: Callable[[SharedArrayStore], Any] | None = None
+    #: run in the survivor before each try, e.g. to leave a dead writer
+    before: Callable[[SharedArrayStore], Any] | None = None
+
+
+def _put(key: str, kid: int, version: int, n: int = N_SMALL) -> Callable[[SharedArrayStore], None]:
+    def run(store: SharedArrayStore) -> None:
+        store.put(key, value(kid, version, n))
+
+    return run
+
+
+def _base(store: SharedArrayStore) -> None:
+    for key, (kid, n) in STABLE.items():
+        store.put(key, value(kid, 7, n))
+    store.put("t", value(100, 0, 3 * N_SMALL))  # the slab of the "new shape" scenario
+    store.put("t", value(100, 1, N_SMALL))
+    store.put("L", value(101, 1, N_LARGE))
+    store.get("t")  # caches the value's description: the C put can take over
+    store.get("L")
+
+
+def _delete(key: str) -> Callable[[SharedArrayStore], None]:
+    def run(store: SharedArrayStore) -> None:
+        store.delete(key)
+
+    return run
+
+
+def _hold_view(store: SharedArrayStore) -> Any:
+    return store.get("t")
+
+
+def _dead_writer(store: SharedArrayStore) -> None:
+    """Leave a dead process row: pins, a WRITING block and a segment being created."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child dies
+        try:
+            view = store.get("s0")  # pinned in its row
+            faults.arm(-1)
+            store.put("x", value(200, 1, N_LARGE))  # count the steps of a growing put
+            total = faults.arm(0)
+            store.delete("x")
+            faults.arm(max(1, total // 2))  # then die half way through another
+            store.put("y", value(201, 1, 5 << 17))
+            del view
+        finally:
+            os._exit(0)
+    _wait(pid)
+
+
+SCENARIOS = [
+    Scenario("small put", _base, _put("t", 100, 2), {"t": (100, {1, 2})}),
+    Scenario(
+        "small put beside a view", _base, _put("t", 100, 2), {"t": (100, {1, 2})},
+        prepare=_hold_view,
+    ),
+    Scenario("new key", _base, _put("n", 102, 1), {"n": (102, {None, 1})}),
+    Scenario("new shape", _base, _put("t", 100, 2, 3 * N_SMALL), {"t": (100, {1, 2})}),
+    Scenario("large put", _base, _put("L", 101, 2, N_LARGE), {"L": (101, {1, 2})}),
+    Scenario(
+        "growing put", _base, _put("g", 103, 1, 5 << 17), {"g": (103, {None, 1})},
+        store_kwargs={"cache_bytes": 0},
+    ),
+    Scenario("delete", _base, _delete("t"), {"t": (100, {None, 1})}),
+    Scenario(
+        "delete and evict", _base, _delete("L"), {"L": (101, {None, 1})},
+        store_kwargs={"cache_bytes": 0},
+    ),
+    Scenario(
+        "reap a dead writer", _base, _put("g", 103, 1, 5 << 17), {"g": (103, {None, 1})},
+        before=_dead_writer,
+    ),
+]
+
+
+def _wait(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _in_child(
+    store: SharedArrayStore, sc: Scenario, at: int, c_path: bool
+) -> tuple[int, int, int]:
+    """Run the scenario's operation in a forked child armed to die at step ``at``.
+
+    Returns how the child ended, and the steps it counted in Python and in C
+    when it did not die.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(r)
+            if not c_path:
+                store._arena.fast = None
+            len(store)  # a forked child opens the control file again on first use
+            held = sc.prepare(store) if sc.prepare else None
+            faults.arm(at)
+            sc.op(store)
+            in_python = faults.steps
+            os.write(w, struct.pack("qq", in_python, faults.arm(0) - in_python))
+            del held
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        status = _wait(pid)
+        data = os.read(r, 16)
+    finally:
+        os.close(r)
+    in_python, in_c = struct.unpack("qq", data) if len(data) == 16 else (0, 0)
+    return status, in_python, in_c
+
+
+def _survivor_checks(store: SharedArrayStore, sc: Scenario, label: str) -> None:
+    found = problems(store._arena)
+    assert not found, f"{label}: {found}"
+    for key, (kid, n) in STABLE.items():
+        assert version_of(store, key, kid) == 7, f"{label}: untouched key {key} changed"
+        assert store.info(key).shape == (n,)
+    for key, (kid, versions) in sc.allowed.items():
+        got = version_of(store, key, kid)
+        assert got in versions, f"{label}: {key} holds version {got}, allowed {versions}"
+    store.put("probe", np.arange(5))
+    assert np.array_equal(store.get("probe"), np.arange(5))
+    store.delete("probe")
+
+
+def _restore(store: SharedArrayStore) -> None:
+    """Put the state every scenario starts from back (after _base)."""
+    for key in ("n", "g", "x", "y"):
+        if key in store:
+            store.delete(key)
+    store.put("t", value(100, 1, N_SMALL))
+    store.put("L", value(101, 1, N_LARGE))
+    store.get("t")
+    store.get("L")
+
+
+PATHS = ["python", "c"] if _shm_fast.AVAILABLE else ["python"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_a_kill_at_every_step_leaves_the_store_whole(sc: Scenario, path: str) -> None:
+    kwargs = {"max_keys": 16, "max_blocks": 1024, "max_segs": 64, **sc.store_kwargs}
+    with SharedArrayStore(**kwargs) as store:
+        sc.setup(store)
+        steps = 0
+        for _ in range(2):  # the second count is the steady state the kills start from
+            _restore(store)
+            if sc.before:
+                sc.before(store)
+            status, in_python, in_c = _in_child(store, sc, -1, path == "c")
+            assert status == 0, f"the operation failed ({status})"
+            _survivor_checks(store, sc, "completed")
+            steps = in_python + in_c
+            if sc.name.startswith("small put"):  # the steady state: all in C, or all in Python
+                assert (in_c > 0 and in_python == 0) if path == "c" else in_c == 0
+            else:
+                assert in_python > 0
+        kills = 0
+        for at in range(1, steps + 1):
+            _restore(store)
+            if sc.before:
+                sc.before(store)
+            status, _, _ = _in_child(store, sc, at, path == "c")
+            kills += status == -signal.SIGKILL
+            _survivor_checks(store, sc, f"killed at step {at} of {steps}")
+        # every step was a kill (the dead writer left by `before` varies a little)
+        assert kills == steps if sc.before is None else kills > steps // 2
+
+
+def test_a_kill_while_rolling_back_leaves_the_work_to_the_next_holder() -> None:
+    with SharedArrayStore(max_keys=16, max_blocks=1024, max_segs=64) as store:
+        _base(store)
+        sc = SCENARIOS[0]
+        _, steps, _ = _in_child(store, sc, -1, False)
+        _restore(store)
+        # a writer dies half way through a put: the journal holds its section
+        assert _in_child(store, sc, steps // 2, False)[0] == -signal.SIGKILL
+        assert store._arena.h[ix.H_LOG_LEN] > 0
+        recover = Scenario("recover", _base, lambda s: len(s), sc.allowed)
+        # each next holder dies at another step of the rollback, until one finishes it
+        for at in range(1, 2 * steps):
+            status, _, _ = _in_child(store, recover, at, False)
+            if status == 0:
+                break
+        assert store._arena.h[ix.H_LOG_LEN] == 0
+        _survivor_checks(store, sc, "after the rollbacks")
