@@ -50,6 +50,10 @@ def _reset_after_fork() -> None:
     for factory in list(_factories):
         factory._local = threading.local()
         factory._lock = threading.Lock()  # another thread may have held it at fork time
+        # The child rebuilds the registry from the recipe, as a spawned worker
+        # does: a private backend then refuses to work (NotShareableError)
+        # instead of the child writing into its own copy that the parent never sees.
+        factory._registry = None
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

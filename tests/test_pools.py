@@ -254,3 +254,33 @@ def test_dask_local_cluster(tmp_path: Path) -> None:
         fm = factory()
         for index, path in enumerate(paths):
             assert_same_value(fm.load(path, backend="disk"), np.full(4, index))
+
+
+def save_in_memory(index: int) -> str:
+    path = f"private/{index}.npy"
+    polystore.current_filemanager().save(np.full(4, index), path, backend="memory")
+    return path
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_private_registry_fails_alike_under_every_start_method(method: str) -> None:
+    # A plain BackendRegistry's memory backend lives in one process: a worker
+    # must refuse it, not write into an inherited copy the parent never sees.
+    factory = FileManagerFactory(BackendRegistry())
+    context = multiprocessing.get_context(method)
+    try:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=factory.initializer) as pool:
+            with pytest.raises(NotShareableError, match="shared_registry"):
+                pool.submit(save_in_memory, 0).result(timeout=60)
+            assert pool.submit(os.getpid).result(timeout=60) != os.getpid()  # the pool still works
+    finally:
+        uninstall()
+
+
+def test_shared_registry_round_trip_under_fork(factory: FileManagerFactory) -> None:
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(2, mp_context=context, initializer=factory.initializer) as pool:
+        paths = list(pool.map(save_in_memory, range(4)))
+    fm = factory()
+    for index, path in enumerate(paths):
+        np.testing.assert_array_equal(fm.load(path, backend="memory"), np.full(4, index))
