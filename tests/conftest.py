@@ -358,3 +358,13 @@ def store_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         monkeypatch.setattr(_shm_fast, "ENABLED", False)
         monkeypatch.setenv("POLYSTORE_NO_FASTPATH", "1")
     return str(request.param)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=6.0,
+        help="how long the shared-memory kill soak runs (tests/test_shm_soak.py); "
+        "the default keeps CI short, run 300 or more before a release",
+    )
