@@ -268,3 +268,41 @@ def test_a_kill_while_rolling_back_leaves_the_work_to_the_next_holder() -> None:
                 break
         assert store._arena.h[ix.H_LOG_LEN] == 0
         _survivor_checks(store, sc, "after the rollbacks")
+
+
+def test_a_child_killed_while_it_adopts_inherited_views() -> None:
+    # A process that forks while holding views keeps the store locked until
+    # the child has pinned them in a row of its own (polystore._shm.fork).
+    # The child dies at each step of that; the parent must undo its half-made
+    # row and go on, its own view untouched.
+    with SharedArrayStore(max_keys=16, max_blocks=1024, max_segs=64) as store:
+        _base(store)
+        view = store.get("t")
+        steps = -1
+        at = -1
+        while True:
+            r, w = os.pipe()
+            faults.arm(at)  # inherited by the child; the parent takes no step meanwhile
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os.write(w, struct.pack("q", faults.arm(0)))
+                os._exit(0)
+            faults.arm(0)
+            os.close(w)
+            status = _wait(pid)
+            data = os.read(r, 8)
+            os.close(r)
+            if at == -1:
+                steps = struct.unpack("q", data)[0]
+                assert status == 0 and steps > 0
+            else:
+                assert status == -signal.SIGKILL
+            found = problems(store._arena)
+            assert not found, f"killed at step {at} of {steps}: {found}"
+            assert version_of(store, "t", 100) == 1 and (view[1:] == 1).all()
+            at = 1 if at == -1 else at + 1
+            if at > steps:
+                break
+        del view
+        store.put("t", value(100, 2, N_SMALL))
+        _survivor_checks(store, SCENARIOS[0], "after the forks")
