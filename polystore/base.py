@@ -47,6 +47,32 @@ class StorageBackend(ABC):
     #: short name used in messages and by :class:`~polystore.BackendRegistry`
     name: str = ""
 
+    # -- capabilities: what the backend can do, read by polystore.testing ----------
+    #: whether ``save(metadata=...)`` and :meth:`load_metadata` keep metadata
+    supports_metadata: bool = True
+    #: whether arrays are stored under any name, whatever its extension (zarr)
+    arrays_under_any_name: bool = False
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """The extensions (lower case, with the dot) of the files this backend stores.
+
+        The default is that of :func:`~polystore.formats.default_formats`;
+        backends with a ``formats`` registry of their own report its extensions.
+        """
+        from .formats import default_formats
+
+        return frozenset(default_formats())
+
+    @property
+    def shareable(self) -> bool:
+        """Whether a copy sent to another process (by pickle) sees the same files.
+
+        A backend that is not shareable raises
+        :class:`~polystore.NotShareableError` when pickled.
+        """
+        return True
+
     # -- primitives -------------------------------------------------------
     @abstractmethod
     def save(
@@ -274,6 +300,10 @@ class UnavailableBackend(StorageBackend):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (UnavailableBackend, (self.name, self.reason))
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        return frozenset()
 
     def __repr__(self) -> str:
         return f"UnavailableBackend({self.name!r})"

@@ -139,6 +139,10 @@ class DiskBackend(StorageBackend):
     def __repr__(self) -> str:
         return f"DiskBackend(root={self.root!r})"
 
+    @property
+    def extensions(self) -> frozenset[str]:
+        return frozenset(self.formats)
+
     # -- paths --------------------------------------------------------------
     def resolve(self, path: str | os.PathLike[str]) -> str:
         """The operating-system path that ``path`` names, after the sandbox check.

@@ -140,6 +140,14 @@ class MemoryBackend(StorageBackend):
         """Whether other processes can see this backend's files."""
         return not _is_local(self._data)
 
+    @property
+    def shareable(self) -> bool:
+        return self.shared
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        return frozenset(self.formats)
+
     def __reduce__(self) -> tuple[Any, ...]:
         if not self.shared:
             raise NotShareableError(

@@ -1,42 +1,59 @@
 """The conformance suite every backend passes.
 
-Subclass :class:`BackendTests` in a pytest module and provide a ``backend``
-fixture that returns a fresh, empty backend::
+Subclass :class:`BackendTests` in a pytest module, provide a ``backend``
+fixture that returns a fresh, empty backend, and the two raw helpers that read
+and write the backend's storage without going through the backend::
 
     import pytest
     from polystore.testing import BackendTests
 
     class TestMyBackend(BackendTests):
-        formats = (".npy",)          # the extensions the backend stores
-
         @pytest.fixture
         def backend(self, tmp_path):
             with MyBackend(tmp_path) as b:
                 yield b
 
-Every test talks to the backend through its public methods only, with relative
-POSIX paths, and checks the rules that hold on every polystore backend. pytest
-is imported only by this module, never by ``import polystore``.
+        def raw_get(self, backend, path):
+            ...  # the value stored at path, read with the storage's own tools
+
+        def raw_set(self, backend, path, value):
+            ...  # store value at path with the storage's own tools
+
+The tests check the rules that hold on every polystore backend, with relative
+POSIX paths, and check what the backend writes and reads against the raw
+helpers, so a backend that is wrong in a self-consistent way fails. What the
+backend can do is read from its capabilities
+(:attr:`~polystore.StorageBackend.extensions`,
+:attr:`~polystore.StorageBackend.supports_metadata`,
+:attr:`~polystore.StorageBackend.arrays_under_any_name`,
+:attr:`~polystore.StorageBackend.shareable`). pytest is imported only by this
+module, never by ``import polystore``.
 """
 
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import pathlib
 import pickle
-from typing import Any, ClassVar
+from typing import Any, NoReturn
 
 import numpy as np
-import pytest
 
-from .base import StorageBackend
+from .base import StorageBackend, UnavailableBackend
+from .exceptions import MissingDependencyError
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - exercised in a fresh interpreter by the tests
+    raise MissingDependencyError("pytest>=7.4", "test") from None
+
 from .exceptions import (
     BackendNotFoundError,
     CorruptFileError,
     LockRequiredError,
     LockTimeoutError,
     MetadataNotFoundError,
-    MissingDependencyError,
     NotShareableError,
     ReservedNameError,
     SandboxError,
@@ -58,6 +75,30 @@ SAMPLES: dict[str, Any] = {
 }
 
 
+def _no_raw_helpers(suite: object) -> NoReturn:
+    pytest.skip(
+        f"{type(suite).__name__} defines no raw_get/raw_set, so this backend cannot be "
+        "checked against its storage, only against itself"
+    )
+
+
+class _FailsToPickle(UnavailableBackend):
+    """A backend that cannot cross a process boundary, as one holding a lock or a socket."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError(f"cannot pickle {type(self).__name__} (a fault injected by the test)")
+
+
+def _round_trip_in_child(backend: StorageBackend, src: str, dst: str) -> Any:
+    """Run in a spawned process: read what the parent saved, save a changed copy."""
+    try:
+        value = np.array(backend.load(src))  # a copy: a view would outlive the backend
+        backend.save(value * 2, dst)
+        return value
+    finally:
+        backend.close()
+
+
 def assert_same_value(got: Any, expected: Any) -> None:
     """Assert that a loaded value equals the saved one, arrays included."""
     if isinstance(expected, np.ndarray):
@@ -76,18 +117,35 @@ def assert_same_value(got: Any, expected: Any) -> None:
 
 
 class BackendTests:
-    """Tests of the shared semantics. Subclasses provide a ``backend`` fixture."""
+    """Tests of the shared semantics.
 
-    #: extensions this backend stores; saving other built-in kinds must be refused
-    formats: ClassVar[tuple[str, ...]] = (".npy", ".npz", ".json", ".txt", ".bin")
-    #: whether ``save(metadata=...)`` and ``load_metadata`` are supported
-    supports_metadata: ClassVar[bool] = True
-    #: whether arrays are stored whatever the name's extension (zarr)
-    arrays_under_any_name: ClassVar[bool] = False
+    Subclasses provide a ``backend`` fixture and the raw helpers
+    :meth:`raw_get` and :meth:`raw_set`.
+    """
 
     @pytest.fixture
     def backend(self) -> StorageBackend:
         raise NotImplementedError("subclasses of BackendTests provide a 'backend' fixture")
+
+    # -- raw helpers: the storage itself, without the backend under test --------
+    def raw_get(self, backend: StorageBackend, path: str) -> Any:
+        """The value stored at ``path``, read without calling ``backend``'s methods.
+
+        Raises:
+            FileNotFoundError: nothing is stored there.
+        """
+        _no_raw_helpers(self)
+
+    def raw_set(self, backend: StorageBackend, path: str, value: Any) -> None:
+        """Store ``value`` at ``path`` (parents included) without calling ``backend``'s methods."""
+        _no_raw_helpers(self)
+
+    def _raw_missing(self, backend: StorageBackend, path: str) -> bool:
+        try:
+            self.raw_get(backend, path)
+        except FileNotFoundError:
+            return True
+        return False
 
     @pytest.fixture
     def array_name(self) -> str:
@@ -96,7 +154,7 @@ class BackendTests:
     # -- round trips --------------------------------------------------------
     @pytest.mark.parametrize("ext", list(SAMPLES))
     def test_round_trip_each_format(self, backend: StorageBackend, ext: str) -> None:
-        if ext not in self.formats:
+        if ext not in backend.extensions:
             with pytest.raises(UnsupportedFormatError):
                 backend.save(SAMPLES[ext], f"d/value{ext}")
             assert not backend.exists(f"d/value{ext}")
@@ -135,7 +193,7 @@ class BackendTests:
         assert_same_value(backend.load("copy.npy"), np.zeros(4))
 
     def test_loaded_values_are_independent(self, backend: StorageBackend) -> None:
-        if ".json" not in self.formats:
+        if ".json" not in backend.extensions:
             pytest.skip("backend stores no JSON")
         backend.save({"a": [1]}, "v.json")
         first = backend.load("v.json")
@@ -149,7 +207,7 @@ class BackendTests:
         assert not backend.exists("obj.npy")
 
     def test_unknown_extension(self, backend: StorageBackend) -> None:
-        if self.arrays_under_any_name:
+        if backend.arrays_under_any_name:
             pytest.skip("backend stores arrays under any name")
         for name in ("file.unknown-ext", "no_extension"):
             with pytest.raises(UnsupportedFormatError):
@@ -157,10 +215,10 @@ class BackendTests:
             assert not backend.exists(name)
 
     def test_wrong_value_for_format(self, backend: StorageBackend) -> None:
-        if ".txt" in self.formats:
+        if ".txt" in backend.extensions:
             with pytest.raises(UnsupportedFormatError):
                 backend.save(b"bytes are not text", "t.txt")
-        if ".json" in self.formats:
+        if ".json" in backend.extensions:
             with pytest.raises(UnsupportedFormatError):
                 backend.save({"s": {1, 2}}, "j.json")
         assert backend.list_files(".", recursive=True) == []
@@ -370,12 +428,13 @@ class BackendTests:
         assert not backend.exists("m")
 
     # -- metadata ------------------------------------------------------------
-    def _need_metadata(self) -> None:
-        if not self.supports_metadata:
+    @staticmethod
+    def _need_metadata(backend: StorageBackend) -> None:
+        if not backend.supports_metadata:
             pytest.skip("backend stores no metadata")
 
     def test_metadata_round_trip(self, backend: StorageBackend) -> None:
-        self._need_metadata()
+        self._need_metadata(backend)
         meta = {"channel": "DAPI", "z": [0, 1], "scale": 0.5}
         backend.save(np.ones(2), "m/a.npy", metadata=meta)
         assert backend.load_metadata("m/a.npy") == meta
@@ -383,7 +442,7 @@ class BackendTests:
         assert backend.list_dir("m") == ["a.npy"]
 
     def test_metadata_missing(self, backend: StorageBackend) -> None:
-        self._need_metadata()
+        self._need_metadata(backend)
         backend.save(np.ones(2), "m/plain.npy")
         with pytest.raises(MetadataNotFoundError):
             backend.load_metadata("m/plain.npy")
@@ -391,7 +450,7 @@ class BackendTests:
             backend.load_metadata("m/missing.npy")
 
     def test_metadata_replaced_with_the_file(self, backend: StorageBackend) -> None:
-        self._need_metadata()
+        self._need_metadata(backend)
         backend.save(np.ones(2), "m/a.npy", metadata={"v": 1})
         backend.save(np.ones(2), "m/a.npy", metadata={"v": 2})
         assert backend.load_metadata("m/a.npy") == {"v": 2}
@@ -400,7 +459,7 @@ class BackendTests:
             backend.load_metadata("m/a.npy")
 
     def test_bad_metadata_writes_nothing(self, backend: StorageBackend) -> None:
-        self._need_metadata()
+        self._need_metadata(backend)
         with pytest.raises((TypeError, ValueError)):
             backend.save(np.ones(2), "m/a.npy", metadata={"bad": object()})
         with pytest.raises(TypeError):
@@ -411,7 +470,7 @@ class BackendTests:
         assert not backend.exists("m/a.npy")
 
     def test_metadata_follows_copy_move_delete(self, backend: StorageBackend) -> None:
-        self._need_metadata()
+        self._need_metadata(backend)
         backend.save(np.ones(2), "m/a.npy", metadata={"v": 1})
         backend.copy("m/a.npy", "m/b.npy")
         backend.move("m/a.npy", "m/c.npy")
@@ -423,6 +482,72 @@ class BackendTests:
         backend.save(np.ones(2), "m/c.npy")
         with pytest.raises(MetadataNotFoundError):
             backend.load_metadata("m/c.npy")
+
+    # -- against the storage itself (raw helpers) -------------------------------
+    @pytest.mark.parametrize("ext", list(SAMPLES))
+    def test_saved_values_land_in_the_storage(self, backend: StorageBackend, ext: str) -> None:
+        if ext not in backend.extensions:
+            pytest.skip(f"backend stores no {ext}")
+        backend.save(SAMPLES[ext], f"raw/value{ext}")
+        assert_same_value(self.raw_get(backend, f"raw/value{ext}"), SAMPLES[ext])
+
+    @pytest.mark.parametrize("ext", list(SAMPLES))
+    def test_loads_what_the_storage_holds(self, backend: StorageBackend, ext: str) -> None:
+        if ext not in backend.extensions:
+            pytest.skip(f"backend stores no {ext}")
+        path = f"raw/sub/value{ext}"
+        self.raw_set(backend, path, SAMPLES[ext])
+        assert backend.is_dir("raw/sub") and backend.is_file(path)
+        assert backend.list_files("raw", recursive=True) == [path]
+        assert backend.list_dir("raw") == ["sub"]
+        assert_same_value(backend.load(path), SAMPLES[ext])
+
+    def test_changes_reach_the_storage(self, backend: StorageBackend) -> None:
+        self.raw_set(backend, "w/old.npy", np.arange(3))
+        with pytest.raises(FileExistsError):
+            backend.save(np.zeros(3), "w/old.npy", overwrite=False)
+        assert_same_value(self.raw_get(backend, "w/old.npy"), np.arange(3))
+        backend.save(np.zeros(2), "w/old.npy")
+        assert_same_value(self.raw_get(backend, "w/old.npy"), np.zeros(2))
+        backend.copy("w/old.npy", "w/copy.npy")
+        assert_same_value(self.raw_get(backend, "w/copy.npy"), np.zeros(2))
+        backend.move("w/copy.npy", "w/moved.npy")
+        assert self._raw_missing(backend, "w/copy.npy")
+        assert_same_value(self.raw_get(backend, "w/moved.npy"), np.zeros(2))
+        backend.delete("w/moved.npy")
+        assert self._raw_missing(backend, "w/moved.npy")
+        backend.delete("w", recursive=True)
+        assert self._raw_missing(backend, "w/old.npy")
+
+    # -- crossing process boundaries ------------------------------------------------
+    @pytest.mark.timeout(120)
+    def test_spawned_process_sees_the_same_files(self, backend: StorageBackend) -> None:
+        if not backend.shareable:
+            with pytest.raises(NotShareableError):
+                pickle.dumps(backend)
+            return
+        from concurrent.futures import ProcessPoolExecutor
+
+        sample = np.arange(12, dtype=np.int32).reshape(3, 4)
+        backend.save(sample, "parent/a.npy")
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            job = pool.submit(_round_trip_in_child, backend, "parent/a.npy", "child/b.npy")
+            assert_same_value(job.result(timeout=100), sample)
+        assert_same_value(backend.load("child/b.npy"), sample * 2)
+        assert_same_value(self.raw_get(backend, "child/b.npy"), sample * 2)
+
+    def test_shareability_check_names_what_cannot_be_sent(self, backend: StorageBackend) -> None:
+        from .pools import FileManagerFactory
+
+        broken = _FailsToPickle("broken", "a fault injected by the test")
+        with pytest.raises(NotShareableError, match=r"'broken'.*injected"):
+            FileManagerFactory({"broken": broken, "tested": backend})
+        if backend.shareable:
+            FileManagerFactory({"tested": backend})
+        else:
+            with pytest.raises(NotShareableError, match="'tested'"):
+                FileManagerFactory({"tested": backend})
 
     # -- errors cross process boundaries ---------------------------------------
     def test_errors_pickle(self, backend: StorageBackend) -> None:

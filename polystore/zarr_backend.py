@@ -174,6 +174,12 @@ class ZarrBackend(StorageBackend):
     """
 
     name = "zarr"
+    arrays_under_any_name = True
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        # arrays only: under any name, and so under the array extension too
+        return frozenset({".npy"})
 
     def __init__(
         self,

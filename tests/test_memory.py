@@ -4,15 +4,44 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from polystore import MemoryBackend, NotShareableError
+from polystore.base import StorageBackend
+from polystore.memory import ShmRef
 from polystore.testing import BackendTests
 
 
-class TestMemoryBackend(BackendTests):
+class RawMapping:
+    """Raw helpers for a MemoryBackend: its mapping, read and written directly.
+
+    The mapping holds each file under its absolute POSIX path, each directory
+    under its path with a trailing slash (value ``None``), and large arrays as
+    a ``ShmRef`` into a shared-memory store.
+    """
+
+    def raw_get(self, backend: StorageBackend, path: str) -> Any:
+        assert isinstance(backend, MemoryBackend)
+        try:
+            value = backend._data["/" + path]
+        except KeyError:
+            raise FileNotFoundError(path) from None
+        if isinstance(value, ShmRef):
+            return backend._store_for(value.store).get(value.key)
+        return value
+
+    def raw_set(self, backend: StorageBackend, path: str, value: Any) -> None:
+        assert isinstance(backend, MemoryBackend)
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            backend._data["/" + "/".join(parts[:depth]) + "/"] = None
+        backend._data["/" + path] = value.copy() if isinstance(value, np.ndarray) else value
+
+
+class TestMemoryBackend(RawMapping, BackendTests):
     @pytest.fixture
     def backend(self) -> Iterator[MemoryBackend]:
         with MemoryBackend() as backend:

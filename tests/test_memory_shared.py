@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_memory import RawMapping
 
 from polystore import FileManager, MemoryBackend
 from polystore.testing import BackendTests, assert_same_value
@@ -29,7 +30,7 @@ def manager() -> Iterator[Any]:
         yield m
 
 
-class TestManagerDictBackend(BackendTests):
+class TestManagerDictBackend(RawMapping, BackendTests):
     """The conformance suite on the spec's shared dict (small arrays stay in the dict)."""
 
     @pytest.fixture

@@ -19,6 +19,7 @@ import pytest
 
 from polystore import BackendRegistry, FileManager
 from polystore._zarr_tree import _HOST
+from polystore.base import StorageBackend
 from polystore.exceptions import (
     LockRequiredError,
     MetadataNotFoundError,
@@ -33,13 +34,21 @@ zarr = pytest.importorskip("zarr", minversion="3")
 
 
 class TestZarrBackend(BackendTests):
-    formats = (".npy",)
-    arrays_under_any_name = True
-
     @pytest.fixture
     def backend(self, tmp_path: Path) -> Iterator[ZarrBackend]:
+        self.root = str(tmp_path)
         with ZarrBackend(tmp_path) as backend:
             yield backend
+
+    # The raw helpers open the hierarchy with zarr itself.
+    def raw_get(self, backend: StorageBackend, path: str) -> Any:
+        try:
+            return zarr.open_array(store=self.root, path=path, mode="r")[...]
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError):
+            raise FileNotFoundError(path) from None
+
+    def raw_set(self, backend: StorageBackend, path: str, value: Any) -> None:
+        zarr.open_group(self.root, mode="a").create_array(path, data=value)
 
 
 @pytest.fixture
