@@ -457,7 +457,7 @@ class SharedArrayStore:
         taken: list[int] = []
         try:
             while len(taken) * ix.CLASS_SIZES[cls] < nbytes:
-                taken.append(a.grow(cls))
+                taken.append(_shm_write.grow(a, cls))
         finally:
             if taken:
                 with a.locked:

@@ -33,7 +33,6 @@ from typing import Any, Literal
 import numpy as np
 
 from ..exceptions import StorageError, StoreClosedError
-from . import faults as _faults
 from . import layout as ix
 from .alloc import Allocator, unlink_quietly
 from .fast import make_ctl
@@ -456,68 +455,6 @@ class Arena(Allocator):
             self._lock.release()
         if self.handles <= 0 and self.leave_when_unused and not self._refs:
             self.leave()
-
-    # -- taking blocks (the allocator needs the lock here) -------------------------------
-    def abandon(self, b: int) -> None:
-        """Free a block this process took but did not install (takes the lock)."""
-        try:
-            with self.locked:
-                k = b * ix.BLK_FIELDS
-                if self.bq[k + ix.B_STATE] == ix.WRITING and self.bq[k + ix.B_OWNER] == self.slot:
-                    self.free(b)
-        except StoreClosedError:
-            return  # the owner closed the store: the block went with it
-
-    def grow(self, cls: int) -> int:
-        """Take a block of class ``cls``, creating a segment if need be (takes the lock).
-
-        Three steps, each safe to die after: a locked section records the
-        new segment as being created by this process; its file is created
-        and backed without the lock; a second section makes it live. A
-        process killed in between leaves a reservation that the reaper
-        drops, unlinking the file.
-        """
-        with self.locked:
-            if not ix.is_alive(self.owner_pid, self.h[ix.H_START]):
-                # Nobody would remove a new segment but `python -m polystore gc`.
-                raise StorageError(
-                    f"the owner (pid {self.owner_pid}) of shared array store {self.name!r} "
-                    "died; the store takes no more memory"
-                )
-            self.my_slot()
-            self.reap()  # the pins of dead readers may hold the blocks we need
-            b = self.pop_free(cls)
-            if b >= 0:
-                return b
-            s, gen, descs = self.reserve_segment(cls)
-        path = ix.seg_path(self.dir, self.owner_pid, self.name, s, gen)
-        try:
-            if _faults.kill_at:
-                _faults.step()
-            mm = self.create_segment_file(path, ix.segment_shape(cls)[1])
-            if _faults.kill_at:
-                _faults.step()
-            with self.locked:
-                self.set_seg(s, ix.S_STATE, ix.SEG_LIVE)
-                self.set_seg(s, ix.S_USED, 1)
-                self.set_block(descs[0], ix.B_STATE, ix.WRITING)
-                for d in descs[1:]:
-                    self.push_free(d)
-        except BaseException:
-            self._abandon_reservation(s, gen, path)
-            raise
-        self.rw_maps[s] = (gen, mm)
-        return descs[0]
-
-    def _abandon_reservation(self, s: int, gen: int, path: str) -> None:
-        try:
-            with self.locked:
-                k = s * ix.SEG_FIELDS
-                if self.sq[k + ix.S_STATE] == ix.SEG_CREATING and self.sq[k + ix.S_GEN] == gen:
-                    self.drop_reservation(s)
-        except StoreClosedError:
-            pass  # the owner closed the store and took the reservation with it
-        unlink_quietly(path)
 
 
 # -- process-wide bookkeeping ---------------------------------------------------------------

@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import ShmFullError
+from ..exceptions import ShmFullError, StorageError, StoreClosedError
 from . import arena as _arena
 from . import faults as _faults
 from . import layout as ix
+from .alloc import unlink_quietly
 from .read import make_meta as _meta
 
-__all__ = ["SMALL_PUT", "put"]
+__all__ = ["SMALL_PUT", "abandon", "grow", "put"]
 
 #: puts up to this size copy while holding the store lock (one lock round trip)
 SMALL_PUT = ix.SMALL_PUT
@@ -84,7 +85,7 @@ def put(
                 _faults.step()
             return _install(a, i, e, parts, b, value)
     if b < 0:
-        b = a.grow(cls)
+        b = grow(a, cls)
     try:
         if _faults.kill_at:
             _faults.step()
@@ -97,7 +98,7 @@ def put(
                 raise FileExistsError(errno.EEXIST, "key exists", key)
             _install(a, i, e, parts, b, value)
     except BaseException:
-        a.abandon(b)
+        abandon(a, b)
         raise
 
 
@@ -170,3 +171,70 @@ def _swap(a: _arena.Arena, old: int, b: int) -> None:
         a.mark_live(b)
     if old >= 0:
         a.retire(old)
+
+
+# -- taking blocks ------------------------------------------------------------------
+
+
+def abandon(a: _arena.Arena, b: int) -> None:
+    """Free a block this process took but did not install (takes the lock)."""
+    try:
+        with a.locked:
+            k = b * ix.BLK_FIELDS
+            if a.bq[k + ix.B_STATE] == ix.WRITING and a.bq[k + ix.B_OWNER] == a.slot:
+                a.free(b)
+    except StoreClosedError:
+        return  # the owner closed the store: the block went with it
+
+
+def grow(a: _arena.Arena, cls: int) -> int:
+    """Take a block of class ``cls``, creating a segment if need be (takes the lock).
+
+    Three steps, each safe to die after: a locked section records the
+    new segment as being created by this process; its file is created
+    and backed without the lock; a second section makes it live. A
+    process killed in between leaves a reservation that the reaper
+    drops, unlinking the file.
+    """
+    with a.locked:
+        if not ix.is_alive(a.owner_pid, a.h[ix.H_START]):
+            # Nobody would remove a new segment but `python -m polystore gc`.
+            raise StorageError(
+                f"the owner (pid {a.owner_pid}) of shared array store {a.name!r} "
+                "died; the store takes no more memory"
+            )
+        a.my_slot()
+        a.reap()  # the pins of dead readers may hold the blocks we need
+        b = a.pop_free(cls)
+        if b >= 0:
+            return b
+        s, gen, descs = a.reserve_segment(cls)
+    path = ix.seg_path(a.dir, a.owner_pid, a.name, s, gen)
+    try:
+        if _faults.kill_at:
+            _faults.step()
+        mm = a.create_segment_file(path, ix.segment_shape(cls)[1])
+        if _faults.kill_at:
+            _faults.step()
+        with a.locked:
+            a.set_seg(s, ix.S_STATE, ix.SEG_LIVE)
+            a.set_seg(s, ix.S_USED, 1)
+            a.set_block(descs[0], ix.B_STATE, ix.WRITING)
+            for d in descs[1:]:
+                a.push_free(d)
+    except BaseException:
+        _abandon_reservation(a, s, gen, path)
+        raise
+    a.rw_maps[s] = (gen, mm)
+    return descs[0]
+
+
+def _abandon_reservation(a: _arena.Arena, s: int, gen: int, path: str) -> None:
+    try:
+        with a.locked:
+            k = s * ix.SEG_FIELDS
+            if a.sq[k + ix.S_STATE] == ix.SEG_CREATING and a.sq[k + ix.S_GEN] == gen:
+                a.drop_reservation(s)
+    except StoreClosedError:
+        pass  # the owner closed the store and took the reservation with it
+    unlink_quietly(path)
