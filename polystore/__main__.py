@@ -8,8 +8,14 @@
 ``python -m polystore gc [--directory DIR] [--dry-run] [NAME ...]``
     Remove, of the current user's stores, those whose owner is dead (killed
     before it could close them), and stray segment files left without their
-    control segment. Stores of live owners are never touched. Given names,
-    only the stores so named are considered.
+    control segment. Stores of live owners are never touched, nor other
+    users' stores; ``gc`` says why it keeps each one. Given names, only the
+    stores so named are considered.
+
+``python -m polystore info``
+    The version, and whether the C fast path of the store is built and in use.
+
+``python -m polystore --version`` prints the version.
 
 States: ``live`` (owner running), ``dead`` (owner gone: ``gc`` removes it),
 ``closing`` (the owner is removing it right now), ``orphan`` (data segments
@@ -25,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._shm import layout as ix
+from ._version import __version__
 
 __all__ = ["StoreFiles", "main", "scan_stores"]
 
@@ -100,11 +107,26 @@ def _named(names: Sequence[str], directory: str | None) -> list[StoreFiles]:
     return [s for s in scan_stores(directory) if not names or s.name in names]
 
 
+def _nothing_named(names: Sequence[str], directory: str | None) -> str:
+    """Why ``ls`` or ``gc`` found nothing: no stores at all, or none of these names."""
+    where = directory or ix.default_dir()
+    if not names:
+        return f"no shared array stores in {where}"
+    others = sorted({s.name for s in scan_stores(directory)})
+    wanted = ", ".join(names)
+    if not others:
+        return f"no shared array stores named {wanted} in {where}, nor any other"
+    return (
+        f"no shared array stores named {wanted} in {where}; "
+        f"the stores there are: {', '.join(others)}"
+    )
+
+
 def cmd_ls(names: Sequence[str] = (), directory: str | None = None) -> int:
     """``ls``: print one line per store."""
     stores = _named(names, directory)
     if not stores:
-        print(f"no shared array stores in {directory or ix.default_dir()}")
+        print(_nothing_named(names, directory))
         return 0
     print(f"{'NAME':<24} {'OWNER':>8} {'STATE':<8} {'SIZE':>10} {'KEYS':>6} {'FILES':>6}")
     for s in stores:
@@ -115,12 +137,31 @@ def cmd_ls(names: Sequence[str] = (), directory: str | None = None) -> int:
     return 0
 
 
+def _why_kept(s: StoreFiles, uid: int) -> str | None:
+    """Why ``gc`` leaves a store alone, or ``None`` if it may remove it."""
+    if s.uid != uid:
+        return (
+            f"owned by uid {s.uid}, not by you (uid {uid}): only that user, or root, may remove it"
+        )
+    if s.state == "live":
+        return f"its owner, pid {s.pid}, is running"
+    if s.state == "closing":
+        return f"its owner, pid {s.pid}, is removing it right now"
+    return None
+
+
 def cmd_gc(dry_run: bool = False, names: Sequence[str] = (), directory: str | None = None) -> int:
-    """``gc``: remove the current user's dead and orphaned stores."""
+    """``gc``: remove the current user's dead and orphaned stores; say why others stay."""
     uid = os.getuid()
+    stores = _named(names, directory)
+    if not stores:
+        print(f"nothing to reclaim: {_nothing_named(names, directory)}")
+        return 0
     removed = 0
-    for s in _named(names, directory):
-        if s.uid != uid or s.state not in ("dead", "orphan"):
+    for s in stores:
+        why = _why_kept(s, uid)
+        if why is not None:
+            print(f"kept the store of pid {s.pid} ({s.state}): {why}")
             continue
         verb = "would remove" if dry_run else "removed"
         if not dry_run:
@@ -138,14 +179,35 @@ def cmd_gc(dry_run: bool = False, names: Sequence[str] = (), directory: str | No
     return 0
 
 
+def cmd_info() -> int:
+    """``info``: the version and the state of the C fast path."""
+    from ._shm import fast
+
+    if fast.ENABLED:
+        state = "active"
+    elif fast.AVAILABLE:
+        state = "built, but turned off by POLYSTORE_NO_FASTPATH in the environment"
+    else:
+        state = (
+            "not built: this install runs the pure-Python paths (no C compiler at "
+            "install time, or POLYSTORE_PURE_PYTHON=1)"
+        )
+    print(f"polystore {__version__}")
+    print(f"C fast path of the shared-memory store: {state}")
+    print(f"shared-memory directory: {ix.default_dir()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m polystore``."""
     parser = argparse.ArgumentParser(
         prog="python -m polystore", description="Find and reclaim polystore shared memory."
     )
+    parser.add_argument("--version", action="version", version=f"polystore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("ls", help="list shared array stores")
     gc = sub.add_parser("gc", help="remove stores whose owner process is dead")
+    sub.add_parser("info", help="show the version and whether the C fast path is in use")
     gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     for command in (ls, gc):
         command.add_argument(
@@ -155,11 +217,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         command.add_argument("names", nargs="*", metavar="NAME", help="only stores so named")
     args = parser.parse_args(argv)
-    if args.directory is not None and not os.path.isdir(args.directory):
-        parser.error(f"--directory {args.directory}: not a directory")
-    if args.command == "ls":
-        return cmd_ls(args.names, args.directory)
-    return cmd_gc(args.dry_run, args.names, args.directory)
+    directory = getattr(args, "directory", None)
+    if directory is not None and not os.path.isdir(directory):
+        parser.error(f"--directory {directory}: not a directory")
+    try:
+        if args.command == "info":
+            code = cmd_info()
+        elif args.command == "ls":
+            code = cmd_ls(args.names, args.directory)
+        else:
+            code = cmd_gc(args.dry_run, args.names, args.directory)
+        sys.stdout.flush()  # here, so a closed pipe is reported below and not at exit
+    except BrokenPipeError:
+        # The reader stopped reading (``ls | head``): not worth a traceback.
+        # Point stdout at /dev/null so the interpreter's last flush finds no pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return code
 
 
 if __name__ == "__main__":
