@@ -210,6 +210,9 @@ class BackendRegistry(Mapping[str, StorageBackend]):
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # The entry points this registry offers travel as recipes like the rest,
+        # even if nothing asked for a backend before pickling.
+        self._load_entry_points()
         specs = {n: s for n, s in self._specs.items() if n not in self._instances}
         local = sorted(n for n, s in specs.items() if s.process_local and not s.kwargs)
         for name in local:

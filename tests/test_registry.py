@@ -136,3 +136,19 @@ def test_entry_point_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = BackendRegistry(entry_points=True)
     assert "thirdparty" in registry
     assert type(registry["thirdparty"]).__name__ == "NullBackend"
+
+
+def test_entry_point_backends_survive_pickling_before_first_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from importlib import metadata
+
+    class FakeEntryPoint:
+        name = "thirdparty"
+        value = "tests.test_registry:NullBackend"
+
+    monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntryPoint()])
+    registry = BackendRegistry(entry_points=True)  # nothing asked for yet
+    clone = pickle.loads(pickle.dumps(registry))
+    assert "thirdparty" in clone
+    assert type(clone["thirdparty"]).__name__ == "NullBackend"
