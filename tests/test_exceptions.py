@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import polystore.exceptions as exc_module
@@ -60,3 +62,32 @@ def test_corrupt_file_names_the_file_and_the_damage() -> None:
     err = exc_module.CorruptFileError("p/q.npy", "the file is empty")
     assert "p/q.npy" in str(err) and "the file is empty" in str(err)
     assert err.path == "p/q.npy" and err.reason == "the file is empty"
+
+
+def test_what_the_readme_says_about_errors(tmp_path: Path) -> None:
+    # File-system errors are the plain builtins, with errno and path; the errors
+    # polystore adds are StorageErrors that also inherit a builtin.
+    import errno
+
+    from polystore import DiskBackend, MemoryBackend
+
+    for backend in (DiskBackend(tmp_path), MemoryBackend()):
+        backend.save(np.ones(1), "a.npy")
+        cases = [
+            (lambda b=backend: b.load("missing.npy"), FileNotFoundError, errno.ENOENT),
+            (
+                lambda b=backend: b.save(np.ones(1), "a.npy", overwrite=False),
+                FileExistsError,
+                errno.EEXIST,
+            ),
+        ]
+        for action, builtin, code in cases:
+            with pytest.raises(builtin) as info:
+                action()
+            assert type(info.value) is builtin and info.value.errno == code
+            assert info.value.filename in ("missing.npy", "a.npy")
+            assert not isinstance(info.value, exc_module.StorageError)
+    for cls in vars(exc_module).values():
+        if isinstance(cls, type) and issubclass(cls, exc_module.StorageError):
+            builtins_ = [b for b in cls.__mro__ if b.__module__ == "builtins"]
+            assert cls is exc_module.StorageError or builtins_[0] is not Exception, cls
