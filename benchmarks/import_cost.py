@@ -4,7 +4,11 @@ Every worker of a process pool imports polystore, so its import must stay
 cheap (target: <= 15 ms over numpy). Runs each variant in fresh interpreters,
 alternating, and prints medians and the difference.
 
-Run: ``python benchmarks/import_cost.py [--runs N]``.
+Run: ``python benchmarks/import_cost.py [--runs N]``. It measures the
+polystore that this interpreter has installed, wherever it is run from: the
+fresh interpreters start in an empty directory, so a checkout in the current
+directory (uncompiled, perhaps without its C extension) cannot stand in for
+the installed package. The first line of the output names what was measured.
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-
-import polystore
 
 CASES = {
     "python -c pass": "pass",
@@ -36,14 +39,29 @@ print(time.perf_counter() - _t)
 """
 
 
+def run_fresh(code: str) -> str:
+    """The output of ``code`` in a fresh interpreter started in an empty directory.
+
+    ``python -c`` puts its working directory first on ``sys.path``: started
+    in a checkout, it would import the checkout instead of the installed package.
+    """
+    with tempfile.TemporaryDirectory() as empty:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=empty,
+        ).stdout
+
+
+def measured_package() -> str:
+    """Where the fresh interpreters import polystore from."""
+    return run_fresh("import polystore; print(polystore.__file__)").strip()
+
+
 def measure(code: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-c", TIMER.format(code=code)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return float(out.strip())
+    return float(run_fresh(TIMER.format(code=code)).strip())
 
 
 def main() -> None:
@@ -52,7 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     # An installed package has its bytecode compiled; an editable checkout run
     # with PYTHONDONTWRITEBYTECODE=1 recompiles every module at each import.
-    compileall.compile_dir(str(Path(polystore.__file__).parent), quiet=1)
+    package = measured_package()
+    print(f"measuring {Path(package).parent}")
+    compileall.compile_dir(str(Path(package).parent), quiet=1)
     samples: dict[str, list[float]] = {label: [] for label in CASES}
     for _ in range(args.runs):
         for label, code in CASES.items():
