@@ -8,7 +8,7 @@ pipeline then runs through a ``multiprocessing.Manager().dict()`` for
 comparison, and the last line reports both throughputs.
 
 Run ``python examples/pipeline.py --help`` for the sizes; the defaults move
-2.13 GiB of arrays (136 hand-offs of 16 MiB images) through two workers.
+2.12 GiB of arrays (136 hand-offs of 16 MiB images) through two workers.
 """
 
 from __future__ import annotations
