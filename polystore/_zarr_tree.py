@@ -43,7 +43,6 @@ __all__ = ["PRIVATE_DIR", "FsspecTree", "Hierarchy", "LocalTree", "Locator", "Tr
 PRIVATE_DIR = RESERVED_PREFIX + "zarr"
 
 #: metadata documents: the one that marks an array, the one that marks a group
-_MARKERS = {3: ("zarr.json", "zarr.json"), 2: (".zarray", ".zgroup")}
 #: names that are metadata documents, never nodes
 METADATA_NAMES = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
 
@@ -151,7 +150,7 @@ class Hierarchy:
         root: where the hierarchy lives, a local path or a URL; also the
             identity that lock names are derived from.
         tree: access to its storage.
-        zarr_format: 2 or 3, which metadata documents mark nodes.
+        zarr_format: 2 or 3, what new nodes are written as (both are read).
         implicit_root: the root is a group even before its metadata exists
             (a backend built on one root directory).
     """
@@ -161,7 +160,6 @@ class Hierarchy:
         self.tree = tree
         self.zarr_format = zarr_format
         self.implicit_root = implicit_root
-        self.array_marker, self.group_marker = _MARKERS[zarr_format]
         self._store: Any = None
         self._cleaned = False
 
@@ -180,15 +178,23 @@ class Hierarchy:
         return self._store
 
     # -- what is where ------------------------------------------------------
+    # Reading recognises both formats, whatever ``zarr_format`` says: stores
+    # written by older tools are zarr v2. ``zarr_format`` only decides what new
+    # nodes are written as.
+    def _node_type(self, key: str) -> str | None:
+        raw = self.tree.read(_join(key, "zarr.json"))
+        if raw is not None:
+            node_type = json.loads(raw).get("node_type")
+            return node_type if isinstance(node_type, str) else None
+        if self.tree.read(_join(key, ".zarray")) is not None:
+            return "array"
+        if self.tree.read(_join(key, ".zgroup")) is not None:
+            return "group"
+        return None
+
     def kind(self, key: str) -> Literal["file", "dir"] | None:
         """``"file"`` for an array, ``"dir"`` for a group, ``None`` for nothing."""
-        if self.zarr_format == 3:
-            raw = self.tree.read(_join(key, "zarr.json"))
-            node_type = None if raw is None else json.loads(raw).get("node_type")
-        elif self.tree.read(_join(key, ".zarray")) is not None:
-            node_type = "array"
-        else:
-            node_type = "group" if self.tree.read(_join(key, ".zgroup")) is not None else None
+        node_type = self._node_type(key)
         if node_type == "array":
             return "file"
         if node_type == "group" or (not key and self.implicit_root):
@@ -197,9 +203,7 @@ class Hierarchy:
 
     def has_metadata(self, key: str) -> bool:
         """Whether a node's metadata document exists at ``key`` (implicit root excluded)."""
-        if self.tree.read(_join(key, self.group_marker)) is not None:
-            return True
-        return self.zarr_format == 2 and self.tree.read(_join(key, ".zarray")) is not None
+        return self._node_type(key) is not None
 
     def children(self, key: str) -> list[str]:
         """Sorted names of the nodes directly inside the group ``key``."""
@@ -213,9 +217,9 @@ class Hierarchy:
 
     def attributes(self, key: str) -> dict[str, Any]:
         """The attributes of the node at ``key`` (empty when it has none)."""
-        if self.zarr_format == 3:
-            raw = self.tree.read(_join(key, "zarr.json"))
-            attrs = {} if raw is None else json.loads(raw).get("attributes", {})
+        raw = self.tree.read(_join(key, "zarr.json"))
+        if raw is not None:
+            attrs = json.loads(raw).get("attributes", {})
         else:
             raw = self.tree.read(_join(key, ".zattrs"))
             attrs = {} if raw is None else json.loads(raw)
@@ -223,7 +227,8 @@ class Hierarchy:
 
     def version(self, key: str) -> Hashable | None:
         """Identity of the metadata document of the array ``key`` (local trees only)."""
-        return self.tree.version(_join(key, self.array_marker))
+        found = self.tree.version(_join(key, "zarr.json"))
+        return found if found is not None else self.tree.version(_join(key, ".zarray"))
 
     # -- private space (local trees) -------------------------------------------
     def private_dir(self, name: str) -> str:

@@ -389,12 +389,13 @@ class ZarrBackend(StorageBackend):
 
     # -- helpers ------------------------------------------------------------------
     def _open(self, hierarchy: Hierarchy, key: str, mode: str) -> Any:
-        return _zarr().open_array(
-            hierarchy.store(), path=key, mode=mode, zarr_format=self._zarr_format
-        )
+        # an existing array is opened in whichever format it was written in
+        return _zarr().open_array(hierarchy.store(), path=key, mode=mode)
 
     def _ensure_parents(self, hierarchy: Hierarchy, key: str, text: str) -> None:
         """Create the groups above ``key`` that are missing, top group included."""
+        if not key:
+            return  # the node is the top of its store: nothing is above it
         parents = _ancestors(key)
         for parent in parents:
             kind = hierarchy.kind(parent)
@@ -450,14 +451,20 @@ class ZarrBackend(StorageBackend):
             except ContainsGroupError:
                 raise os_error(IsADirectoryError, text) from None
             return
+        from ._zarr_staging import StagingStore
+
         staging = hierarchy.temporary_path()
+        store = StagingStore(staging)
         try:
-            zarr.create_array(zarr.storage.LocalStore(staging), data=array, **options)
+            zarr.create_array(store, data=array, **options)
             replaced = publish(staging, tree.path(key), overwrite)
         except FileExistsError:
             shutil.rmtree(staging, ignore_errors=True)
             raise os_error(FileExistsError, text) from None
         except BaseException:
+            # zarr raises at the first failed chunk while others are still being
+            # written: stop them all before removing what they wrote
+            store.quiesce()
             shutil.rmtree(staging, ignore_errors=True)  # the first error is the one to report
             raise
         if replaced is not None:
@@ -504,7 +511,7 @@ class ZarrBackend(StorageBackend):
         options: dict[str, Any],
     ) -> None:
         zarr = _zarr()
-        from zarr.errors import ContainsArrayError
+        from zarr.errors import ContainsArrayError, ContainsGroupError
 
         locks = self._locks(hierarchy, key)
         with locks.hold(["create"]) if locks else contextlib.nullcontext():
@@ -524,6 +531,8 @@ class ZarrBackend(StorageBackend):
                 )
             except ContainsArrayError:
                 pass  # no lock (fsspec storage): another writer created it first
+            except ContainsGroupError:
+                raise os_error(IsADirectoryError, text) from None  # a group made meanwhile
 
     def _update_attributes(
         self, hierarchy: Hierarchy, key: str, text: str, attributes: dict[str, Any]
