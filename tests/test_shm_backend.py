@@ -2,21 +2,80 @@
 
 from __future__ import annotations
 
+import io
+import json
 import multiprocessing
 import pickle
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from polystore import FileManager, NotShareableError, SharedMemoryBackend
+from polystore import FileManager, NotShareableError, SharedArrayStore, SharedMemoryBackend
+from polystore.base import StorageBackend
 from polystore.testing import BackendTests, assert_same_value
 
 # every test with and without the C fast path
 pytestmark = pytest.mark.usefixtures("store_paths")
 
 
-class TestSharedMemoryBackend(BackendTests):
+class RawStore:
+    """Raw helpers: the backend's shared array store, read and written directly.
+
+    Each file is a key (its absolute path), each directory a key with a
+    trailing slash; arrays are stored as arrays, everything else as bytes
+    behind a one-byte tag (D directory, S text, B bytes, J JSON, Z npz).
+    """
+
+    @staticmethod
+    def _store(backend: StorageBackend) -> SharedArrayStore:
+        assert isinstance(backend, SharedMemoryBackend)
+        store = backend._data.store
+        assert isinstance(store, SharedArrayStore)
+        return store
+
+    def raw_get(self, backend: StorageBackend, path: str) -> Any:
+        try:
+            got = self._store(backend).get_value("/" + path)
+        except KeyError:
+            raise FileNotFoundError(path) from None
+        if isinstance(got, np.ndarray):
+            return got
+        tag, body = got[:1], got[1:]
+        if tag == b"S":
+            return body.decode("utf-8", "surrogatepass")
+        if tag == b"B":
+            return body
+        if tag == b"Z":
+            with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+                return {name: archive[name] for name in archive.files}
+        assert tag == b"J", f"{path}: unknown tag {tag!r}"
+        return json.loads(body)
+
+    def raw_set(self, backend: StorageBackend, path: str, value: Any) -> None:
+        store = self._store(backend)
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            store.put_bytes("/" + "/".join(parts[:depth]) + "/", b"D")
+        key = "/" + path
+        if isinstance(value, np.ndarray):
+            store.put(key, value)
+        elif isinstance(value, str):
+            store.put_bytes(key, b"S" + value.encode("utf-8"))
+        elif isinstance(value, bytes):
+            store.put_bytes(key, b"B" + value)
+        elif isinstance(value, dict) and value and all(
+            isinstance(v, np.ndarray) for v in value.values()
+        ):
+            buf = io.BytesIO()
+            np.savez(buf, **value)
+            store.put_bytes(key, b"Z" + buf.getvalue())
+        else:
+            store.put_bytes(key, b"J" + json.dumps(value).encode("utf-8"))
+
+
+class TestSharedMemoryBackend(RawStore, BackendTests):
     @pytest.fixture
     def backend(self) -> Iterator[SharedMemoryBackend]:
         with SharedMemoryBackend() as backend:
