@@ -33,14 +33,12 @@ module, never by ``import polystore``.
 from __future__ import annotations
 
 import errno
-import multiprocessing
 import pathlib
-import pickle
 from typing import Any, NoReturn
 
 import numpy as np
 
-from .base import StorageBackend, UnavailableBackend
+from .base import StorageBackend
 from .exceptions import MissingDependencyError
 
 try:
@@ -48,6 +46,7 @@ try:
 except ImportError:  # pragma: no cover - exercised in a fresh interpreter by the tests
     raise MissingDependencyError("pytest>=7.4", "test") from None
 
+from ._testing_processes import ProcessBoundaryTests
 from .exceptions import (
     BackendNotFoundError,
     CorruptFileError,
@@ -82,23 +81,6 @@ def _no_raw_helpers(suite: object) -> NoReturn:
     )
 
 
-class _FailsToPickle(UnavailableBackend):
-    """A backend that cannot cross a process boundary, as one holding a lock or a socket."""
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        raise TypeError(f"cannot pickle {type(self).__name__} (a fault injected by the test)")
-
-
-def _round_trip_in_child(backend: StorageBackend, src: str, dst: str) -> Any:
-    """Run in a spawned process: read what the parent saved, save a changed copy."""
-    try:
-        value = np.array(backend.load(src))  # a copy: a view would outlive the backend
-        backend.save(value * 2, dst)
-        return value
-    finally:
-        backend.close()
-
-
 def assert_same_value(got: Any, expected: Any) -> None:
     """Assert that a loaded value equals the saved one, arrays included."""
     if isinstance(expected, np.ndarray):
@@ -116,7 +98,7 @@ def assert_same_value(got: Any, expected: Any) -> None:
         assert type(got) is type(expected)
 
 
-class BackendTests:
+class BackendTests(ProcessBoundaryTests):
     """Tests of the shared semantics.
 
     Subclasses provide a ``backend`` fixture and the raw helpers
@@ -518,54 +500,6 @@ class BackendTests:
         assert self._raw_missing(backend, "w/moved.npy")
         backend.delete("w", recursive=True)
         assert self._raw_missing(backend, "w/old.npy")
-
-    # -- crossing process boundaries ------------------------------------------------
-    @pytest.mark.timeout(120)
-    def test_spawned_process_sees_the_same_files(self, backend: StorageBackend) -> None:
-        if not backend.shareable:
-            with pytest.raises(NotShareableError):
-                pickle.dumps(backend)
-            return
-        from concurrent.futures import ProcessPoolExecutor
-
-        sample = np.arange(12, dtype=np.int32).reshape(3, 4)
-        backend.save(sample, "parent/a.npy")
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
-            job = pool.submit(_round_trip_in_child, backend, "parent/a.npy", "child/b.npy")
-            assert_same_value(job.result(timeout=100), sample)
-        assert_same_value(backend.load("child/b.npy"), sample * 2)
-        assert_same_value(self.raw_get(backend, "child/b.npy"), sample * 2)
-
-    def test_shareability_check_names_what_cannot_be_sent(self, backend: StorageBackend) -> None:
-        from .pools import FileManagerFactory
-
-        broken = _FailsToPickle("broken", "a fault injected by the test")
-        with pytest.raises(NotShareableError, match=r"'broken'.*injected"):
-            FileManagerFactory({"broken": broken, "tested": backend})
-        if backend.shareable:
-            FileManagerFactory({"tested": backend})
-        else:
-            with pytest.raises(NotShareableError, match="'tested'"):
-                FileManagerFactory({"tested": backend})
-
-    # -- errors cross process boundaries ---------------------------------------
-    def test_errors_pickle(self, backend: StorageBackend) -> None:
-        raised: list[BaseException] = []
-        for action in (
-            lambda: backend.load("missing.npy"),
-            lambda: backend.save({"not": "an array"}, "bad.unknown-ext"),
-            lambda: backend.list_files("missing-dir"),
-        ):
-            try:
-                action()
-            except Exception as exc:
-                raised.append(exc)
-        assert len(raised) == 3
-        for error in raised:
-            clone = pickle.loads(pickle.dumps(error))
-            assert type(clone) is type(error)
-            assert str(clone) == str(error)
 
 
 #: every exception class polystore defines, with sample arguments (for pickling tests)
