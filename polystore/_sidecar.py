@@ -38,6 +38,7 @@ Everything here except reading runs under the directory's commit lock.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -45,9 +46,21 @@ from typing import Any
 from ._atomic import remove_quietly, write_atomic
 from .exceptions import CorruptFileError
 from .formats import parse_metadata
+from .locks import META_PREFIX, directory_lock
 
-__all__ = ["Entry", "finish", "identity", "metadata_of", "read_entries", "stage", "write_entries"]
+__all__ = [
+    "Entry",
+    "finish",
+    "identity",
+    "metadata_of",
+    "read_entries",
+    "settle",
+    "stage",
+    "write_entries",
+]
 
+#: readings of a file's metadata tried while writers keep replacing the file
+_READ_TRIES = 1000
 #: tells a sidecar of this layout from anything else found under the name
 _LAYOUT = "polystore-metadata-1"
 
@@ -115,13 +128,16 @@ def metadata_of(target: str, sidecar: str, text: str) -> dict[str, Any] | None:
     replaced it meanwhile, the reading is repeated, so the answer always
     belongs to one version of the file.
     """
-    while True:
+    for _ in range(_READ_TRIES):
         before = _stat(target)
         if before is None:
             return None
         entries = read_entries(sidecar, text)
         if _stat(target) == before:
             return _find(entries, before)
+    raise BlockingIOError(
+        errno.EAGAIN, f"the file was replaced {_READ_TRIES} times while its metadata was read", text
+    )
 
 
 def write_entries(sidecar: str, entries: list[Entry], durable: bool) -> None:
@@ -167,3 +183,34 @@ def finish(target: str, sidecar: str, meta: dict[str, Any] | None, durable: bool
         remove_quietly(sidecar)
     else:
         write_entries(sidecar, [(ident, meta)], durable)
+
+
+def settle(directory: str, lock_timeout: float | None) -> list[str]:
+    """Reduce the sidecars a killed writer left with two entries to the one that applies.
+
+    Until then the file finds its entry by identity, which a copy of the
+    directory (new inodes) would lose. Returns the names of the sidecars settled.
+    """
+    settled = []
+    with os.scandir(directory) as found:
+        names = [e.name for e in found if e.name.startswith(META_PREFIX)]
+    for name in names:
+        data_name = name[len(META_PREFIX) : -len(".json")]
+        if data_name.startswith("#"):
+            continue  # a hashed name cannot be traced back to its file
+        sidecar = os.path.join(directory, name)
+        target = os.path.join(directory, data_name)
+        try:
+            if len(read_entries(sidecar, data_name)) < 2:
+                continue
+            with directory_lock(directory, lock_timeout):  # no commit is under way
+                entries = read_entries(sidecar, data_name)
+                ident = _stat(target)
+                meta = _find(entries, ident) if ident is not None else None
+                if len(entries) > 1:
+                    kept: list[Entry] = [] if meta is None or ident is None else [(ident, meta)]
+                    write_entries(sidecar, kept, False)
+                    settled.append(name)
+        except CorruptFileError:
+            continue  # not ours to repair: load_metadata reports it
+    return settled

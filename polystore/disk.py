@@ -528,7 +528,9 @@ class DiskBackend(StorageBackend):
         Removes temporary files whose writer is no longer running and that
         have not been written for ``max_age`` seconds, lock files nobody
         holds, and metadata whose data file no longer exists. Live writers'
-        files are never touched.
+        files are never touched. Metadata that a killed writer left with the
+        entries of two versions keeps only the entry of the file that is
+        there (it is not counted as removed).
         """
         text = as_str(directory, "directory")
         top = self._resolve(text)
@@ -538,6 +540,7 @@ class DiskBackend(StorageBackend):
             rel_dir, full = pending.pop()
             names = remove_stale(full, max_age, self.lock_timeout)
             removed.extend(rel_dir + name for name in names)
+            _sidecar.settle(full, self.lock_timeout)
             if recursive:
                 with os.scandir(full) as entries:
                     pending.extend(

@@ -9,6 +9,7 @@ interrupted once. After each kill the parent reads what the path holds.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from polystore._sidecar import read_entries
 from polystore.disk import DiskBackend
 from polystore.exceptions import MetadataNotFoundError
 from polystore.locks import is_reserved
@@ -102,6 +104,8 @@ def _every_step(
         leftovers = [n for n in os.listdir(root) if is_reserved(n)]
         described = [n for n in leftovers if any(n.endswith(f"-{p}.json") for p in before)]
         assert leftovers == described, f"step {step}: {leftovers}"
+        for name in described:  # cleanup left one version's entry, or nothing
+            assert len(read_entries(str(root / name), name)) == 1
         if done:
             assert {p: _state(disk, p) for p in before} == after
             return step
@@ -177,3 +181,18 @@ def test_a_plain_save_writes_nothing_but_the_file(tmp_path: Path) -> None:
     disk.save(np.ones(3), "a.npy", metadata={"k": 1})
     disk.save(np.ones(3), "a.npy")
     assert os.listdir(tmp_path) == ["a.npy"]
+
+
+def test_cleanup_settles_what_a_killed_writer_left(tmp_path: Path) -> None:
+    # Killed after the sidecar named both versions: cleanup keeps the one that
+    # applies, so a copy of the directory (new inodes) keeps the metadata too.
+    disk = DiskBackend(tmp_path)
+    _put(disk, "a.npy", OLD)
+    assert not _run_killed(2, lambda: disk.save(np.full(3, 2), "a.npy", metadata={"v": 2}))
+    (sidecar,) = [p for p in tmp_path.iterdir() if p.name.startswith(".polystore-meta-")]
+    assert len(read_entries(str(sidecar), "a.npy")) == 2
+    disk.cleanup(max_age=0)
+    assert len(read_entries(str(sidecar), "a.npy")) == 1
+    copy = tmp_path.parent / "copied"
+    shutil.copytree(tmp_path, copy)
+    assert _state(DiskBackend(copy), "a.npy") == NEW
