@@ -37,13 +37,17 @@ layout is stored in C order.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import operator
 import os
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ._shm import arena as _shm_arena
 from ._shm import fast as _shm_fast
@@ -89,6 +93,30 @@ def _key(key: object) -> tuple[bytes, bytes, int]:
                 _keys.clear()
             _keys[key] = found
     return found
+
+
+def _shape(shape: object) -> tuple[int, ...]:
+    """A shape as a tuple of sizes, refusing what numpy would misread."""
+    dims = (shape,) if not isinstance(shape, (tuple, list)) else tuple(shape)
+    try:
+        out = tuple(operator.index(d) for d in dims)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in out):
+        raise ValueError(f"negative size in shape {out}")
+    if len(out) > ix.MAX_NDIM:
+        raise ValueError(f"shape {out} has more than {ix.MAX_NDIM} dimensions")
+    return out
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def _positive(value: object, what: str) -> int:
@@ -239,18 +267,23 @@ class SharedArrayStore:
         return self._arena
 
     # -- writing ---------------------------------------------------------------------
-    def put(self, key: str, array: Any, *, overwrite: bool = True) -> None:
+    def put(
+        self, key: str, array: Any, *, overwrite: bool = True, timeout: float | None = 0
+    ) -> None:
         """Store a copy of ``array`` under ``key``, atomically replacing any old value.
 
         Views of the old value that readers hold stay valid and unchanged.
+        ``timeout`` is how long to wait, in seconds, for other processes to
+        free room when there is none (``None``: as long as it takes); by
+        default a full store fails at once.
 
         Raises:
             TypeError: ``key`` is not a ``str``.
             ValueError: ``key`` is empty, holds NUL or is over 255 bytes of UTF-8.
             NotShareableError: an object array (it holds pointers into this process).
             FileExistsError: ``overwrite=False`` and ``key`` exists.
-            ShmFullError: not enough room in ``/dev/shm`` or under ``max_bytes``;
-                nothing was written.
+            ShmFullError: not enough room in the store's directory or under
+                ``max_bytes`` (within ``timeout``); nothing was written.
         """
         arr = array if type(array) is np.ndarray else np.asarray(array)
         a = self._arena
@@ -258,16 +291,81 @@ class SharedArrayStore:
         # block ready; False: nothing done, the Python path decides
         if a.fast is not None and overwrite and not self._closed and a.fast.put_small(a, key, arr):
             return
-        self._put(key, arr, 0, overwrite)
+        self._put(key, arr, 0, overwrite, _check_timeout(timeout))
+
+    def create(
+        self,
+        key: str,
+        shape: int | Sequence[int],
+        dtype: npt.DTypeLike = float,
+        *,
+        order: Literal["C", "F"] = "C",
+        overwrite: bool = True,
+        timeout: float | None = 0,
+    ) -> contextlib.AbstractContextManager[np.ndarray[Any, Any]]:
+        """Write a new value in place: a context manager that yields its array.
+
+        .. code-block:: python
+
+            with store.create("frame", (2048, 2048), np.float32) as out:
+                np.multiply(image, 2, out=out)      # computed straight into shared memory
+            store.get("frame")                      # published on exit, no copy made
+
+        The array lives in the store's shared memory. Nobody sees the key's
+        new value while the block runs; leaving it publishes the array under
+        ``key`` in one atomic step, exactly like :meth:`put` but without the
+        copy. An exception inside the block (or the process dying) publishes
+        nothing and gives the memory back.
+
+        After the block, the array is read-only: it is the published value,
+        which readers see as it is. Views of it made inside the block are
+        still writable, and writing through them would change the published
+        value under the readers' feet: do not keep them.
+
+        Raises:
+            TypeError: ``shape`` is not an int or a sequence of ints, or
+                ``dtype`` is not a dtype (:class:`NotShareableError` for
+                object dtypes).
+            ValueError: a negative size, ``order`` not "C" or "F", or a value
+                larger than the store can ever hold.
+            FileExistsError: ``overwrite=False`` and ``key`` exists when the
+                block starts or when it ends (the first to publish wins).
+            ShmFullError: no room within ``timeout`` seconds (as for :meth:`put`).
+        """
+        parts = _key(key)
+        dims = _shape(shape)
+        dt = np.dtype(dtype)
+        ix.encode_dtype(dt)  # refuses object dtypes, and descriptions too long to keep
+        if order not in ("C", "F"):
+            raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+        a = self._live()
+        nbytes = math.prod(dims) * dt.itemsize
+        limit = a.h[ix.H_MAX_BYTES] or ix.CLASS_SIZES[-1]
+        if nbytes > min(limit, ix.CLASS_SIZES[-1]):
+            raise ValueError(
+                f"an array of shape {dims} and dtype {dt} takes {nbytes} bytes; shared array "
+                f"store {self._name!r} holds values of at most {min(limit, ix.CLASS_SIZES[-1])}"
+            )
+        flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
+        return _shm_write.create(
+            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout)
+        )
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Store a copy of a bytes-like object under ``key`` (see :meth:`get_bytes`)."""
         arr = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
         self._put(key, arr, ix.F_BYTES, True)
 
-    def _put(self, key: str, arr: np.ndarray[Any, Any], flags: int, overwrite: bool) -> None:
+    def _put(
+        self,
+        key: str,
+        arr: np.ndarray[Any, Any],
+        flags: int,
+        overwrite: bool,
+        timeout: float | None = 0,
+    ) -> None:
         parts = _key(key)
-        _shm_write.put(self._live(), self._name, key, parts, arr, flags, overwrite)
+        _shm_write.put(self._live(), self._name, key, parts, arr, flags, overwrite, timeout)
 
     def delete(self, key: str) -> None:
         """Remove ``key``; views of its value stay valid.
@@ -478,8 +576,13 @@ class SharedArrayStore:
         return self._live().map_all()
 
     def trim(self) -> int:
-        """Unlink every idle segment now instead of keeping it for reuse; return its bytes."""
+        """Unlink every idle segment now instead of keeping it for reuse; return its bytes.
+
+        Blocks whose last view died since are freed first, so their segments
+        count as idle too.
+        """
         with self._live().locked as a:
+            a.sweep_retired()
             return a.evict_idle(a.h[ix.H_IDLE])
 
     # -- lifetime --------------------------------------------------------------------

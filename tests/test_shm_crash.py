@@ -116,6 +116,15 @@ def _base(store: SharedArrayStore) -> None:
     store.get("L")
 
 
+def _create(key: str, kid: int, version: int, n: int) -> Callable[[SharedArrayStore], None]:
+    def run(store: SharedArrayStore) -> None:
+        with store.create(key, n, np.int64) as out:
+            out[:] = version
+            out[0] = kid
+
+    return run
+
+
 def _delete(key: str) -> Callable[[SharedArrayStore], None]:
     def run(store: SharedArrayStore) -> None:
         store.delete(key)
@@ -158,6 +167,8 @@ SCENARIOS = [
         "growing put", _base, _put("g", 103, 1, 5 << 17), {"g": (103, {None, 1})},
         store_kwargs={"cache_bytes": 0},
     ),
+    Scenario("create small", _base, _create("t", 100, 2, N_SMALL), {"t": (100, {1, 2})}),
+    Scenario("create large", _base, _create("c", 104, 1, N_LARGE), {"c": (104, {None, 1})}),
     Scenario("delete", _base, _delete("t"), {"t": (100, {None, 1})}),
     Scenario(
         "delete and evict", _base, _delete("L"), {"L": (101, {None, 1})},
@@ -231,7 +242,7 @@ def _restore(store: SharedArrayStore) -> None:
     """Put the state every scenario starts from back (after _base)."""
     with store._arena.locked as a:
         a.reap()  # what a killed child held, at once, so that every try starts alike
-    for key in ("n", "g", "x", "y"):
+    for key in ("n", "g", "x", "y", "c"):
         if key in store:
             store.delete(key)
     if "t" not in store:  # "t" goes back before the keys that collide with it

@@ -16,8 +16,12 @@ alternates between two blocks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from typing import Any
+import math
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 
@@ -28,7 +32,7 @@ from . import layout as ix
 from .alloc import unlink_quietly
 from .read import make_meta as _meta
 
-__all__ = ["SMALL_PUT", "abandon", "grow", "put"]
+__all__ = ["SMALL_PUT", "abandon", "create", "grow", "put", "take"]
 
 #: puts up to this size copy while holding the store lock (one lock round trip)
 SMALL_PUT = ix.SMALL_PUT
@@ -47,8 +51,12 @@ def put(
     arr: np.ndarray[Any, Any],
     flags: int,
     overwrite: bool,
+    timeout: float | None = 0,
 ) -> None:
-    """Store a copy of ``arr`` under ``key`` (``parts``: its bytes, bytes + NUL and hash)."""
+    """Store a copy of ``arr`` under ``key`` (``parts``: its bytes, bytes + NUL and hash).
+
+    ``timeout``: how long to wait for room (see :func:`take`).
+    """
     _, kbz, h = parts
     dt = ix.encode_dtype(arr.dtype)
     nbytes = arr.nbytes
@@ -85,7 +93,7 @@ def put(
                 _faults.step()
             return _install(a, i, e, parts, b, value)
     if b < 0:
-        b = grow(a, cls)
+        b = take(a, cls, timeout)
     try:
         if _faults.kill_at:
             _faults.step()
@@ -100,6 +108,74 @@ def put(
     except BaseException:
         abandon(a, b)
         raise
+
+
+@contextlib.contextmanager
+def create(
+    a: _arena.Arena,
+    key: str,
+    parts: tuple[bytes, bytes, int],
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    flags: int,
+    overwrite: bool,
+    timeout: float | None,
+) -> Iterator[np.ndarray[Any, Any]]:
+    """Yield a writable array in a block of its own; publish it under ``key`` on exit.
+
+    The block is WRITING and owned by this process while the caller fills
+    it, so nobody else sees it, and the reaper frees it if this process
+    dies. Leaving the block installs it as a put would (old or new, never a
+    mix); an exception frees it instead. The array is pinned like a view
+    from ``get``, and read-only once published.
+    """
+    _, kbz, h = parts
+    dt = ix.encode_dtype(dtype)
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    with a.locked:
+        if a.slot < 0:
+            a.my_slot()
+        if not overwrite and a.find(kbz, h)[1] >= 0:
+            raise FileExistsError(errno.EEXIST, "key exists", key)
+    order: Literal["C", "F"] = "F" if flags & ix.F_FORTRAN else "C"
+    if nbytes == 0:
+        arr: np.ndarray[Any, Any] = np.empty(shape, dtype, order=order)
+        yield arr
+        arr.flags.writeable = False
+        with a.locked:
+            i, e = a.find(kbz, h)
+            if e >= 0 and not overwrite:
+                raise FileExistsError(errno.EEXIST, "key exists", key)
+            _install(a, i, e, parts, -1, (0, dtype, dt, shape, flags))
+        return
+    b = take(a, ix.class_of(nbytes), timeout)
+    try:
+        s, gen, off = a.block_location(b)
+        item = a.rw_maps.get(s)
+        mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
+        arr = np.frombuffer(mm, dtype, count, off)
+        a.pin_add(a.pin_base + b, 1)  # held like a view: unpinned when the array dies
+        a.track(arr.base, b)
+        if len(shape) != 1:
+            arr = arr.reshape(shape, order=order)
+    except BaseException:
+        abandon(a, b)
+        raise
+    try:
+        yield arr
+        if _faults.kill_at:
+            _faults.step()
+        with a.locked:
+            i, e = a.find(kbz, h)
+            if e >= 0 and not overwrite:
+                raise FileExistsError(errno.EEXIST, "key exists", key)
+            _install(a, i, e, parts, b, (nbytes, dtype, dt, shape, flags))
+    except BaseException:
+        abandon(a, b)
+        raise
+    finally:
+        arr.flags.writeable = False
 
 
 def _copy(
@@ -182,9 +258,37 @@ def abandon(a: _arena.Arena, b: int) -> None:
         with a.locked:
             k = b * ix.BLK_FIELDS
             if a.bq[k + ix.B_STATE] == ix.WRITING and a.bq[k + ix.B_OWNER] == a.slot:
-                a.free(b)
+                a.retire(b)  # freed now, or when an array of it that we handed out dies
     except StoreClosedError:
         return  # the owner closed the store: the block went with it
+
+
+def take(a: _arena.Arena, cls: int, timeout: float | None) -> int:
+    """A block of class ``cls`` for this process to fill, waiting up to ``timeout`` s for room.
+
+    With no room (``max_bytes`` reached, or the file system full) it tries
+    again, less and less often, until other processes free enough or the
+    time is up (``None``: no limit); ``0`` fails at once. A value that can
+    never fit under ``max_bytes`` fails at once too.
+    """
+    try:
+        return grow(a, cls)
+    except ShmFullError:
+        limit = a.h[ix.H_MAX_BYTES]
+        if timeout == 0 or (limit and ix.segment_shape(cls)[1] > limit):
+            raise
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.0005
+    while True:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return grow(a, cls)  # the last try raises ShmFullError if still full
+        time.sleep(delay if deadline is None else min(delay, deadline - now))
+        delay = min(2 * delay, 0.05)
+        try:
+            return grow(a, cls)
+        except ShmFullError:
+            continue
 
 
 def grow(a: _arena.Arena, cls: int) -> int:
