@@ -161,7 +161,7 @@ def cmd_gc(dry_run: bool = False, names: Sequence[str] = (), directory: str | No
     for s in stores:
         why = _why_kept(s, uid)
         if why is not None:
-            print(f"kept the store of pid {s.pid} ({s.state}): {why}")
+            print(f"kept {s.name} (owner pid {s.pid}, {s.state}): {why}")
             continue
         verb = "would remove" if dry_run else "removed"
         if not dry_run:

@@ -202,8 +202,13 @@ class SharedArrayStore:
         """
         ix.check_store_name(name)
         where = ix.check_dir(directory)
-        owners = _shm_open.owners_of(where, name)
+        owners, others = _shm_open.owners_of(where, name)
         if not owners:
+            if others:
+                raise StorageError(
+                    f"the shared array store named {name!r} in {where} belongs to another "
+                    f"user (owner pid {others[0]}), not to this one"
+                )
             raise StorageError(f"no shared array store named {name!r} in {where}")
         for pid in owners[:-1]:
             try:

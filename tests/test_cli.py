@@ -92,7 +92,8 @@ def test_gc_says_why_it_keeps_a_live_store(
     cli.main(["gc", "--directory", str(tmp_path), store.name])
     out = capsys.readouterr().out
     pid = os.getpid()
-    assert f"kept the store of pid {pid} (live): its owner, pid {pid}, is running" in out
+    assert f"(owner pid {pid}, live): its owner, pid {pid}, is running" in out
+    assert f"kept {store.name} (owner pid" in out
     assert "nothing to reclaim" in out
     assert store.get("x")[0] == 1
 

@@ -87,7 +87,7 @@ def test_ls_and_gc_take_the_directory(tmp_path: Path) -> None:
             [sys.executable, "-m", "polystore", "gc", "--directory", str(tmp_path)],
             capture_output=True, text=True, env=env, timeout=60, check=True,
         ).stdout  # fmt: skip
-        assert "cli_dir" not in out  # a live store is never removed
+        assert "kept cli_dir" in out and "removed" not in out  # a live store is never removed
         assert store.get("a").sum() == 1000
 
 
@@ -180,3 +180,17 @@ def test_max_bytes_is_a_full_store_too() -> None:
         store.delete("k0")
         store.put("k0", np.ones(1 << 17))
         assert not problems(store._arena)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to leave a file of another user")
+def test_another_users_store_neither_blocks_the_name_nor_is_attached(tmp_path: Path) -> None:
+    foreign = tmp_path / f"{ix.PREFIX}1-shared_name.ctl"
+    foreign.write_bytes(b"\0" * 4096)
+    os.chown(foreign, 65534, 65534)
+    foreign.chmod(0o600)
+    with pytest.raises(Exception, match="belongs to another user"):
+        SharedArrayStore.attach("shared_name", directory=tmp_path)
+    with SharedArrayStore("shared_name", directory=tmp_path) as store:  # the name is free
+        store.put("a", np.ones(2))
+        assert SharedArrayStore.attach("shared_name", directory=tmp_path).get("a").sum() == 2
+    foreign.unlink()

@@ -24,16 +24,27 @@ __all__ = ["create_store", "open_store", "owners_of"]
 _fork.install()  # before the first arena exists
 
 
-def owners_of(directory: str, name: str) -> list[int]:
-    """Pids of the processes that own a store called ``name`` (one, unless it leaked)."""
+def owners_of(directory: str, name: str) -> tuple[list[int], list[int]]:
+    """Pids of the processes that own a store called ``name``: (this user's, other users').
+
+    Normally one of this user's; a store another user left in a shared
+    directory belongs to them, and neither blocks the name nor is attached to.
+    """
     suffix = f"-{name}.ctl"
-    pids = []
+    mine: list[int] = []
+    theirs: list[int] = []
+    uid = os.getuid()
     for filename in os.listdir(directory):
         if filename.endswith(suffix):
             parsed = ix.parse_filename(filename)
-            if parsed is not None and parsed[1] == name and parsed[2]:
-                pids.append(parsed[0])
-    return sorted(pids)
+            if parsed is None or parsed[1] != name or not parsed[2]:
+                continue
+            try:
+                owner = os.stat(os.path.join(directory, filename), follow_symlinks=False).st_uid
+            except FileNotFoundError:
+                continue  # removed while we looked
+            (mine if owner == uid else theirs).append(parsed[0])
+    return sorted(mine), sorted(theirs)
 
 
 def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
@@ -42,7 +53,7 @@ def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
     Its fixed tables are backed by memory before anything writes them
     (ShmFullError if there is none); the rest as they grow.
     """
-    for pid in owners_of(directory, name):
+    for pid in owners_of(directory, name)[0]:
         header = ix.read_header(ix.ctl_path(directory, pid, name))
         state = (
             "is in use"
@@ -55,7 +66,10 @@ def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
     )
     pid, start = ix.my_identity()
     path = ix.ctl_path(directory, pid, name)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # another user's, with our pid (another pid namespace)
+        raise StorageError(f"{path} exists and belongs to another user; choose another name") from None
     try:
         os.ftruncate(fd, layout.size)  # sparse: only the pages backed cost memory
         reserve_memory(fd, 0, layout.fixed_size, directory)
