@@ -69,7 +69,8 @@ def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     except FileExistsError:  # another user's, with our pid (another pid namespace)
-        raise StorageError(f"{path} exists and belongs to another user; choose another name") from None
+        msg = f"{path} exists and belongs to another user; choose another name"
+        raise StorageError(msg) from None
     try:
         os.ftruncate(fd, layout.size)  # sparse: only the pages backed cost memory
         reserve_memory(fd, 0, layout.fixed_size, directory)
