@@ -11,6 +11,7 @@ import os
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 
 def fast_path() -> list[Extension]:
@@ -38,6 +39,23 @@ def fast_path() -> list[Extension]:
     ]
 
 
+class BuildExt(build_ext):
+    """build_ext that says once, plainly, when the optional fast path could not be built."""
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # any compiler failure: report, then let setuptools decide
+            sys.stderr.write(
+                "\n"
+                "polystore: the optional C fast path could not be built "
+                f"({type(exc).__name__}: {exc}).\n"
+                "polystore: it works without it, more slowly for small values; "
+                "`python -m polystore info` says which is in use.\n\n"
+            )
+            raise
+
+
 ext_modules = fast_path()
 
-setup(ext_modules=ext_modules)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

@@ -57,3 +57,27 @@ def test_example_docstring_states_the_default_sizes() -> None:
     assert f"{plan.moved_bytes / 2**30:.2f} GiB of arrays" in doc
     assert f"{plan.handoffs} hand-offs of {plan.image_bytes >> 20} MiB images" in doc
     assert f"through {['no', 'one', 'two', 'three', 'four'][args.workers]} workers" in doc
+
+
+def test_a_failed_c_build_says_so_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import setuptools
+    from setuptools.command.build_ext import build_ext
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    spec = importlib.util.spec_from_file_location("polystore_setup", REPO / "setup.py")
+    assert spec is not None and spec.loader is not None
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)
+
+    def no_compiler(self: object, ext: object) -> None:
+        raise OSError("no C compiler here")
+
+    monkeypatch.setattr(build_ext, "build_extension", no_compiler)
+    builder = setup_module.BuildExt.__new__(setup_module.BuildExt)
+    with pytest.raises(OSError):  # setuptools then skips the optional extension
+        builder.build_extension(object())
+    err = capsys.readouterr().err
+    assert err.count("the optional C fast path could not be built") == 1
+    assert "no C compiler here" in err and "python -m polystore info" in err
