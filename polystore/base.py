@@ -13,11 +13,14 @@ The semantics are those of a POSIX file system and hold on every backend;
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
+
+import numpy as np
 
 from .exceptions import MetadataNotFoundError, NotShareableError, os_error
 from .paths import as_str, join_listing
@@ -202,6 +205,69 @@ class StorageBackend(ABC):
         if pattern is not None and not fnmatch.fnmatchcase(name, pattern):
             return False
         return not (exts is not None and posixpath.splitext(name)[1].lower() not in exts)
+
+    @contextlib.contextmanager
+    def create_array(
+        self,
+        path: Any,
+        shape: int | Sequence[int],
+        dtype: Any = float,
+        *,
+        order: Literal["C", "F"] = "C",
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """Make an array to fill in place; it is stored at ``path`` when the block ends.
+
+        .. code-block:: python
+
+            with backend.create_array("out/frame.npy", (2048, 2048), "f4") as out:
+                np.multiply(image, 2, out=out)
+
+        Nothing is at ``path`` until the block ends without an exception;
+        then the array appears there in one step, as with :meth:`save` (whose
+        ``overwrite``, ``metadata`` and other keyword arguments it takes). An
+        exception publishes nothing. After the block the array is read-only.
+
+        This default makes the array in this process's memory and saves it at
+        the end (one copy); backends that can write where the value will
+        live (shm, a memory backend with a shared store, disk ``.npy``) do
+        so, with no copy.
+
+        Raises:
+            TypeError: a bad ``shape`` or ``dtype`` (before anything is made).
+            ValueError: a negative size or a bad ``order``.
+            IsADirectoryError: ``path`` is a directory.
+            FileExistsError: ``overwrite=False`` and the file exists (when the
+                block starts, or when it ends).
+        """
+        from .formats import array_spec
+
+        spec = array_spec(shape, dtype, order)
+        self._check_new_file(path, overwrite)
+        formats = getattr(self, "formats", None)
+        if formats is not None:  # a format that takes no array fails now, not after the work
+            probe = np.empty((0,) * len(spec.shape), spec.dtype)
+            formats.for_path(as_str(path)).normalize(probe, as_str(path), **kwargs)
+        arr = np.empty(spec.shape, spec.dtype, order=spec.order)
+        yield arr
+        arr.flags.writeable = False
+        self.save(arr, path, overwrite=overwrite, metadata=metadata, **kwargs)
+
+    def _check_new_file(self, path: Any, overwrite: bool) -> None:
+        """Refuse, before any work, what saving at ``path`` would refuse at the end."""
+        text = as_str(path)
+        found = self.kind(text)
+        if found == "dir":
+            raise os_error(IsADirectoryError, text)
+        if found == "file" and not overwrite:
+            raise os_error(FileExistsError, text)
+        parent = posixpath.dirname(text.rstrip("/"))
+        while found is None and parent not in ("", "/", "."):
+            if self.kind(parent) == "file":
+                raise os_error(NotADirectoryError, text)
+            parent = posixpath.dirname(parent)
 
     def save_batch(self, data_list: Sequence[Any], paths: Sequence[Any], **kwargs: Any) -> None:
         """Save each item of ``data_list`` at the matching path.

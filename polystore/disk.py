@@ -45,8 +45,8 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterable, Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -65,9 +65,11 @@ from .formats import (
     Format,
     FormatRegistry,
     NpyFormat,
+    array_spec,
     check_npy_header,
     default_formats,
     normalize_metadata,
+    npy_header,
 )
 from .locks import (
     META_PREFIX,
@@ -228,9 +230,21 @@ class DiskBackend(StorageBackend):
         The commit follows :mod:`polystore._sidecar`: a writer killed at any
         point leaves the old file with its old metadata or the new with the new.
         """
+        tmp = write_temp(os.path.dirname(target), writer, fsync=durable)
+        self._commit(tmp, target, text, meta, overwrite, durable)
+
+    def _commit(
+        self,
+        tmp: str,
+        target: str,
+        text: str,
+        meta: dict[str, Any] | None,
+        overwrite: bool,
+        durable: bool,
+    ) -> None:
+        """Move the finished temporary file ``tmp`` onto ``target`` with its metadata."""
         directory = os.path.dirname(target)
         sidecar = self._sidecar(target)
-        tmp = write_temp(directory, writer, fsync=durable)
         try:
             with directory_lock(directory, self.lock_timeout):
                 kept = _sidecar.stage(target, sidecar, tmp, meta, text, durable)
@@ -276,6 +290,73 @@ class DiskBackend(StorageBackend):
         self._write_and_commit(
             target, text, lambda f: fmt.write(f, value, **kwargs), meta, overwrite, durable
         )
+
+    @contextlib.contextmanager
+    def create_array(
+        self,
+        path: Any,
+        shape: int | Sequence[int],
+        dtype: Any = float,
+        *,
+        order: Literal["C", "F"] = "C",
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        fsync: bool | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """A ``.npy`` file filled in place through a memory map (see the base class).
+
+        The array maps a new hidden file beside the target, backed by disk
+        space reserved up front (a full disk fails here, not as SIGBUS
+        later); on success it is flushed and renamed onto ``path`` with its
+        metadata, atomically like :meth:`save`. Other formats are made in
+        memory and saved at the end.
+        """
+        text = as_str(path)
+        target = self._resolve(text)
+        spec = array_spec(shape, dtype, order)
+        self._check_new_file(path, overwrite)
+        fmt = self.formats.for_path(text)
+        if type(fmt) is not NpyFormat or kwargs or spec.nbytes == 0:
+            with super().create_array(
+                path, shape, dtype, order=order, overwrite=overwrite, metadata=metadata,
+                fsync=fsync, **kwargs,
+            ) as arr:  # fmt: skip
+                yield arr
+            return
+        meta = normalize_metadata(metadata, text)
+        self._check_target(target, text, overwrite)
+        durable = self.fsync if fsync is None else bool(fsync)
+        header = npy_header(spec)
+        size = len(header) + spec.nbytes
+
+        def reserve(f: IO[bytes]) -> None:
+            f.write(header)
+            f.flush()
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(f.fileno(), size)  # no reservation on this file system
+
+        tmp = write_temp(os.path.dirname(target), reserve)
+        try:
+            arr = np.memmap(
+                tmp, spec.dtype, mode="r+", offset=len(header), shape=spec.shape, order=spec.order
+            )
+            try:
+                yield arr
+                arr.flush()
+            finally:
+                arr.flags.writeable = False
+            if durable:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+        self._commit(tmp, target, text, meta, overwrite, durable)
 
     def load(self, path: Any, **kwargs: Any) -> Any:
         text = as_str(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -75,6 +76,24 @@ class FileManager:
         ``metadata={...}`` stores a JSON-serialisable dict beside it.
         """
         self.get_backend(backend).save(data, output_path, **kwargs)
+
+    def create_array(
+        self, path: Any, shape: Any, dtype: Any, backend: str, **kwargs: Any
+    ) -> contextlib.AbstractContextManager[Any]:
+        """Make an array to fill in place, stored at ``path`` when the ``with`` block ends.
+
+        .. code-block:: python
+
+            with fm.create_array("tiles/0.npy", (512, 512), "f4", "shm") as out:
+                out[...] = compute()        # written straight where readers will look
+
+        Nothing is at ``path`` until the block ends without an exception.
+        On ``shm``, a ``memory`` backend with a shared store and ``disk``
+        (``.npy``), the array is the stored value itself: no copy is made.
+        Keywords are those of :meth:`save` (``overwrite``, ``metadata``,
+        format options such as zarr's ``chunks``) plus ``order``.
+        """
+        return self.get_backend(backend).create_array(path, shape, dtype, **kwargs)
 
     def load(self, file_path: Any, backend: str, **kwargs: Any) -> Any:
         """Return what is stored at ``file_path``."""

@@ -14,8 +14,10 @@ copy of the built-in one, which a user may extend and hand to a backend.
 from __future__ import annotations
 
 import io
+import math
+import operator
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from .exceptions import CorruptFileError, UnsupportedFormatError
 from .paths import split_ext
 
 __all__ = [
+    "ArraySpec",
     "BytesFormat",
     "Format",
     "FormatRegistry",
@@ -32,11 +35,68 @@ __all__ = [
     "NpzFormat",
     "TextFormat",
     "TiffFormat",
+    "array_spec",
     "check_npy_header",
     "default_formats",
     "normalize_metadata",
+    "npy_header",
     "parse_metadata",
 ]
+
+
+class ArraySpec(NamedTuple):
+    """A checked description of an array to be made: shape, dtype, memory order."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    order: Literal["C", "F"]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array's data."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def array_spec(shape: object, dtype: object, order: object = "C") -> ArraySpec:
+    """Check what ``create_array`` is asked for, before anything is allocated.
+
+    Raises:
+        TypeError: ``shape`` is not an int or a sequence of ints, ``dtype`` is
+            not a dtype, or it holds Python objects (which no backend can
+            write in place).
+        ValueError: a negative size, or ``order`` not "C" or "F".
+    """
+    dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    try:
+        sizes = tuple(operator.index(d) for d in dims)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in sizes):
+        raise ValueError(f"negative size in shape {sizes}")
+    dt: np.dtype[Any] = np.dtype(dtype)  # type: ignore[call-overload]
+    if dt.hasobject:
+        raise TypeError(f"arrays of dtype {dt} hold Python objects; they cannot be made in place")
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+    return ArraySpec(sizes, dt, "F" if order == "F" else "C")
+
+
+def npy_header(spec: ArraySpec) -> bytes:
+    """The ``.npy`` header of an array described by ``spec`` (its data follows it)."""
+    from numpy.lib import format as npformat
+
+    header = {
+        "descr": npformat.dtype_to_descr(spec.dtype),
+        "fortran_order": spec.order == "F" and len(spec.shape) > 1,
+        "shape": spec.shape,
+    }
+    buf = io.BytesIO()
+    try:
+        npformat.write_array_header_1_0(buf, header)
+    except ValueError:  # too long for version 1.0
+        buf = io.BytesIO()
+        npformat.write_array_header_2_0(buf, header)
+    return buf.getvalue()
 
 
 class Format:

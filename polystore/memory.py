@@ -14,12 +14,13 @@ never the stored arrays.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import os
 import posixpath
-from collections.abc import Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -31,7 +32,7 @@ from .exceptions import (
     UnsupportedFormatError,
     os_error,
 )
-from .formats import FormatRegistry, default_formats, normalize_metadata
+from .formats import FormatRegistry, NpyFormat, array_spec, default_formats, normalize_metadata
 from .paths import as_str, join_listing, virtual, virtual_parents
 
 if TYPE_CHECKING:
@@ -240,6 +241,71 @@ class MemoryBackend(StorageBackend):
             self._data[_META + vpath] = meta
         if isinstance(old, ShmRef) and old != value:
             self._drop_payload(old)
+
+    @contextlib.contextmanager
+    def create_array(
+        self,
+        path: Any,
+        shape: int | Sequence[int],
+        dtype: Any = float,
+        *,
+        order: Literal["C", "F"] = "C",
+        overwrite: bool = True,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """An array made in the shared store and published there (see the base class).
+
+        With a shared store (and a value of at least ``shm_threshold`` bytes)
+        the array is the stored value itself: it is made with
+        :meth:`SharedArrayStore.create`, and the file appears in the tree
+        once the store has published it. Otherwise the array is made in
+        this process and saved at the end.
+        """
+        text = as_str(path)
+        vpath = virtual(text)
+        spec = array_spec(shape, dtype, order)
+        self._check_new_file(path, overwrite)
+        store = self._in_place_store(spec.nbytes)
+        if store is None or type(self.formats.for_path(text)) is not NpyFormat or kwargs:
+            with super().create_array(
+                path, shape, dtype, order=order, overwrite=overwrite, metadata=metadata, **kwargs
+            ) as arr:
+                yield arr
+            return
+        meta = normalize_metadata(metadata, text)
+        self._check_new_file(path, overwrite)
+        self._check_parents(vpath, create=False)
+        # The store refuses overwrite=False if another large value was saved
+        # at the path meanwhile (it has the same key in the store).
+        made = store.create(vpath, spec.shape, spec.dtype, order=spec.order, overwrite=overwrite)
+        with made as arr:
+            yield arr
+        # Published in the store: the file now appears in the tree.
+        ref = self._stored_as(store, vpath)
+        old = self._data.get(vpath) if ref is not None else None
+        if old is not None and not overwrite:  # a small value saved meanwhile
+            store.delete(vpath)
+            raise os_error(FileExistsError, text)
+        updates: dict[str, Any] = dict.fromkeys(self._check_parents(vpath, create=True))
+        if ref is not None:
+            updates[vpath] = ref
+        self._data.update(updates)
+        if meta is None:
+            self._data.pop(_META + vpath, None)
+        else:
+            self._data[_META + vpath] = meta
+        if isinstance(old, ShmRef) and old != ref:
+            self._drop_payload(old)
+
+    def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
+        """The store that ``create_array`` makes an array of ``nbytes`` in, if any."""
+        return self.store if nbytes >= self.shm_threshold else None
+
+    @staticmethod
+    def _stored_as(store: SharedArrayStore, vpath: str) -> Any:
+        """What the mapping holds for an array published in ``store`` under ``vpath``."""
+        return ShmRef(store.name, vpath)
 
     def load(self, path: Any, **kwargs: Any) -> Any:
         text = as_str(path)

@@ -174,6 +174,13 @@ class SharedMemoryBackend(MemoryBackend):
         super().__init__(shared_dict=_StoreDict(self._shm), formats=formats, store=None)
         self._node = node_id()
 
+    def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
+        return self._shm
+
+    @staticmethod
+    def _stored_as(store: SharedArrayStore, vpath: str) -> Any:
+        return None  # the store's key is the file itself
+
     @property
     def array_store(self) -> SharedArrayStore:
         """The shared array store that holds this backend's files."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import os
 import weakref
 import zlib
@@ -56,6 +55,7 @@ from ._shm import open as _shm_open
 from ._shm import write as _shm_write
 from ._shm.read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
 from .exceptions import ShmFullError, StorageError, StoreClosedError
+from .formats import array_spec
 
 __all__ = ["EntryInfo", "SharedArrayStore"]
 
@@ -93,20 +93,6 @@ def _key(key: object) -> tuple[bytes, bytes, int]:
                 _keys.clear()
             _keys[key] = found
     return found
-
-
-def _shape(shape: object) -> tuple[int, ...]:
-    """A shape as a tuple of sizes, refusing what numpy would misread."""
-    dims = (shape,) if not isinstance(shape, (tuple, list)) else tuple(shape)
-    try:
-        out = tuple(operator.index(d) for d in dims)
-    except TypeError:
-        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
-    if any(d < 0 for d in out):
-        raise ValueError(f"negative size in shape {out}")
-    if len(out) > ix.MAX_NDIM:
-        raise ValueError(f"shape {out} has more than {ix.MAX_NDIM} dimensions")
-    return out
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -338,11 +324,10 @@ class SharedArrayStore:
             ShmFullError: no room within ``timeout`` seconds (as for :meth:`put`).
         """
         parts = _key(key)
-        dims = _shape(shape)
-        dt = np.dtype(dtype)
-        ix.encode_dtype(dt)  # refuses object dtypes, and descriptions too long to keep
-        if order not in ("C", "F"):
-            raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+        dims, dt, order = array_spec(shape, dtype, order)
+        if len(dims) > ix.MAX_NDIM:
+            raise ValueError(f"shape {dims} has more than {ix.MAX_NDIM} dimensions")
+        ix.encode_dtype(dt)  # refuses descriptions too long to keep
         a = self._live()
         nbytes = math.prod(dims) * dt.itemsize
         limit = a.h[ix.H_MAX_BYTES] or ix.CLASS_SIZES[-1]

@@ -46,6 +46,7 @@ try:
 except ImportError:  # pragma: no cover - exercised in a fresh interpreter by the tests
     raise MissingDependencyError("pytest>=7.4", "test") from None
 
+from ._testing_create import CreateArrayTests
 from ._testing_processes import ProcessBoundaryTests
 from .exceptions import (
     BackendNotFoundError,
@@ -98,7 +99,7 @@ def assert_same_value(got: Any, expected: Any) -> None:
         assert type(got) is type(expected)
 
 
-class BackendTests(ProcessBoundaryTests):
+class BackendTests(ProcessBoundaryTests, CreateArrayTests):
     """Tests of the shared semantics.
 
     Subclasses provide a ``backend`` fixture and the raw helpers
