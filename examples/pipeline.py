@@ -2,8 +2,10 @@
 
 Stage 1 generates synthetic images, stage 2 smooths each one, stage 3 reduces
 groups of smoothed images to a maximum projection. Every stage runs on a
-``ProcessPoolExecutor``; images travel between stages (and back to the parent)
-through the shared ``memory`` backend, so no array is pickled. The same
+``ProcessPoolExecutor`` and computes straight into the shared memory of its
+output (``FileManager.create_array``); images travel between stages (and back
+to the parent) through the shared ``memory`` backend, so no array is pickled,
+and none is copied. The same
 pipeline then runs through a ``multiprocessing.Manager().dict()`` for
 comparison, and the last line reports both throughputs.
 
@@ -68,41 +70,29 @@ def reserve(registry: Any, plan: Plan, workers: int) -> None:
 
 
 # -- the stages: plain functions of a FileManager and a path -------------------
-_scratch: dict[tuple[str, int], np.ndarray] = {}
-
-
-def scratch(purpose: str, side: int) -> np.ndarray:
-    """A work buffer reused by every task of this process.
-
-    ``fm.save`` copies an array into shared memory, so a stage can compute into
-    the same buffer task after task instead of asking the system for fresh
-    pages (which costs more than the copy itself).
-    """
-    buf = _scratch.get((purpose, side))
-    if buf is None:
-        buf = _scratch[(purpose, side)] = np.empty((side, side), dtype=np.float32)
-    return buf
+# Each stage computes straight into its output's shared memory
+# (``fm.create_array``): the array is published at its path when the ``with``
+# block ends, with no copy, and the next stage reads it in place.
 
 
 def generate(fm: FileManager, index: int, side: int) -> str:
     """Stage 1: a flat image with a bright square that moves with ``index``."""
-    image = scratch("generate", side)
-    image.fill(0.1 * (index % 7))
-    corner = (index * 37) % (side // 2)
-    image[corner : corner + side // 8, corner : corner + side // 8] = 4.0
     path = f"raw/{index:05d}.npy"
-    fm.save(image, path, backend="memory")
+    with fm.create_array(path, (side, side), np.float32, backend="memory") as image:
+        image.fill(0.1 * (index % 7))
+        corner = (index * 37) % (side // 2)
+        image[corner : corner + side // 8, corner : corner + side // 8] = 4.0
     return path
 
 
 def smooth(fm: FileManager, path: str) -> str:
     """Stage 2: a two-tap horizontal box filter (sum of neighbours) of the image at ``path``."""
     image = fm.load(path, backend="memory")  # a read-only view, no copy
-    out = scratch("smooth", image.shape[0])
-    np.add(image[:, 1:], image[:, :-1], out=out[:, 1:])
-    np.add(image[:, 0], image[:, 0], out=out[:, 0])
     target = path.replace("raw/", "smooth/")
-    fm.save(out, target, backend="memory")
+    with fm.create_array(target, image.shape, np.float32, backend="memory") as out:
+        np.add(image[:, 1:], image[:, :-1], out=out[:, 1:])
+        np.add(image[:, 0], image[:, 0], out=out[:, 0])
+    del image
     fm.delete(path, backend="memory")
     return target
 
@@ -110,14 +100,14 @@ def smooth(fm: FileManager, path: str) -> str:
 def project(fm: FileManager, paths: Sequence[str], index: int) -> str:
     """Stage 3: the maximum over a group of smoothed images."""
     first = fm.load(paths[0], backend="memory")
-    result = scratch("project", first.shape[0])
-    np.copyto(result, first)
-    for path in paths[1:]:
-        np.maximum(result, fm.load(path, backend="memory"), out=result)
+    target = f"projections/{index:05d}.npy"
+    with fm.create_array(target, first.shape, np.float32, backend="memory") as result:
+        np.copyto(result, first)
+        for path in paths[1:]:
+            np.maximum(result, fm.load(path, backend="memory"), out=result)
+    del first
     for path in paths:
         fm.delete(path, backend="memory")
-    target = f"projections/{index:05d}.npy"
-    fm.save(result, target, backend="memory")
     return target
 
 
