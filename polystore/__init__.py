@@ -21,6 +21,7 @@ from .exceptions import (
     SandboxError,
     ShmFullError,
     StorageError,
+    StorageResolutionError,
     StoreClosedError,
     UnsupportedFormatError,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "ShmFullError",
     "StorageBackend",
     "StorageError",
+    "StorageResolutionError",
     "StoreClosedError",
     "UnsupportedFormatError",
     "ZarrBackend",

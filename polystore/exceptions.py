@@ -28,6 +28,7 @@ __all__ = [
     "SandboxError",
     "ShmFullError",
     "StorageError",
+    "StorageResolutionError",
     "StoreClosedError",
     "UnsupportedFormatError",
 ]
@@ -56,6 +57,12 @@ class BackendNotFoundError(StorageError, KeyError):
     def __str__(self) -> str:
         choices = ", ".join(repr(n) for n in self.available) or "none"
         return f"no storage backend named {self.name!r}; available backends: {choices}"
+
+
+#: The original polystore's name for a backend that cannot be found, kept so
+#: that ``except StorageResolutionError`` in code written for it still works.
+#: It is the same class, not a subclass: both names catch the same errors.
+StorageResolutionError = BackendNotFoundError
 
 
 class UnsupportedFormatError(StorageError, ValueError):
