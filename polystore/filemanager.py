@@ -28,8 +28,8 @@ class FileManager:
     __slots__ = ("_registry",)
 
     def __init__(self, registry: Mapping[str, StorageBackend]) -> None:
-        if registry is None:
-            raise TypeError(
+        if registry is None:  # ValueError, as the original polystore raised
+            raise ValueError(
                 "FileManager needs a registry: pass polystore.BackendRegistry() or a dict "
                 "of backend names to backend instances"
             )
@@ -46,7 +46,7 @@ class FileManager:
         return self._registry
 
     def get_backend(self, backend: str) -> StorageBackend:
-        """The backend registered as ``backend``.
+        """The backend registered as ``backend`` (a name in any case: ``"DISK"`` is ``"disk"``).
 
         Raises:
             BackendNotFoundError: no backend has that name (also a ``KeyError``).
@@ -59,14 +59,27 @@ class FileManager:
                 raise TypeError(
                     f"backend must be a name (str), got {type(backend).__name__}"
                 ) from None
-            if isinstance(exc, BackendNotFoundError) or not isinstance(exc, KeyError):
+            if not isinstance(exc, KeyError):
                 raise
-            raise BackendNotFoundError(backend, self._registry) from None
+            found = self._registry[self._name_ignoring_case(backend)]
         if not isinstance(found, StorageBackend):
             raise TypeError(
                 f"registry entry {backend!r} is a {type(found).__name__}, not a StorageBackend"
             )
         return found
+
+    def _name_ignoring_case(self, backend: str) -> str:
+        """The one registered name equal to ``backend`` but for case.
+
+        Backend names are matched exactly first; ``"DISK"`` then finds
+        ``"disk"``, as in the original polystore. Two names that differ only by
+        case are not guessed between.
+        """
+        wanted = backend.casefold()
+        matches = [name for name in self._registry if name.casefold() == wanted]
+        if len(matches) != 1:
+            raise BackendNotFoundError(backend, self._registry) from None
+        return matches[0]
 
     # -- data -----------------------------------------------------------------
     def save(self, data: Any, output_path: Any, backend: str, **kwargs: Any) -> None:

@@ -25,7 +25,7 @@ def fm() -> Iterator[FileManager]:
 
 
 def test_needs_a_registry() -> None:
-    with pytest.raises(TypeError, match="registry"):
+    with pytest.raises(ValueError, match="registry"):
         FileManager(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         FileManager([1, 2])  # type: ignore[arg-type]

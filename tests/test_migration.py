@@ -26,3 +26,31 @@ def test_storage_resolution_error_is_importable_and_caught() -> None:
     assert "StorageResolutionError" in polystore.__all__
     with pytest.raises(StorageResolutionError, match="dsik"):
         FileManager(BackendRegistry()).load("x.npy", "dsik")
+
+
+# -- 4: backend names in any case; FileManager(None) -------------------------------
+@pytest.mark.parametrize("name", ["MEMORY", "Memory", "memory"])
+def test_backend_names_ignore_case(name: str) -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    fm.save(np.arange(3), "a.npy", name)
+    assert fm.get_backend(name) is fm.get_backend("memory")
+    np.testing.assert_array_equal(fm.load("a.npy", "memory"), np.arange(3))
+
+
+def test_exact_name_wins_and_ambiguous_case_is_refused() -> None:
+    lower, upper, other = MemoryBackend(), MemoryBackend(), MemoryBackend()
+    fm = FileManager({"mem": lower, "MEM": upper, "Other": other})
+    assert fm.get_backend("MEM") is upper and fm.get_backend("mem") is lower
+    assert fm.get_backend("other") is other
+    with pytest.raises(BackendNotFoundError, match="Mem"):
+        fm.get_backend("Mem")  # two names match without case: neither is guessed
+
+
+def test_unknown_name_still_lists_the_choices(fm: FileManager) -> None:
+    with pytest.raises(BackendNotFoundError, match="'disk'"):
+        fm.get_backend("DSIK")
+
+
+def test_filemanager_without_registry_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="registry"):
+        FileManager(None)  # type: ignore[arg-type]
