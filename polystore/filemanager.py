@@ -8,6 +8,7 @@ from typing import Any
 
 from .base import StorageBackend
 from .exceptions import BackendNotFoundError
+from .paths import sort_listing
 
 __all__ = ["FileManager"]
 
@@ -138,19 +139,28 @@ class FileManager:
         pattern: str | None = None,
         extensions: Iterable[str] | None = None,
         recursive: bool = False,
+        *,
+        sort: str = "name",
     ) -> list[str]:
         """Sorted paths of the files in ``directory``, optionally filtered.
 
         ``pattern`` is a shell pattern matched against the file name and
         ``extensions`` a set such as ``{".npy", ".npz"}`` (case-insensitive).
+        ``sort="natural"`` orders numbers by value (``img2`` before ``img10``),
+        as the original polystore did; the default ``"name"`` orders by code point.
         """
-        return self.get_backend(backend).list_files(
+        found = self.get_backend(backend).list_files(
             directory, pattern=pattern, extensions=extensions, recursive=recursive
         )
+        return found if sort == "name" else sort_listing(found, sort)
 
-    def list_dir(self, directory: Any, backend: str) -> list[str]:
-        """Sorted names of the files and directories directly in ``directory``."""
-        return self.get_backend(backend).list_dir(directory)
+    def list_dir(self, directory: Any, backend: str, *, sort: str = "name") -> list[str]:
+        """Sorted names of the files and directories directly in ``directory``.
+
+        ``sort`` is as for :meth:`list_files`.
+        """
+        found = self.get_backend(backend).list_dir(directory)
+        return found if sort == "name" else sort_listing(found, sort)
 
     def ensure_directory(self, directory: Any, backend: str) -> str:
         """Create ``directory`` and its parents when missing; return it as ``str``."""

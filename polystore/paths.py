@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterable
 from typing import TypeAlias
@@ -24,12 +25,16 @@ __all__ = [
     "in_root",
     "is_inside",
     "join_listing",
+    "natural_key",
+    "sort_listing",
     "split_ext",
     "virtual",
     "virtual_parents",
 ]
 
 PathArg: TypeAlias = "str | os.PathLike[str]"
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 def as_str(path: object, what: str = "path") -> str:
@@ -118,6 +123,45 @@ def join_listing(directory: str, relatives: Iterable[str]) -> list[str]:
     if base == "":
         base = "."
     return sorted(posixpath.join(base, rel) for rel in relatives)
+
+
+#: the orders a listing can be asked for (see :func:`sort_listing`)
+SORT_ORDERS = ("name", "natural")
+
+
+def natural_key(text: str) -> tuple[object, ...]:
+    """Sort key that orders runs of digits by their value: ``img2`` before ``img10``.
+
+    The text is cut into alternating non-digit and digit runs, so runs of
+    the same kind meet at the same positions of any two keys; ``text`` itself
+    comes last and breaks ties (``img02`` and ``img2``), so the order is total.
+    """
+    runs: list[object] = []
+    start = 0
+    for match in _DIGITS.finditer(text):
+        runs.append(text[start : match.start()])
+        runs.append(int(match.group()))
+        start = match.end()
+    runs.append(text[start:])
+    runs.append(text)
+    return tuple(runs)
+
+
+def sort_listing(paths: Iterable[str], sort: str = "name") -> list[str]:
+    """``paths`` in the order ``sort`` names.
+
+    ``"name"`` (the default everywhere) compares by code point, as
+    :func:`sorted` does; ``"natural"`` compares runs of digits by value, as
+    the original polystore listed files.
+
+    Raises:
+        ValueError: ``sort`` is not one of :data:`SORT_ORDERS`.
+    """
+    if sort == "name":
+        return sorted(paths)
+    if sort == "natural":
+        return sorted(paths, key=natural_key)
+    raise ValueError(f"sort must be one of {', '.join(map(repr, SORT_ORDERS))}, got {sort!r}")
 
 
 # -- paths under a root ---------------------------------------------------------

@@ -54,3 +54,37 @@ def test_unknown_name_still_lists_the_choices(fm: FileManager) -> None:
 def test_filemanager_without_registry_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="registry"):
         FileManager(None)  # type: ignore[arg-type]
+
+
+# -- 3: natural order on request -------------------------------------------------
+NAMES = ["img10.npy", "img2.npy", "img1.npy", "img02.npy", "IMG3.npy"]
+
+
+def _populate(fm: FileManager) -> None:
+    for name in NAMES:
+        fm.save(np.zeros(1), f"plate/{name}", "memory")
+        fm.ensure_directory(f"plate/well{name[3:-4]}", "memory")
+
+
+def test_listings_sort_by_code_point_by_default() -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    _populate(fm)
+    assert fm.list_files("plate", "memory") == sorted(f"plate/{n}" for n in NAMES)
+    assert fm.list_dir("plate", "memory")[:3] == ["IMG3.npy", "img02.npy", "img1.npy"]
+
+
+def test_listings_sort_naturally_on_request() -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    _populate(fm)
+    got = fm.list_files("plate", "memory", sort="natural")
+    assert got == [
+        f"plate/{n}" for n in ["IMG3.npy", "img1.npy", "img02.npy", "img2.npy", "img10.npy"]
+    ]
+    assert fm.list_dir("plate", "memory", sort="natural")[-3:] == ["well2", "well3", "well10"]
+
+
+def test_unknown_sort_order_names_the_choices() -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    _populate(fm)
+    with pytest.raises(ValueError, match="'natural'"):
+        fm.list_files("plate", "memory", sort="size")
