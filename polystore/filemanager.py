@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ._renamed import renamed_keywords
 from .base import StorageBackend
 from .exceptions import BackendNotFoundError
 from .paths import sort_listing
@@ -154,6 +155,7 @@ class FileManager:
         )
         return found if sort == "name" else sort_listing(found, sort)
 
+    @renamed_keywords(path="directory")
     def list_dir(self, directory: Any, backend: str, *, sort: str = "name") -> list[str]:
         """Sorted names of the files and directories directly in ``directory``.
 
@@ -182,6 +184,7 @@ class FileManager:
         """Remove a file, or a directory (``recursive=True`` when it is not empty)."""
         self.get_backend(backend).delete(path, recursive=recursive)
 
+    @renamed_keywords(source_path="src", dest_path="dst")
     def copy(
         self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
     ) -> None:
@@ -199,6 +202,7 @@ class FileManager:
         meta = source._metadata_or_none(src)
         target.save(value, dst, metadata=meta, allow_pickle=allow_pickle, **kwargs)
 
+    @renamed_keywords(source_path="src", dest_path="dst")
     def move(
         self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
     ) -> None:

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from ._atomic import TEMP_PREFIX, remove_quietly, write_atomic
+from ._renamed import IGNORED, renamed_keywords
 from .exceptions import LockTimeoutError, UnsupportedFormatError
 from .paths import RESERVED_PREFIX, as_str
 
@@ -257,6 +258,7 @@ def _check_timeout(timeout: float | None) -> float | None:
     return timeout
 
 
+@renamed_keywords(poll_interval=IGNORED)  # the original's; the wait backs off by itself
 @contextlib.contextmanager
 def file_lock(
     path: str | os.PathLike[str], timeout: float | None = None, shared: bool = False
@@ -295,6 +297,7 @@ def file_lock(
         release(fd, target, shared=shared)
 
 
+@renamed_keywords(lock_timeout="timeout", default_data="default")  # the original's names
 def atomic_update_json(
     path: str | os.PathLike[str],
     update_fn: Callable[[Any], Any],

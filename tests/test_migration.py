@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -88,3 +89,45 @@ def test_unknown_sort_order_names_the_choices() -> None:
     _populate(fm)
     with pytest.raises(ValueError, match="'natural'"):
         fm.list_files("plate", "memory", sort="size")
+
+
+# -- 7: the original's keyword names, with a DeprecationWarning ----------------------
+def test_copy_and_move_take_source_path_and_dest_path() -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    fm.save(np.arange(2), "a.npy", "memory")
+    with pytest.warns(DeprecationWarning) as rec:
+        fm.copy(source_path="a.npy", dest_path="b.npy", backend="memory")
+    assert sorted(str(w.message).split(": ")[1] for w in rec) == [
+        "the keyword 'dest_path' is deprecated; use 'dst'",
+        "the keyword 'source_path' is deprecated; use 'src'",
+    ]
+    assert {w.filename for w in rec} == {__file__}  # they point at the caller
+    with pytest.warns(DeprecationWarning, match="'dest_path' is deprecated; use 'dst'"):
+        fm.move("b.npy", dest_path="c.npy", backend="memory")
+    assert fm.list_files(".", "memory") == ["./a.npy", "./c.npy"]
+
+
+def test_list_dir_takes_path() -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    fm.ensure_directory("d/e", "memory")
+    with pytest.warns(DeprecationWarning, match="'path' is deprecated; use 'directory'"):
+        assert fm.list_dir(path="d", backend="memory") == ["e"]
+
+
+def test_old_and_new_name_together_is_an_error() -> None:
+    fm = FileManager({"memory": MemoryBackend()})
+    with pytest.raises(TypeError, match="pass only 'src'"):
+        fm.copy(source_path="a.npy", src="a.npy", dst="b.npy", backend="memory")
+
+
+def test_lock_keywords_of_the_original(tmp_path: pathlib.Path) -> None:
+    from polystore import atomic_update_json, file_lock
+
+    target = tmp_path / "counter.json"
+    with pytest.warns(DeprecationWarning, match="'default_data' is deprecated; use 'default'"):
+        assert atomic_update_json(target, lambda n: n + 1, default_data=0) == 1
+    with pytest.warns(DeprecationWarning, match="'lock_timeout' is deprecated; use 'timeout'"):
+        assert atomic_update_json(target, lambda n: n + 1, lock_timeout=5) == 2
+    no_effect = "'poll_interval' is deprecated and has no effect"
+    with pytest.warns(DeprecationWarning, match=no_effect), file_lock(target, poll_interval=0.1):
+        pass
