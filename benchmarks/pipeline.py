@@ -227,38 +227,45 @@ def main() -> None:
     )
 
 
-def _view_in_child(store: polystore.SharedArrayStore, key: str, conn: Any) -> None:
-    conn.recv()  # published
-    start = time.perf_counter()
-    view = store.get(key)
-    conn.send(time.perf_counter() - start)
-    del view
+def _viewer(store: polystore.SharedArrayStore, conn: Any) -> None:
+    """A long-lived consumer: for each key it is sent, time its get."""
+    while True:
+        key = conn.recv()
+        if key is None:
+            break
+        start = time.perf_counter()
+        view = store.get(key)
+        conn.send(time.perf_counter() - start)
+        del view
     store.close()
 
 
 def handoff_seconds(nbytes: int, context: Any, repeat: int) -> tuple[float, float]:
-    """(publish, first get in another process) of a value made in place: medians.
+    """(publish, get in another process) of a value made in place: medians after warm-up.
 
     The producer fills the array inside ``create``; the clock covers only
-    leaving the block (publishing it) and, in the consumer, the ``get``.
+    leaving the block (publishing it) and, in a consumer process that runs
+    all along (as a pipeline's workers do), the ``get``.
     """
     publish, view = [], []
     with polystore.SharedArrayStore() as store:
-        for i in range(repeat + 1):
-            ours, theirs = context.Pipe()
-            child = context.Process(target=_view_in_child, args=(store, f"r{i}", theirs))
-            child.start()
-            made = store.create(f"r{i}", nbytes // 4, np.float32)
-            with made as out:
-                out.fill(i)
-                start = time.perf_counter()
-            publish.append(time.perf_counter() - start)
-            ours.send(True)
-            view.append(ours.recv())
+        ours, theirs = context.Pipe()
+        child = context.Process(target=_viewer, args=(store, theirs))
+        child.start()
+        try:
+            for i in range(repeat + 3):
+                with store.create(f"r{i}", nbytes // 4, np.float32) as out:
+                    out.fill(i)
+                    start = time.perf_counter()
+                publish.append(time.perf_counter() - start)
+                ours.send(f"r{i}")
+                view.append(ours.recv())
+                del out
+                store.delete(f"r{i}")
+        finally:
+            ours.send(None)
             child.join()
-            del out
-            store.delete(f"r{i}")
-    return statistics.median(publish[1:]), statistics.median(view[1:])
+    return statistics.median(publish[2:]), statistics.median(view[2:])
 
 
 if __name__ == "__main__":

@@ -214,6 +214,7 @@ class MemoryBackend(StorageBackend):
         text = as_str(path)
         vpath = virtual(text)
         fmt = self.formats.for_path(text)
+        timeout = kwargs.pop("timeout", 0)  # waiting for room in shared memory
         value = fmt.normalize(data, text, copy=False, **kwargs)
         meta = normalize_metadata(metadata, text)
         if vpath == "/" or vpath + "/" in self._data:
@@ -228,12 +229,12 @@ class MemoryBackend(StorageBackend):
             and isinstance(value, np.ndarray)
             and value.nbytes >= self.shm_threshold
         ):
-            self.store.put(vpath, value)
+            self.store.put(vpath, value, timeout=timeout)
             value = ShmRef(self.store.name, vpath)
         elif not self._mapping_copies:
             value = _private_copy(value)
         updates: dict[str, Any] = dict.fromkeys(new_dirs)
-        updates[vpath] = value
+        updates[vpath] = self._for_mapping(value, timeout)
         self._data.update(updates)
         if meta is None:
             self._data.pop(_META + vpath, None)
@@ -267,7 +268,8 @@ class MemoryBackend(StorageBackend):
         spec = array_spec(shape, dtype, order)
         self._check_new_file(path, overwrite)
         store = self._in_place_store(spec.nbytes)
-        if store is None or type(self.formats.for_path(text)) is not NpyFormat or kwargs:
+        in_place = not set(kwargs) - {"timeout"}
+        if store is None or type(self.formats.for_path(text)) is not NpyFormat or not in_place:
             with super().create_array(
                 path, shape, dtype, order=order, overwrite=overwrite, metadata=metadata, **kwargs
             ) as arr:
@@ -276,9 +278,12 @@ class MemoryBackend(StorageBackend):
         meta = normalize_metadata(metadata, text)
         self._check_new_file(path, overwrite)
         self._check_parents(vpath, create=False)
+        timeout = kwargs.pop("timeout", 0)
         # The store refuses overwrite=False if another large value was saved
         # at the path meanwhile (it has the same key in the store).
-        made = store.create(vpath, spec.shape, spec.dtype, order=spec.order, overwrite=overwrite)
+        made = store.create(
+            vpath, spec.shape, spec.dtype, order=spec.order, overwrite=overwrite, timeout=timeout
+        )
         with made as arr:
             yield arr
         # Published in the store: the file now appears in the tree.
@@ -297,6 +302,11 @@ class MemoryBackend(StorageBackend):
             self._data[_META + vpath] = meta
         if isinstance(old, ShmRef) and old != ref:
             self._drop_payload(old)
+
+    @staticmethod
+    def _for_mapping(value: Any, timeout: float | None) -> Any:
+        """What ``save`` puts into the mapping for ``value`` (the shm backend wraps it)."""
+        return value
 
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         """The store that ``create_array`` makes an array of ``nbytes`` in, if any."""

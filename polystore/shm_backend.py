@@ -19,7 +19,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,6 +84,13 @@ def _decode(blob: bytes) -> Any:
     return json.loads(body.decode("utf-8"))
 
 
+class _Timed(NamedTuple):
+    """A value for the mapping with how long its put may wait for room."""
+
+    value: Any
+    timeout: float | None
+
+
 class _StoreDict(MutableMapping[str, Any]):
     """The mapping interface :class:`MemoryBackend` needs, over a shared array store.
 
@@ -102,6 +109,9 @@ class _StoreDict(MutableMapping[str, Any]):
         return _decode(value) if isinstance(value, bytes) else value
 
     def __setitem__(self, key: str, value: Any) -> None:
+        timeout: float | None = 0
+        if isinstance(value, _Timed):
+            value, timeout = value
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise UnsupportedFormatError(
@@ -109,7 +119,7 @@ class _StoreDict(MutableMapping[str, Any]):
                     reason="shared memory holds no Python objects, so object arrays "
                     "(which need pickle) cannot be stored in the shm backend",
                 )
-            self.store.put(key, value)
+            self.store.put(key, value, timeout=timeout)
         else:
             self.store.put_bytes(key, _encode(value))
 
@@ -176,6 +186,10 @@ class SharedMemoryBackend(MemoryBackend):
 
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         return self._shm
+
+    @staticmethod
+    def _for_mapping(value: Any, timeout: float | None) -> Any:
+        return _Timed(value, timeout) if timeout != 0 else value
 
     @staticmethod
     def _stored_as(store: SharedArrayStore, vpath: str) -> Any:

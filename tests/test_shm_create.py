@@ -5,10 +5,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
+import polystore
 from polystore import SharedArrayStore, ShmFullError
 from polystore._shm.check import problems
 
@@ -167,3 +169,33 @@ def test_timeout_is_checked() -> None:
             store.put("k", np.ones(2), timeout=-1)
         with pytest.raises(TypeError, match="timeout"):
             store.create("k", 2, timeout="soon")  # type: ignore[arg-type]
+
+
+def _delete_paths(backend: Any, paths: list[str], delay: float) -> None:  # pragma: no cover
+    time.sleep(delay)
+    for path in paths:
+        backend.delete(path)
+    backend.close()
+
+
+@pytest.mark.parametrize("which", ["shm", "memory"])
+def test_backends_pass_timeout_to_the_store(which: str) -> None:
+    with polystore.shared_registry(max_bytes=8 << 20) as registry:
+        fm = polystore.FileManager(registry)
+        paths = []
+        with pytest.raises(ShmFullError):
+            for i in range(20):
+                fm.save(np.ones(1 << 17), f"full/{i}.npy", backend=which)
+                paths.append(f"full/{i}.npy")
+        consumer = mp.get_context("fork").Process(
+            target=_delete_paths, args=(registry[which], paths[:3], 0.2)
+        )
+        consumer.start()
+        try:
+            fm.save(np.full(1 << 17, 2.0), "more.npy", backend=which, timeout=60)
+            with fm.create_array("made.npy", 1 << 17, "f8", backend=which, timeout=60) as out:
+                out[:] = 3
+        finally:
+            consumer.join(30)
+        assert (fm.load("more.npy", backend=which) == 2).all()
+        assert (fm.load("made.npy", backend=which) == 3).all()
