@@ -18,16 +18,29 @@ import fnmatch
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from .exceptions import MetadataNotFoundError, NotShareableError, os_error
-from .paths import as_str, join_listing
+from .paths import as_str, join_listing, split_ext
 
-__all__ = ["Kind", "StorageBackend", "UnavailableBackend"]
+__all__ = ["Kind", "StatResult", "StorageBackend", "UnavailableBackend"]
 
 Kind = Literal["file", "dir"]
+
+
+class StatResult(NamedTuple):
+    """What :meth:`StorageBackend.stat` knows about a path (a link is followed)."""
+
+    #: ``"file"`` or ``"dir"``, of what the path names after links are followed
+    kind: Kind
+    #: bytes the file takes in its storage; ``None`` where the backend does not know
+    size: int | None
+    #: last modification, in seconds since the epoch; ``None`` where not recorded
+    mtime: float | None
+    #: whether the path itself is a symbolic link
+    is_symlink: bool
 
 
 def _normalize_extensions(extensions: Iterable[str] | None) -> frozenset[str] | None:
@@ -44,6 +57,21 @@ def _normalize_extensions(extensions: Iterable[str] | None) -> frozenset[str] | 
     return frozenset(out)
 
 
+def check_link_names(source: str, link: str) -> None:
+    """Refuse a link whose extension differs from its file's: the link would be read
+    in another format than the file was written in.
+
+    Raises:
+        UnsupportedFormatError: the extensions differ.
+    """
+    if split_ext(source) != split_ext(link):
+        from .exceptions import UnsupportedFormatError
+
+        raise UnsupportedFormatError(
+            link, reason=f"a link has the extension of what it links to ({source!r})"
+        )
+
+
 class StorageBackend(ABC):
     """Base class of every backend. Paths are ``str`` or ``os.PathLike[str]``."""
 
@@ -55,6 +83,8 @@ class StorageBackend(ABC):
     supports_metadata: bool = True
     #: whether arrays are stored under any name, whatever its extension (zarr)
     arrays_under_any_name: bool = False
+    #: whether :meth:`create_symlink` makes links (to files, on every such backend)
+    supports_symlinks: bool = False
 
     @property
     def extensions(self) -> frozenset[str]:
@@ -335,6 +365,49 @@ class StorageBackend(ABC):
         """
         raise MetadataNotFoundError(as_str(path))
 
+    # -- links, stat, recursive delete --------------------------------------------
+    def create_symlink(self, source: Any, link: Any, *, overwrite: bool = False) -> None:
+        """Make ``link`` a symbolic link to ``source`` (missing parents are created).
+
+        ``overwrite=True`` replaces a link already at ``link``; a file or a
+        directory there is never replaced. Reading ``link`` reads ``source``
+        as it is then; deleting ``link`` removes the link only.
+
+        Raises:
+            NotImplementedError: the backend has no links (``supports_symlinks``).
+            FileNotFoundError: nothing is at ``source``.
+            FileExistsError: something is at ``link`` (a link, unless ``overwrite``).
+        """
+        raise NotImplementedError(
+            f"the {self.name or type(self).__name__} backend has no symbolic links; "
+            "the disk, memory and shm backends have"
+        )
+
+    def is_symlink(self, path: Any) -> bool:
+        """Whether ``path`` is a symbolic link (``False`` if nothing is there)."""
+        as_str(path)
+        return False
+
+    def stat(self, path: Any) -> StatResult:
+        """Kind, size and modification time of what is at ``path`` (links followed).
+
+        Raises:
+            FileNotFoundError: nothing is at ``path`` (or a link leads nowhere).
+        """
+        text = as_str(path)
+        kind = self.kind(text)
+        if kind is None:
+            raise os_error(FileNotFoundError, text)
+        return StatResult(kind, None, None, self.is_symlink(text))
+
+    def delete_all(self, path: Any) -> None:
+        """Remove a file, a link or a directory with everything in it.
+
+        Raises:
+            FileNotFoundError: nothing is at ``path``.
+        """
+        self.delete(path, recursive=True)
+
     def close(self) -> None:
         """Release what the backend holds. The default holds nothing."""
 
@@ -362,7 +435,7 @@ class UnavailableBackend(StorageBackend):
         raise NotShareableError(self.reason)
 
     save = load = kind = list_dir = ensure_directory = delete = _refuse
-    list_files = load_metadata = _refuse
+    list_files = load_metadata = create_symlink = is_symlink = stat = delete_all = _refuse
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (UnavailableBackend, (self.name, self.reason))

@@ -51,8 +51,8 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from . import _sidecar
-from ._atomic import fsync_dir, link_new, remove_quietly, write_temp
-from .base import Kind, StorageBackend
+from ._atomic import TEMP_PREFIX, fsync_dir, link_new, remove_quietly, write_temp
+from .base import Kind, StatResult, StorageBackend, check_link_names
 from .exceptions import (
     CorruptFileError,
     MetadataNotFoundError,
@@ -476,6 +476,50 @@ class DiskBackend(StorageBackend):
             shutil.rmtree(target)
         else:
             self._rmdir(target, text)
+
+    # -- links and stat ----------------------------------------------------------
+    supports_symlinks = True
+
+    def create_symlink(self, source: Any, link: Any, *, overwrite: bool = False) -> None:
+        """A relative link, so the tree can move; ``source`` may be a directory.
+
+        With ``root``, both ``source`` and the link must lie inside it
+        (:class:`~polystore.exceptions.SandboxError` otherwise). ``overwrite``
+        swaps the old link for the new in one rename.
+        """
+        src_text, link_text = as_str(source), as_str(link)
+        check_link_names(src_text, link_text)
+        src, entry = self._resolve(src_text), self._resolve_entry(link_text)
+        if self._kind_of(src) is None:
+            raise os_error(FileNotFoundError, src_text)
+        parent = os.path.dirname(entry) or "."
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise os_error(NotADirectoryError, link_text) from None
+        relative = os.path.relpath(src, parent)
+        if overwrite and os.path.islink(entry):
+            tmp = os.path.join(parent, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
+            os.symlink(relative, tmp)
+            os.replace(tmp, entry)
+            return
+        try:
+            os.symlink(relative, entry)
+        except FileExistsError:
+            raise os_error(FileExistsError, link_text) from None
+
+    def is_symlink(self, path: Any) -> bool:
+        return os.path.islink(self._resolve_entry(as_str(path)))
+
+    def stat(self, path: Any) -> StatResult:
+        text = as_str(path)
+        try:
+            st = os.stat(self._resolve(text))
+        except (FileNotFoundError, NotADirectoryError):
+            raise os_error(FileNotFoundError, text) from None
+        if stat.S_ISDIR(st.st_mode):
+            return StatResult("dir", None, st.st_mtime, self.is_symlink(text))
+        return StatResult("file", st.st_size, st.st_mtime, self.is_symlink(text))
 
     @staticmethod
     def _rmdir(target: str, text: str) -> None:

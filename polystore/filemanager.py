@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ._renamed import renamed_keywords
-from .base import StorageBackend
-from .exceptions import BackendNotFoundError
-from .paths import sort_listing
+from .base import StatResult, StorageBackend
+from .exceptions import BackendNotFoundError, os_error
+from .paths import as_str, join_listing, sort_listing
 
-__all__ = ["FileManager"]
+#: what :meth:`FileManager.list_image_files` lists unless told otherwise
+IMAGE_EXTENSIONS = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
+
+__all__ = ["IMAGE_EXTENSIONS", "FileManager"]
 
 
 class FileManager:
@@ -212,6 +216,120 @@ class FileManager:
             return
         self.copy(src, dst, backend, dst_backend=dst_backend, **kwargs)
         self.get_backend(backend).delete(src)
+
+    # -- links, stat, and the original polystore's directory helpers -------------------
+    @renamed_keywords(
+        source_path="source", symlink_path="link", overwrite_symlinks_only="overwrite"
+    )
+    def create_symlink(
+        self, source: Any, link: Any, backend: str, *, overwrite: bool = False
+    ) -> None:
+        """Make ``link`` a symbolic link to the file ``source`` (disk, memory, shm).
+
+        ``overwrite=True`` replaces a link already there, never a file. On disk
+        the link is relative and may not leave the backend's ``root``.
+        """
+        self.get_backend(backend).create_symlink(source, link, overwrite=overwrite)
+
+    def is_symlink(self, path: Any, backend: str) -> bool:
+        """Whether ``path`` is a symbolic link (``False`` when nothing is there)."""
+        return self.get_backend(backend).is_symlink(path)
+
+    def stat(self, path: Any, backend: str) -> StatResult:
+        """``kind``, ``size``, ``mtime`` (``None`` where unknown) and ``is_symlink`` of ``path``."""
+        return self.get_backend(backend).stat(path)
+
+    def delete_all(self, path: Any, backend: str) -> None:
+        """Remove a file, a link, or a directory with everything in it."""
+        self.get_backend(backend).delete_all(path)
+
+    def find_file_recursive(self, directory: Any, filename: str, backend: str) -> str | None:
+        """The path of the first file named ``filename`` under ``directory``, or ``None``.
+
+        "First" in natural order of the paths, so a shallower ``a/x`` comes
+        before ``a/b/x`` only when the names sort so; the original did the same.
+        """
+        for path in self.list_files(directory, backend, recursive=True, sort="natural"):
+            if posixpath.basename(path) == filename:
+                return path
+        return None
+
+    def list_image_files(
+        self,
+        directory: Any,
+        backend: str,
+        pattern: str | None = None,
+        extensions: Iterable[str] | None = None,
+        recursive: bool = False,
+        *,
+        sort: str = "name",
+    ) -> list[str]:
+        """:meth:`list_files` for images: ``extensions`` defaults to :data:`IMAGE_EXTENSIONS`."""
+        exts = IMAGE_EXTENSIONS if extensions is None else extensions
+        return self.list_files(directory, backend, pattern, exts, recursive, sort=sort)
+
+    def collect_dirs_and_files(
+        self, directory: Any, backend: str, recursive: bool = True, *, sort: str = "name"
+    ) -> tuple[list[str], list[str]]:
+        """The directories (``directory`` itself first) and the files under ``directory``.
+
+        Paths are spelled as :meth:`list_files` spells them; without
+        ``recursive`` only the direct entries are collected.
+
+        Raises:
+            FileNotFoundError: ``directory`` does not exist.
+            NotADirectoryError: ``directory`` is a file.
+        """
+        store = self.get_backend(backend)
+        text = as_str(directory, "directory")
+        dirs: list[str] = []
+        files: list[str] = []
+        pending = [""]
+        while pending:  # breadth first, as the original walked
+            rel_dir = pending.pop(0)
+            for name in store.list_dir(posixpath.join(text, rel_dir) if rel_dir else text):
+                rel = posixpath.join(rel_dir, name) if rel_dir else name
+                kind = store.kind(posixpath.join(text, rel))
+                if kind == "dir":
+                    dirs.append(rel)
+                    if recursive:
+                        pending.append(rel)
+                elif kind == "file":
+                    files.append(rel)
+        return (
+            [text, *sort_listing(join_listing(text, dirs), sort)],
+            sort_listing(join_listing(text, files), sort),
+        )
+
+    @renamed_keywords(source_dir="src", target_dir="dst", overwrite_symlinks_only="overwrite")
+    def mirror_directory_with_symlinks(
+        self, src: Any, dst: Any, backend: str, recursive: bool = True, *, overwrite: bool = False
+    ) -> int:
+        """Make under ``dst`` the directories of ``src`` and a link to each of its files.
+
+        Returns the number of links made. Every place a link goes is checked
+        before anything is made: a file there (or a link, unless
+        ``overwrite=True``) raises ``FileExistsError`` and nothing is changed.
+        """
+        store = self.get_backend(backend)
+        src_text, dst_text = as_str(src), as_str(dst)
+        dirs, files = self.collect_dirs_and_files(src_text, backend, recursive)
+        base = len(join_listing(src_text, ["x"])[0]) - 1  # where a relative path starts
+
+        def mirrored(path: str) -> str:
+            return posixpath.join(dst_text, path[base:])
+
+        for path in files:
+            there = mirrored(path)
+            link = store.is_symlink(there)
+            if (link or store.exists(there)) and not (overwrite and link):
+                raise os_error(FileExistsError, there)
+        store.ensure_directory(dst_text)
+        for path in dirs[1:]:
+            store.ensure_directory(mirrored(path))
+        for path in files:
+            store.create_symlink(path, mirrored(path), overwrite=overwrite)
+        return len(files)
 
     def __repr__(self) -> str:
         return f"FileManager({self._registry!r})"

@@ -5,7 +5,12 @@ Layout of the mapping (a plain ``dict`` or a ``multiprocessing.Manager().dict()`
 * ``"/a/b.npy"`` -> the stored value (already normalised by its format), or a
   :class:`ShmRef` when the array lives in a shared-memory store;
 * ``"/a/"`` -> ``None``: the directory ``/a`` (a trailing slash marks directories);
-* ``"#meta:/a/b.npy"`` -> the metadata dict saved with ``/a/b.npy``.
+* ``"#meta:/a/b.npy"`` -> the metadata dict saved with ``/a/b.npy``;
+* ``"/a/c.npy"`` -> ``Link("/a/b.npy")``: a symbolic link, followed when read.
+  A link sits where a file would, so it is listed, replaced by a save and
+  removed by a delete like one; finding it needs no extra lookup, but neither
+  does it check its target, so a link whose file is gone still ``exists()``
+  (reading or ``stat()`` raises ``FileNotFoundError``).
 
 Directory structure and payloads live under different keys, so ``exists``,
 ``list_dir`` and ``list_files`` only ever move keys across a process boundary,
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from .base import Kind, StorageBackend, _normalize_extensions
+from .base import Kind, StatResult, StorageBackend, _normalize_extensions, check_link_names
 from .exceptions import (
     MetadataNotFoundError,
     NotShareableError,
@@ -38,7 +43,7 @@ from .paths import as_str, join_listing, virtual, virtual_parents
 if TYPE_CHECKING:
     from .shmstore import SharedArrayStore
 
-__all__ = ["MemoryBackend", "ShmRef"]
+__all__ = ["Link", "MemoryBackend", "ShmRef"]
 
 _META = "#meta:"
 #: arrays at least this large go through a shared-memory store when one is attached
@@ -50,6 +55,16 @@ class ShmRef(NamedTuple):
 
     store: str
     key: str
+
+
+class Link(NamedTuple):
+    """A symbolic link in the tree: the value of its key is the path it points to."""
+
+    target: str
+
+
+#: links followed in a row before giving up, as POSIX does with ELOOP
+_MAX_HOPS = 40
 
 
 def _is_local(mapping: MutableMapping[str, Any]) -> bool:
@@ -333,6 +348,8 @@ class MemoryBackend(StorageBackend):
             if self._kind_of(vpath) == "dir":
                 raise os_error(IsADirectoryError, text) from None
             raise self._missing(text, vpath) from None
+        if isinstance(value, Link):
+            value = self._follow(value, text)[1]
         if isinstance(value, ShmRef):
             value = self._store_for(value.store).get(value.key)
         fmt.check_load(value, text, **kwargs)
@@ -438,6 +455,63 @@ class MemoryBackend(StorageBackend):
 
     def _same_path(self, a: Any, b: Any) -> bool:
         return virtual(a) == virtual(b)
+
+    # -- links (to files; a link's key holds a Link, see the module docstring) ----------
+    supports_symlinks = True
+
+    def _follow(self, value: Any, text: str) -> tuple[list[str], Any]:
+        """The paths a chain of links passes through, and the value at its end."""
+        hops: list[str] = []
+        while isinstance(value, Link):
+            if len(hops) == _MAX_HOPS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), text)
+            hops.append(value.target)
+            try:
+                value = self._data[value.target]
+            except KeyError:
+                raise os_error(FileNotFoundError, text, "the link leads nowhere") from None
+        return hops, value
+
+    def create_symlink(self, source: Any, link: Any, *, overwrite: bool = False) -> None:
+        """Links lead to files: a directory as ``source`` raises ``IsADirectoryError``."""
+        src_text, link_text = as_str(source), as_str(link)
+        src, dst = virtual(src_text), virtual(link_text)
+        check_link_names(src_text, link_text)
+        kind = self._kind_of(src)
+        if kind != "file":
+            raise os_error(IsADirectoryError, src_text) if kind else self._missing(src_text, src)
+        hops, _ = self._follow(Link(src), src_text)
+        if dst in hops:
+            raise OSError(errno.ELOOP, "the link would lead to itself", link_text)
+        if dst == "/" or dst + "/" in self._data:
+            raise os_error(FileExistsError, link_text)
+        updates: dict[str, Any] = dict.fromkeys(self._check_parents(dst, create=True))
+        if not (overwrite and self.is_symlink(dst)) and dst in self._data:
+            raise os_error(FileExistsError, link_text)
+        updates[dst] = Link(src)
+        self._data.update(updates)
+
+    def is_symlink(self, path: Any) -> bool:
+        return isinstance(self._data.get(self._vpath(path)), Link)
+
+    def stat(self, path: Any) -> StatResult:
+        """Size and modification time are not recorded in memory (``None``)."""
+        text = as_str(path)
+        vpath = virtual(text)
+        value = self._data.get(vpath)
+        if isinstance(value, Link):
+            self._follow(value, text)
+            return StatResult("file", None, None, True)
+        return super().stat(text)
+
+    def clear_files_only(self) -> None:
+        """Remove every file, link and metadata entry; keep the directories.
+
+        For reusing one backend between runs without the old files.
+        """
+        for key in list(self._data.keys()):
+            if not key.endswith("/"):
+                self._drop_payload(self._data.pop(key, None))
 
     # -- metadata -----------------------------------------------------------
     def load_metadata(self, path: Any) -> dict[str, Any]:

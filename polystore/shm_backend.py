@@ -26,7 +26,7 @@ import numpy as np
 from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError
 from .formats import FormatRegistry
-from .memory import MemoryBackend
+from .memory import Link, MemoryBackend
 from .shmstore import SharedArrayStore
 
 __all__ = ["SharedMemoryBackend", "node_id"]
@@ -53,12 +53,14 @@ def node_id() -> str:
 
 
 # One-byte tags of the values kept as bytes; arrays are stored natively.
-_DIR, _TEXT, _BYTES, _JSON, _NPZ = b"D", b"S", b"B", b"J", b"Z"
+_DIR, _TEXT, _BYTES, _JSON, _NPZ, _LINK = b"D", b"S", b"B", b"J", b"Z", b"L"
 
 
 def _encode(value: Any) -> bytes:
     if value is None:
         return _DIR
+    if isinstance(value, Link):  # before str and JSON: a link is a tuple of a str
+        return _LINK + value.target.encode("utf-8", "surrogatepass")
     if isinstance(value, str):
         return _TEXT + value.encode("utf-8", "surrogatepass")
     if isinstance(value, bytes):
@@ -78,6 +80,8 @@ def _decode(blob: bytes) -> Any:
         return body.decode("utf-8", "surrogatepass")
     if tag == _BYTES:
         return body
+    if tag == _LINK:
+        return Link(body.decode("utf-8", "surrogatepass"))
     if tag == _NPZ:
         with np.load(io.BytesIO(body), allow_pickle=False) as archive:
             return {k: archive[k] for k in archive.files}

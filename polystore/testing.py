@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - exercised in a fresh interpreter by th
     raise MissingDependencyError("pytest>=7.4", "test") from None
 
 from ._testing_create import CreateArrayTests
+from ._testing_links import LinkTests
 from ._testing_processes import ProcessBoundaryTests
 from .exceptions import (
     BackendNotFoundError,
@@ -99,7 +100,7 @@ def assert_same_value(got: Any, expected: Any) -> None:
         assert type(got) is type(expected)
 
 
-class BackendTests(ProcessBoundaryTests, CreateArrayTests):
+class BackendTests(ProcessBoundaryTests, CreateArrayTests, LinkTests):
     """Tests of the shared semantics.
 
     Subclasses provide a ``backend`` fixture and the raw helpers

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 import polystore
-from polystore import BackendNotFoundError, BackendRegistry, FileManager, MemoryBackend
+from polystore import (
+    BackendNotFoundError,
+    BackendRegistry,
+    DiskBackend,
+    FileManager,
+    MemoryBackend,
+    SharedMemoryBackend,
+)
 
 
 @pytest.fixture
@@ -131,3 +139,114 @@ def test_lock_keywords_of_the_original(tmp_path: pathlib.Path) -> None:
     no_effect = "'poll_interval' is deprecated and has no effect"
     with pytest.warns(DeprecationWarning, match=no_effect), file_lock(target, poll_interval=0.1):
         pass
+
+
+# -- 5: the original's operations ---------------------------------------------------
+@pytest.fixture(params=["memory", "disk", "shm"])
+def linked(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> Iterator[tuple[FileManager, str]]:
+    """A FileManager and the name of a backend with links, holding a small plate."""
+    backends = {
+        "memory": MemoryBackend,
+        "disk": lambda: DiskBackend(tmp_path),
+        "shm": SharedMemoryBackend,
+    }
+    with backends[request.param]() as backend:
+        fm = FileManager({request.param: backend})
+        for path in ["p/a/img1.tif", "p/a/img10.tif", "p/a/img2.TIF", "p/b/c/x.npy", "p/y.json"]:
+            value = {} if path.endswith(".json") else np.zeros((2, 2), np.uint8)
+            fm.save(value, path, request.param)
+        fm.ensure_directory("p/empty", request.param)
+        yield fm, request.param
+
+
+def test_collect_dirs_and_files(linked: tuple[FileManager, str]) -> None:
+    fm, name = linked
+    dirs, files = fm.collect_dirs_and_files("p", name)
+    assert dirs == ["p", "p/a", "p/b", "p/b/c", "p/empty"]
+    assert files == ["p/a/img1.tif", "p/a/img10.tif", "p/a/img2.TIF", "p/b/c/x.npy", "p/y.json"]
+    dirs, files = fm.collect_dirs_and_files("p/", name, recursive=False, sort="natural")
+    assert (dirs, files) == (["p/", "p/a", "p/b", "p/empty"], ["p/y.json"])
+    with pytest.raises(FileNotFoundError):
+        fm.collect_dirs_and_files("nope", name)
+    with pytest.raises(NotADirectoryError):
+        fm.collect_dirs_and_files("p/y.json", name)
+
+
+def test_find_file_and_list_images(linked: tuple[FileManager, str]) -> None:
+    fm, name = linked
+    assert fm.find_file_recursive("p", "x.npy", name) == "p/b/c/x.npy"
+    assert fm.find_file_recursive("p", "x", name) is None
+    assert fm.list_image_files("p", name) == []
+    images = fm.list_image_files("p", name, recursive=True, sort="natural")
+    assert images == ["p/a/img1.tif", "p/a/img2.TIF", "p/a/img10.tif"]
+    assert fm.list_image_files("p/a", name, pattern="img1*") == ["p/a/img1.tif", "p/a/img10.tif"]
+
+
+def test_mirror_directory_with_symlinks(linked: tuple[FileManager, str]) -> None:
+    fm, name = linked
+    assert fm.mirror_directory_with_symlinks("p", "m", name) == 5
+    assert fm.collect_dirs_and_files("m", name)[0] == ["m", "m/a", "m/b", "m/b/c", "m/empty"]
+    assert fm.is_symlink("m/b/c/x.npy", name) and fm.stat("m/y.json", name).is_symlink
+    fm.save(np.ones(3), "p/b/c/x.npy", name)
+    np.testing.assert_array_equal(fm.load("m/b/c/x.npy", name), np.ones(3))
+    fm.save({"not": "a link"}, "m2/y.json", name)
+    with pytest.raises(FileExistsError):
+        fm.mirror_directory_with_symlinks("p", "m2", name)  # a file is in the way
+    assert fm.list_dir("m2", name) == ["y.json"]  # nothing was made
+    with pytest.raises(FileExistsError):
+        fm.mirror_directory_with_symlinks("p", "m", name)
+    with pytest.warns(DeprecationWarning, match="overwrite_symlinks_only"):
+        assert fm.mirror_directory_with_symlinks("p", "m", name, overwrite_symlinks_only=True) == 5
+    fm.delete_all("m", name)
+    assert not fm.exists("m", name) and fm.is_file("p/b/c/x.npy", name)
+
+
+def test_create_symlink_with_the_original_names(linked: tuple[FileManager, str]) -> None:
+    fm, name = linked
+    with pytest.warns(DeprecationWarning) as rec:
+        fm.create_symlink(source_path="p/y.json", symlink_path="l.json", backend=name)
+    assert len(rec) == 2 and "'symlink_path' is deprecated; use 'link'" in str(rec[1].message)
+    assert fm.load("l.json", name) == {}
+
+
+def test_links_in_memory_lead_to_files() -> None:
+    backend = MemoryBackend()
+    backend.ensure_directory("d")
+    with pytest.raises(IsADirectoryError):
+        backend.create_symlink("d", "l")
+    backend.save(np.zeros(1), "a.npy")
+    backend.create_symlink("a.npy", "b.npy")
+    backend.create_symlink("b.npy", "c.npy")
+    with pytest.raises(OSError, match="itself"):
+        backend.create_symlink("c.npy", "b.npy", overwrite=True)  # b -> c -> b
+
+
+def test_disk_links_stay_in_the_root(tmp_path: pathlib.Path) -> None:
+    outside = tmp_path / "outside.npy"
+    np.save(outside, np.zeros(1))
+    backend = DiskBackend(tmp_path / "root")
+    with pytest.raises(PermissionError):
+        backend.create_symlink(outside, "l.npy")
+    with pytest.raises(PermissionError):
+        backend.create_symlink("x.npy", "../l.npy")
+    backend.ensure_directory("d/e")
+    backend.create_symlink("d", "dl")  # disk links may lead to directories
+    assert backend.is_dir("dl/e") and backend.is_symlink("dl")
+    assert (tmp_path / "root" / "dl").readlink() == pathlib.Path("d")  # relative
+
+
+@pytest.mark.parametrize("make", [MemoryBackend, SharedMemoryBackend])
+def test_clear_files_only_keeps_the_directories(make: Any) -> None:
+    with make() as backend:
+        backend.save(np.zeros(100_000), "a/big.npy", metadata={"k": 1})
+        backend.save("text", "a/b/t.txt")
+        backend.create_symlink("a/b/t.txt", "c/l.txt")
+        backend.ensure_directory("e")
+        backend.clear_files_only()
+        assert backend.list_files("/", recursive=True) == []
+        assert backend.list_dir("/") == ["a", "c", "e"] and backend.list_dir("a") == ["b"]
+        backend.save(np.ones(2), "a/big.npy")  # no metadata left behind for the new file
+        with pytest.raises(FileNotFoundError):
+            backend.load_metadata("a/big.npy")
