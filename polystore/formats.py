@@ -376,7 +376,9 @@ _BUILTIN = (NpyFormat(), NpzFormat(), JsonFormat(), TextFormat(), BytesFormat(),
 
 def default_formats() -> FormatRegistry:
     """A new registry holding the built-in formats."""
-    return FormatRegistry(_BUILTIN)
+    from .formats_extra import CsvFormat, TorchFormat  # deferred: they import formats
+
+    return FormatRegistry((*_BUILTIN, CsvFormat(), TorchFormat()))
 
 
 def normalize_metadata(metadata: Any, path: str) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from polystore import (
     FileManager,
     MemoryBackend,
     SharedMemoryBackend,
+    UnsupportedFormatError,
 )
 
 
@@ -250,3 +252,113 @@ def test_clear_files_only_keeps_the_directories(make: Any) -> None:
         backend.save(np.ones(2), "a/big.npy")  # no metadata left behind for the new file
         with pytest.raises(FileNotFoundError):
             backend.load_metadata("a/big.npy")
+
+
+# -- 6: .csv and .pt/.pth ---------------------------------------------------------
+@pytest.fixture(params=["memory", "disk"])
+def store(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[Any]:
+    with MemoryBackend() if request.param == "memory" else DiskBackend(tmp_path) as backend:
+        yield backend
+
+
+def test_csv_rows_of_dicts(store: Any, tmp_path: pathlib.Path) -> None:
+    rows = [{"well": "A1", "count": 3, "area": 1.5}, {"well": 'B "2",\n', "count": None}]
+    store.save(rows, "t.csv")
+    expected = [
+        {"well": "A1", "count": "3", "area": "1.5"},
+        {"well": 'B "2",\n', "count": "", "area": ""},
+    ]
+    assert store.load("t.csv") == expected
+    if isinstance(store, DiskBackend):  # a plain CSV file that the csv module reads back
+        import csv
+
+        with open(tmp_path / "t.csv", newline="", encoding="utf-8") as f:
+            assert list(csv.DictReader(f)) == expected
+    store.save([], "empty.csv")
+    assert store.load("empty.csv") == []
+
+
+@pytest.mark.parametrize(
+    ("array", "dtype"),
+    [
+        (np.array([[1, 2], [3, 4]], dtype=np.uint8), np.int64),
+        (np.array([[True], [False]]), np.int64),
+        (np.array([[0.1, np.nan, -np.inf], [1.0, 2.0, 1e-300]]), np.float64),
+    ],
+)
+def test_csv_numeric_tables(store: Any, array: np.ndarray, dtype: Any) -> None:
+    store.save(array, "a.csv")
+    got = store.load("a.csv")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, array.astype(dtype))
+
+
+def test_csv_refusals(store: Any, tmp_path: pathlib.Path) -> None:
+    from polystore.exceptions import CorruptFileError
+
+    for bad in (np.zeros((2, 2, 2)), np.zeros((0, 3)), np.array([["a"]]), "text", [{"1": 2}]):
+        with pytest.raises(UnsupportedFormatError):
+            store.save(bad, "bad.csv")
+    if isinstance(store, DiskBackend):
+        (tmp_path / "ragged.csv").write_text("1,2\n3\n")
+        with pytest.raises(CorruptFileError, match="differ in length"):
+            store.load("ragged.csv")
+
+
+def test_torch_files_without_torch(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polystore.exceptions import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'polystore\[torch\]'"):
+        store.save(np.zeros(2), "weights.pt")
+    assert not store.exists("weights.pt")
+
+
+class _FakeTensor:
+    """Stands in for torch.Tensor where torch is not installed."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def detach(self) -> _FakeTensor:
+        return self
+
+    def clone(self) -> _FakeTensor:
+        return _FakeTensor(list(self.values))
+
+
+def _fake_torch(loads: list[dict[str, Any]]) -> Any:
+    import pickle
+    import types
+
+    fake = types.ModuleType("torch")
+    fake.Tensor = _FakeTensor  # type: ignore[attr-defined]
+    fake.save = lambda value, stream: pickle.dump(value, stream)  # type: ignore[attr-defined]
+
+    def load(stream: Any, **kwargs: Any) -> Any:
+        loads.append(kwargs)
+        return pickle.load(stream)
+
+    fake.load = load  # type: ignore[attr-defined]
+    return fake
+
+
+def test_torch_files_go_through_torch(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[dict[str, Any]] = []
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch(loads))
+    tensor = _FakeTensor([1.0, 2.0])
+    store.save(tensor, "w.pt")
+    store.save({"layer": tensor}, "model.pth")
+    tensor.values.append(3.0)  # the stored value is a copy
+    assert store.load("w.pt").values == [1.0, 2.0]
+    assert store.load("model.pth")["layer"].values == [1.0, 2.0]
+    if isinstance(store, DiskBackend):
+        assert loads[0] == {"map_location": "cpu", "weights_only": True}
+    with pytest.raises(UnsupportedFormatError, match="tensor"):
+        store.save([1, 2], "w.pt")
+
+
+def test_torch_round_trip_with_torch(store: Any) -> None:
+    torch = pytest.importorskip("torch")
+    store.save({"w": torch.arange(4.0)}, "m.pt")
+    assert torch.equal(store.load("m.pt")["w"], torch.arange(4.0))
