@@ -362,3 +362,37 @@ def test_torch_round_trip_with_torch(store: Any) -> None:
     torch = pytest.importorskip("torch")
     store.save({"w": torch.arange(4.0)}, "m.pt")
     assert torch.equal(store.load("m.pt")["w"], torch.arange(4.0))
+
+
+# -- 2: zarr v2 stores as the original wrote them -------------------------------------
+def test_reads_a_zarr_v2_store_laid_out_as_the_original_wrote_it(tmp_path: pathlib.Path) -> None:
+    # The original kept an images.zarr store beside the files it stood for:
+    # zarr v2, nested chunk keys ("0/0"), numcodecs compressors, arrays named
+    # like the files, wells as groups. The default backend (which writes v3)
+    # reads it as it is.
+    zarr = pytest.importorskip("zarr")
+    numcodecs = pytest.importorskip("numcodecs")
+    store = tmp_path / "plate" / "images.zarr"
+    group = zarr.open_group(str(store), mode="w", zarr_format=2)
+    nested = {"name": "v2", "separator": "/"}
+    image = group.create_array(
+        "A01.tif", shape=(2, 8, 8), chunks=(1, 8, 8), dtype="uint16",
+        compressors=numcodecs.Blosc(cname="lz4"), chunk_key_encoding=nested,
+        attributes={"channel": "DAPI"},
+    )  # fmt: skip
+    image[...] = np.arange(128, dtype=np.uint16).reshape(2, 8, 8)
+    well = group.create_group("A01").create_array(
+        "0", shape=(4, 4), chunks=(2, 2), dtype="float32",
+        compressors=numcodecs.Zstd(), chunk_key_encoding=nested,
+    )  # fmt: skip
+    well[...] = 1.5
+    with BackendRegistry() as registry:
+        fm = FileManager(registry)
+        assert fm.list_files(store, "zarr", recursive=True) == [
+            f"{store}/A01.tif",
+            f"{store}/A01/0",
+        ]
+        loaded = fm.load(store / "A01.tif", "zarr")
+        np.testing.assert_array_equal(loaded, np.arange(128, dtype=np.uint16).reshape(2, 8, 8))
+        assert fm.load_metadata(store / "A01.tif", "zarr") == {"channel": "DAPI"}
+        np.testing.assert_array_equal(fm.load(store / "A01/0", "zarr"), np.full((4, 4), 1.5))
