@@ -47,6 +47,9 @@ class StoreFiles:
     bytes: int = 0
     header: list[int] | None = None
     has_ctl: bool = False
+    #: data segments spilled to the store's spill directory, and their bytes on disk
+    spilled: list[str] = field(default_factory=list)
+    spilled_bytes: int = 0
 
     @property
     def state(self) -> str:
@@ -90,7 +93,29 @@ def scan_stores(directory: str | None = None) -> list[StoreFiles]:
         if is_ctl:
             group.has_ctl = True
             group.header = ix.read_header(entry.path)
+    for group in groups.values():
+        _find_spilled(group)
     return [groups[k] for k in sorted(groups)]
+
+
+def _find_spilled(group: StoreFiles) -> None:
+    """Add the files a store spilled to its spill directory (named in its header)."""
+    spill = None if group.header is None else ix.spill_dir_of(group.header)
+    if spill is None:
+        return
+    prefix = f"{ix.PREFIX}{group.pid}-{group.name}."
+    try:
+        entries = list(os.scandir(spill))
+    except OSError:
+        return  # gone, or not ours to read
+    for entry in entries:
+        parsed = ix.parse_filename(entry.name)
+        if entry.name.startswith(prefix) and parsed is not None and not parsed[2]:
+            try:
+                group.spilled_bytes += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+            group.spilled.append(entry.path)
 
 
 def _size(n: int) -> str:
@@ -128,11 +153,14 @@ def cmd_ls(names: Sequence[str] = (), directory: str | None = None) -> int:
     if not stores:
         print(_nothing_named(names, directory))
         return 0
-    print(f"{'NAME':<24} {'OWNER':>8} {'STATE':<8} {'SIZE':>10} {'KEYS':>6} {'FILES':>6}")
+    head = f"{'NAME':<24} {'OWNER':>8} {'STATE':<8} {'SIZE':>10} {'KEYS':>6} {'FILES':>6}"
+    print(f"{head} {'SPILLED':>10}")
     for s in stores:
         keys = "-" if s.keys is None else str(s.keys)
+        spilled = _size(s.spilled_bytes) if s.spilled else "-"
         print(
-            f"{s.name:<24} {s.pid:>8} {s.state:<8} {_size(s.bytes):>10} {keys:>6} {len(s.files):>6}"
+            f"{s.name:<24} {s.pid:>8} {s.state:<8} {_size(s.bytes):>10} {keys:>6} "
+            f"{len(s.files) + len(s.spilled):>6} {spilled:>10}"
         )
     return 0
 
@@ -166,7 +194,7 @@ def cmd_gc(dry_run: bool = False, names: Sequence[str] = (), directory: str | No
         verb = "would remove" if dry_run else "removed"
         if not dry_run:
             # data segments first, the control segment last (see Arena.destroy)
-            for path in sorted(s.files, key=lambda p: p.endswith(".ctl")):
+            for path in sorted(s.spilled + s.files, key=lambda p: p.endswith(".ctl")):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:

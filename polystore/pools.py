@@ -212,7 +212,9 @@ def uninstall() -> None:
 
 
 @contextmanager
-def shared_registry(*, max_bytes: int | None = None) -> Iterator[BackendRegistry]:
+def shared_registry(
+    *, max_bytes: int | None = None, spill_dir: str | os.PathLike[str] | None = None
+) -> Iterator[BackendRegistry]:
     """A registry whose backends every receiving process shares.
 
     ``"memory"`` and ``"shm"`` are backed by shared-memory stores owned by the
@@ -222,6 +224,8 @@ def shared_registry(*, max_bytes: int | None = None) -> Iterator[BackendRegistry
 
     Args:
         max_bytes: cap on the shared memory each store may use.
+        spill_dir: where values that do not fit in shared memory go instead
+            (see :class:`~polystore.SharedArrayStore`).
     """
     from .shm_backend import SharedMemoryBackend
 
@@ -229,7 +233,7 @@ def shared_registry(*, max_bytes: int | None = None) -> Iterator[BackendRegistry
     registry = BackendRegistry()
     try:
         for name in ("memory", "shm"):
-            backend = SharedMemoryBackend(max_bytes=max_bytes)
+            backend = SharedMemoryBackend(max_bytes=max_bytes, spill_dir=spill_dir)
             backends.append(backend)
             registry.register(name, backend, replace=True)
         yield registry

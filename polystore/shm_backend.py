@@ -158,6 +158,8 @@ class SharedMemoryBackend(MemoryBackend):
             (and removes at :meth:`close`); a :class:`~polystore.SharedArrayStore`
             or a store name uses an existing one, which stays open.
         max_bytes: cap on the shared memory of a store created here.
+        spill_dir: where a store created here puts values that do not fit
+            in shared memory (see :class:`~polystore.SharedArrayStore`).
         formats: accepted formats, as for :class:`~polystore.MemoryBackend`.
 
     The backend pickles to the name of its store, so a registry holding it can
@@ -173,9 +175,11 @@ class SharedMemoryBackend(MemoryBackend):
         *,
         max_bytes: int | None = None,
         formats: FormatRegistry | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if store is None:
-            self._shm, self._owns_shm = SharedArrayStore(max_bytes=max_bytes), True
+            self._shm = SharedArrayStore(max_bytes=max_bytes, spill_dir=spill_dir)
+            self._owns_shm = True
         elif isinstance(store, str):
             self._shm, self._owns_shm = SharedArrayStore.attach(store), True
         elif isinstance(store, SharedArrayStore):

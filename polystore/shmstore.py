@@ -142,6 +142,12 @@ class SharedArrayStore:
             environment variable ``POLYSTORE_SHM_DIR`` names another
             directory. Any directory of a memory-backed (tmpfs) or local file
             system works; other processes attach with the same directory.
+        spill_dir: a directory on disk for values that do not fit: when
+            ``max_bytes`` is reached or the store's directory is full, a new
+            segment is created there instead, as a file-backed shared mapping
+            (readers still get zero-copy views, at the speed of the page
+            cache and the disk). Removed with the store. ``None``: a value
+            that does not fit raises :class:`ShmFullError`.
 
     Raises:
         StorageError: the name is taken.
@@ -160,8 +166,14 @@ class SharedArrayStore:
         max_blocks: int | None = None,
         max_segs: int = 8192,
         directory: str | os.PathLike[str] | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         where = ix.check_dir(directory)
+        spill = None if spill_dir is None else ix.check_dir(spill_dir)
+        if spill is not None and len(spill.encode("utf-8", "surrogateescape")) > (
+            ix.MAX_SPILL_DIR_BYTES
+        ):
+            raise ValueError(f"spill_dir: a path of at most {ix.MAX_SPILL_DIR_BYTES} bytes")
         name = ix.new_store_name() if name is None else ix.check_store_name(name)
         config = {
             "max_bytes": 0 if max_bytes is None else _positive(max_bytes, "max_bytes"),
@@ -171,7 +183,7 @@ class SharedArrayStore:
             "max_blocks": _positive(max_blocks or 2 * max_keys, "max_blocks"),
             "max_segs": _positive(max_segs, "max_segs"),
         }
-        self._init(_shm_open.create_store(where, name, config), owner=True)
+        self._init(_shm_open.create_store(where, name, config, spill), owner=True)
 
     @classmethod
     def attach(
@@ -236,6 +248,11 @@ class SharedArrayStore:
     def name(self) -> str:
         """The store's name, which :meth:`attach` takes."""
         return self._name
+
+    @property
+    def spill_dir(self) -> str | None:
+        """The directory that takes values which do not fit in shared memory, if any."""
+        return self._arena.spill_dir
 
     @property
     def directory(self) -> str:
@@ -330,7 +347,7 @@ class SharedArrayStore:
         ix.encode_dtype(dt)  # refuses descriptions too long to keep
         a = self._live()
         nbytes = math.prod(dims) * dt.itemsize
-        limit = a.h[ix.H_MAX_BYTES] or ix.CLASS_SIZES[-1]
+        limit = (a.spill_dir is None and a.h[ix.H_MAX_BYTES]) or ix.CLASS_SIZES[-1]
         if nbytes > min(limit, ix.CLASS_SIZES[-1]):
             raise ValueError(
                 f"an array of shape {dims} and dtype {dt} takes {nbytes} bytes; shared array "
@@ -502,6 +519,7 @@ class SharedArrayStore:
                 "keys": a.h[ix.H_NKEYS],
                 "segments": int(np.count_nonzero(live)),
                 "mapped_bytes": a.h[ix.H_TOTAL],
+                "spilled_bytes": a.h[ix.H_SPILLED],
                 "idle_bytes": a.h[ix.H_IDLE],
                 "max_bytes": a.h[ix.H_MAX_BYTES],
                 "cache_bytes": a.h[ix.H_CACHE_BYTES],

@@ -24,6 +24,7 @@ import signal
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,9 @@ def _colliding(target: str, count: int) -> list[str]:
         i += 1
     return found
 
+
+#: stands for the test's temporary directory in Scenario.store_kwargs
+SPILL = "<tmp_path>"
 
 # After "t": deleting "t" moves them back along the run (backward-shift deletion).
 COLLIDING = _colliding("t", 3)
@@ -178,6 +182,10 @@ SCENARIOS = [
         "reap a dead writer", _base, _put("g", 103, 1, 5 << 17), {"g": (103, {None, 1})},
         before=_dead_writer,
     ),
+    Scenario(
+        "spilled put", _base, _put("g", 103, 1, 5 << 17), {"g": (103, {None, 1})},
+        store_kwargs={"cache_bytes": 0, "max_bytes": 8 << 20, "spill_dir": SPILL},
+    ),
 ]
 
 
@@ -262,8 +270,12 @@ PATHS = ["python", "c"] if _shm_fast.AVAILABLE else ["python"]
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])
-def test_a_kill_at_every_step_leaves_the_store_whole(sc: Scenario, path: str) -> None:
+def test_a_kill_at_every_step_leaves_the_store_whole(
+    sc: Scenario, path: str, tmp_path: Path
+) -> None:
     kwargs = {"max_keys": 24, "max_blocks": 1024, "max_segs": 64, **sc.store_kwargs}
+    if kwargs.get("spill_dir") == SPILL:
+        kwargs["spill_dir"] = tmp_path
     with SharedArrayStore(**kwargs) as store:
         sc.setup(store)
         steps = 0
@@ -274,6 +286,8 @@ def test_a_kill_at_every_step_leaves_the_store_whole(sc: Scenario, path: str) ->
             status, in_python, in_c = _in_child(store, sc, -1, path == "c")
             assert status == 0, f"the operation failed ({status})"
             _survivor_checks(store, sc, "completed")
+            if kwargs.get("spill_dir"):
+                assert store.stats()["spilled_bytes"] > 0, "nothing was spilled"
             steps = in_python + in_c
             if sc.name.startswith("small put"):  # the steady state: all in C, or all in Python
                 assert (in_c > 0 and in_python == 0) if path == "c" else in_c == 0

@@ -86,6 +86,8 @@ class Allocator(Tables):
 
     owner_pid: int
     dir: str
+    spill_dir: str | None  # where segments go that do not fit in ``dir``, if anywhere
+    spill_idle = False  # a spilled segment went idle in this section
     slot: int  # this process's row in the process table, -1 before its first use
     ro_maps: dict[int, tuple[int, mmap.mmap]]
     rw_maps: dict[int, tuple[int, mmap.mmap]]
@@ -113,10 +115,20 @@ class Allocator(Tables):
         q = self.q
         for j in range(min(q[ix.H_UNLINK_N], ix.MAX_UNLINK)):
             s, gen = q[ix.H_UNLINK0 + 2 * j], q[ix.H_UNLINK0 + 2 * j + 1]
-            unlink_quietly(ix.seg_path(self.dir, self.owner_pid, self.name, s, gen))
+            unlink_quietly(self.seg_file(s, gen))
             if _faults.kill_at:
                 _faults.step()
         q[ix.H_UNLINK_N] = 0
+
+    def seg_dir(self, s: int) -> str:
+        """The directory of data segment ``s``'s file: the store's, or the spill directory."""
+        if self.sq[s * ix.SEG_FIELDS + ix.S_SPILL] and self.spill_dir is not None:
+            return self.spill_dir
+        return self.dir
+
+    def seg_file(self, s: int, gen: int) -> str:
+        """The path of incarnation ``gen`` of data segment ``s``."""
+        return ix.seg_path(self.seg_dir(s), self.owner_pid, self.name, s, gen)
 
     # -- memory behind the control segment ------------------------------------------------
     def _back(self, start: int, length: int) -> None:
@@ -308,18 +320,24 @@ class Allocator(Tables):
         if used == 0:
             self.add(ix.H_IDLE, sq[k + ix.S_SIZE])
             self.set_seg(s, ix.S_STAMP, self.h[ix.H_SEQ])
+            if sq[k + ix.S_SPILL]:
+                self.spill_idle = True  # not kept for reuse: evicted when the section ends
         elif used == 1 and delta > 0:
             self.add(ix.H_IDLE, -sq[k + ix.S_SIZE])
 
-    def evict_idle(self, need: int) -> int:
+    def evict_idle(self, need: int, spilled_only: bool = False) -> int:
         """Unlink idle segments, least recently idle first, until ``need`` bytes are gone.
 
         Commits after each segment: call it only at a checkpoint.
         """
         seg = self.seg_np
         idle = np.flatnonzero((seg[:, ix.S_STATE] == ix.SEG_LIVE) & (seg[:, ix.S_USED] == 0))
+        if spilled_only:
+            idle = idle[seg[idle, ix.S_SPILL] != 0]
         freed = 0
-        for s in idle[np.argsort(seg[idle, ix.S_STAMP], kind="stable")].tolist():
+        # spilled segments first (they hold disk space), then least recently idle first
+        order = np.lexsort((seg[idle, ix.S_STAMP], seg[idle, ix.S_SPILL] == 0))
+        for s in idle[order].tolist():
             if freed >= need:
                 break
             size = self.sq[s * ix.SEG_FIELDS + ix.S_SIZE]
@@ -349,18 +367,21 @@ class Allocator(Tables):
         self.set(ix.H_UNLINK0 + 2 * n + 1, gen)
         self.set(ix.H_UNLINK_N, n + 1)
         self.set_seg(s, ix.S_STATE, ix.SEG_EMPTY)
-        self.add(ix.H_TOTAL, -self.sq[k + ix.S_SIZE])
+        self.add(ix.H_SPILLED if self.sq[k + ix.S_SPILL] else ix.H_TOTAL, -self.sq[k + ix.S_SIZE])
         self.add(ix.H_EPOCH, 1)
         for cache in (self.ro_maps, self.rw_maps):
             if s in cache and cache[s][0] == gen:
                 del cache[s]
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int) -> bool:
+        """Make room for a segment of ``size`` bytes; True: it must go to the spill directory."""
         h = self.h
         limit = h[ix.H_MAX_BYTES]
         if limit and h[ix.H_TOTAL] + size > limit:
             self.evict_idle(h[ix.H_TOTAL] + size - limit)
             if h[ix.H_TOTAL] + size > limit:
+                if self.spill_dir is not None:
+                    return self._spill_room(size)
                 where = f"shared array store {self.name!r} (max_bytes={limit})"
                 raise ShmFullError(size, max(0, limit - h[ix.H_TOTAL]), where)
         free = shm_free_bytes(self.dir)
@@ -368,7 +389,17 @@ class Allocator(Tables):
             self.evict_idle(size - free)
             free = shm_free_bytes(self.dir)
             if free < size:
+                if self.spill_dir is not None:
+                    return self._spill_room(size)
                 raise ShmFullError(size, free, self.dir)
+        return False
+
+    def _spill_room(self, size: int) -> bool:
+        assert self.spill_dir is not None
+        free = shm_free_bytes(self.spill_dir)
+        if free < size:
+            raise ShmFullError(size, free, f"{self.dir} and the spill directory {self.spill_dir}")
+        return True
 
     def reserve_segment(self, cls: int) -> tuple[int, int, list[int]]:
         """Record a new segment for class ``cls``, to be created next: (slot, generation, blocks).
@@ -378,7 +409,7 @@ class Allocator(Tables):
         before :meth:`Arena.grow` finishes it.
         """
         nblk, size = ix.segment_shape(cls)
-        self._make_room(size)
+        spill = self._make_room(size)
         empty = np.flatnonzero(self.seg_np[:, ix.S_STATE] == ix.SEG_EMPTY)
         if not len(empty):
             raise StorageError(
@@ -391,7 +422,7 @@ class Allocator(Tables):
         for field, value in (
             (ix.S_GEN, gen), (ix.S_SIZE, size), (ix.S_CLS, cls), (ix.S_NBLK, nblk),
             (ix.S_USED, 0), (ix.S_OWNER, self.slot), (ix.S_STAMP, 0),
-            (ix.S_STATE, ix.SEG_CREATING),
+            (ix.S_SPILL, int(spill)), (ix.S_STATE, ix.SEG_CREATING),
         ):  # fmt: skip
             self.set_seg(s, field, value)
         step = ix.CLASS_SIZES[cls]
@@ -401,15 +432,16 @@ class Allocator(Tables):
                 (ix.B_NEXT, -1), (ix.B_PREV, -1), (ix.B_OWNER, self.slot),
             ):  # fmt: skip
                 self.set_block(d, field, value)
-        self.add(ix.H_TOTAL, size)
+        self.add(ix.H_SPILLED if spill else ix.H_TOTAL, size)
         return s, gen, descs
 
-    def create_segment_file(self, path: str, size: int) -> mmap.mmap:
+    def create_segment_file(self, s: int, gen: int, size: int) -> mmap.mmap:
         """Create, back and map a data segment's file (no lock needed: no one knows it yet)."""
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW
+        fd = os.open(self.seg_file(s, gen), flags, 0o600)
         try:
             os.ftruncate(fd, size)
-            reserve_memory(fd, 0, size, self.dir)
+            reserve_memory(fd, 0, size, self.seg_dir(s))
             mm = mmap.mmap(fd, size)
             populate(mm, size)
         finally:

@@ -97,6 +97,7 @@ class Arena(Allocator):
         self.owner_pid = owner_pid
         self.name = name
         self.dir = directory
+        self.spill_dir = ix.spill_dir_of(self.q)
         self.path = ix.ctl_path(directory, owner_pid, name)
         self.locked = _Section(self)
         self.handles = 0
@@ -196,11 +197,17 @@ class Arena(Allocator):
         except StoreClosedError:
             pass  # closed already; still make sure no file remains
         prefix = f"{ix.PREFIX}{self.owner_pid}-{self.name}."
-        names = [n for n in os.listdir(self.dir) if n.startswith(prefix)]
+        paths = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.startswith(prefix)]
+        if self.spill_dir is not None and os.path.isdir(self.spill_dir):
+            paths += [
+                os.path.join(self.spill_dir, n)
+                for n in os.listdir(self.spill_dir)
+                if n.startswith(prefix) and not n.endswith(".ctl")
+            ]
         # Data segments first: a control file whose data is gone would look
         # like the remains of a crashed owner to `python -m polystore gc`.
-        for filename in sorted(names, key=lambda n: n.endswith(".ctl")):
-            unlink_quietly(os.path.join(self.dir, filename))
+        for path in sorted(paths, key=lambda n: n.endswith(".ctl")):
+            unlink_quietly(path)
         self.shutdown()
 
     def drop_handle(self, explicit: bool) -> None:
@@ -269,6 +276,9 @@ class Arena(Allocator):
         try:
             self.commit()
             h = self.h
+            if self.spill_idle:  # disk space is given back at once, never cached
+                self.spill_idle = False
+                self.evict_idle(h[ix.H_IDLE], spilled_only=True)
             if h[ix.H_IDLE] > h[ix.H_CACHE_BYTES]:
                 self.evict_idle(h[ix.H_IDLE] - h[ix.H_CACHE_BYTES])
             self.unpin_pending()
@@ -277,6 +287,7 @@ class Arena(Allocator):
 
     def abort(self) -> None:
         """Roll the section back and release the lock (after an exception in it)."""
+        self.spill_idle = False
         try:
             if self.rollback():
                 self.meta.clear()
@@ -308,7 +319,7 @@ class Arena(Allocator):
         item = cache.get(s)
         if item is not None and item[0] == gen:
             return item[1]
-        path = ix.seg_path(self.dir, self.owner_pid, self.name, s, gen)
+        path = self.seg_file(s, gen)
         try:
             fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
         except FileNotFoundError:

@@ -156,7 +156,7 @@ def _check_blocks(a: Arena, named: dict[int, int], out: list[str]) -> None:
 
 def _check_segments(a: Arena, out: list[str]) -> None:
     blk = a.blk_np[: a.h[ix.H_BLK_HW]]
-    total = idle = 0
+    total = spilled = idle = 0
     expected: set[str] = set()
     creating: set[str] = set()
     for s in range(a.layout.max_segs):
@@ -164,32 +164,35 @@ def _check_segments(a: Arena, out: list[str]) -> None:
         state, size, gen = a.sq[k + ix.S_STATE], a.sq[k + ix.S_SIZE], a.sq[k + ix.S_GEN]
         if state == ix.SEG_EMPTY:
             continue
-        total += size
-        name = os.path.basename(ix.seg_path(a.dir, a.owner_pid, a.name, s, gen))
+        if a.sq[k + ix.S_SPILL]:
+            spilled += size
+        else:
+            total += size
+        path = a.seg_file(s, gen)
         if state == ix.SEG_CREATING:
-            creating.add(name)
+            creating.add(path)
             continue
         used = int(((blk[:, ix.B_SEG] == s) & np.isin(blk[:, ix.B_STATE], _IN_USE)).sum())
         if used != a.sq[k + ix.S_USED]:
             out.append(f"segment {s}: {used} blocks in use, S_USED says {a.sq[k + ix.S_USED]}")
         if used == 0:
             idle += size
-        expected.add(name)
+        expected.add(path)
         try:
-            st = os.stat(os.path.join(a.dir, name))
+            st = os.stat(path)
         except FileNotFoundError:
-            out.append(f"segment {s}: its file {name} is missing")
+            out.append(f"segment {s}: its file {path} is missing")
             continue
         if st.st_size != size:
             out.append(f"segment {s}: file of {st.st_size} bytes, expected {size}")
-    if total != a.h[ix.H_TOTAL]:
-        out.append(f"segments add up to {total} bytes, H_TOTAL says {a.h[ix.H_TOTAL]}")
-    if idle != a.h[ix.H_IDLE]:
-        out.append(f"idle segments add up to {idle} bytes, H_IDLE says {a.h[ix.H_IDLE]}")
+    for slot, found in ((ix.H_TOTAL, total), (ix.H_SPILLED, spilled), (ix.H_IDLE, idle)):
+        if found != a.h[slot]:
+            out.append(f"segments add up to {found} bytes, header slot {slot} says {a.h[slot]}")
     prefix = f"{ix.PREFIX}{a.owner_pid}-{a.name}."
-    for name in os.listdir(a.dir):
-        parsed = ix.parse_filename(name)
-        orphan = name not in expected and name not in creating
-        if name.startswith(prefix) and parsed and not parsed[2] and orphan:
-            out.append(f"data segment file {name} belongs to no segment")
-
+    for directory in {a.dir, a.spill_dir or a.dir}:
+        for name in os.listdir(directory):
+            parsed = ix.parse_filename(name)
+            path = os.path.join(directory, name)
+            orphan = path not in expected and path not in creating
+            if name.startswith(prefix) and parsed and not parsed[2] and orphan:
+                out.append(f"data segment file {path} belongs to no segment")

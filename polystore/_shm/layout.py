@@ -61,7 +61,7 @@ SHM_DIR = "/dev/shm"
 DIR_ENV = "POLYSTORE_SHM_DIR"
 PREFIX = "polystore-"
 MAGIC = int.from_bytes(b"PLYSTOR1", "little")
-VERSION = 3
+VERSION = 4
 PAGE = 4096
 
 # -- header slots (int64) ------------------------------------------------------
@@ -95,6 +95,10 @@ H_ENT_BACKED = 26  # entries [0, n) have memory behind them
 H_BLK_BACKED = 27  # block records and their pin columns [0, n) likewise
 H_ROWS_BACKED = 28  # pin rows [0, n) likewise (for the first H_BLK_BACKED blocks)
 H_UNLINK_N = 29  # segment files to unlink once the section that dropped them commits
+H_SPILLED = 30  # bytes of data segments spilled to the spill directory (not in H_TOTAL)
+H_SPILL_LEN = 31  # bytes of the spill directory's path, stored from H_SPILL_DIR on
+H_SPILL_DIR = 256
+MAX_SPILL_DIR_BYTES = 1024
 H_CLASS0 = 64  # free-list head of every size class
 H_UNLINK0 = 384  # (segment, generation) pairs of those files
 MAX_UNLINK = 64
@@ -123,8 +127,8 @@ BLK_FIELDS = 8
 B_SEG, B_OFF, B_CLS, B_STATE, B_NEXT, B_PREV, B_OWNER, B_SPARE = range(BLK_FIELDS)
 FREE, WRITING, LIVE, RETIRED, RESERVED, UNUSED = range(6)
 
-SEG_FIELDS = 8
-S_STATE, S_GEN, S_SIZE, S_CLS, S_NBLK, S_USED, S_OWNER, S_STAMP = range(SEG_FIELDS)
+SEG_FIELDS = 9
+S_STATE, S_GEN, S_SIZE, S_CLS, S_NBLK, S_USED, S_OWNER, S_STAMP, S_SPILL = range(SEG_FIELDS)
 SEG_EMPTY, SEG_CREATING, SEG_LIVE = range(3)
 
 PROC_FIELDS = 4
@@ -151,7 +155,8 @@ def _class_sizes() -> list[int]:
 
 CLASS_SIZES = _class_sizes()
 N_CLASSES = len(CLASS_SIZES)
-assert H_CLASS0 + N_CLASSES <= H_UNLINK0  # the free-list heads fit in the header
+assert H_CLASS0 + N_CLASSES <= H_SPILL_DIR  # the free-list heads fit in the header
+assert H_SPILL_DIR + MAX_SPILL_DIR_BYTES // 8 <= H_UNLINK0
 assert H_UNLINK0 + 2 * MAX_UNLINK <= HEADER_SLOTS
 
 
@@ -369,6 +374,16 @@ def my_identity() -> tuple[int, int]:
     if start is None:  # pragma: no cover - /proc always shows the caller
         raise OSError(f"cannot read /proc/{pid}/stat")
     return pid, start
+
+
+def spill_dir_of(header: Any) -> str | None:
+    """The spill directory recorded in a store's header (int64 slots), if any."""
+    n = header[H_SPILL_LEN]
+    if not 0 < n <= MAX_SPILL_DIR_BYTES:
+        return None
+    words = [header[H_SPILL_DIR + j] for j in range(-(-n // 8))]
+    raw = np.array(words, dtype="<i8").tobytes()[:n]
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def header_of(fd: int) -> list[int] | None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from ..exceptions import StorageError, StoreClosedError
 from . import fork as _fork
 from . import layout as ix
@@ -47,7 +49,9 @@ def owners_of(directory: str, name: str) -> tuple[list[int], list[int]]:
     return sorted(mine), sorted(theirs)
 
 
-def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
+def create_store(
+    directory: str, name: str, config: dict[str, int], spill_dir: str | None = None
+) -> Arena:
     """Create the control segment of a new store owned by this process.
 
     Its fixed tables are backed by memory before anything writes them
@@ -92,6 +96,13 @@ def create_store(directory: str, name: str, config: dict[str, int]) -> Arena:
         h[slot] = value
     for c in range(ix.N_CLASSES):
         h[ix.H_CLASS0 + c] = -1
+    if spill_dir is not None:
+        raw = spill_dir.encode("utf-8", "surrogateescape")
+        words = np.frombuffer(raw.ljust(-(-len(raw) // 8) * 8, b"\0"), dtype="<i8")
+        for j, word in enumerate(words.tolist()):
+            h[ix.H_SPILL_DIR + j] = word
+        h[ix.H_SPILL_LEN] = len(raw)
+        arena.spill_dir = spill_dir
     h[ix.H_MAGIC] = ix.MAGIC  # last: attaching processes check it
     return remember(arena)
 

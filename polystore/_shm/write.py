@@ -274,7 +274,7 @@ def take(a: _arena.Arena, cls: int, timeout: float | None) -> int:
     try:
         return grow(a, cls)
     except ShmFullError:
-        limit = a.h[ix.H_MAX_BYTES]
+        limit = a.h[ix.H_MAX_BYTES] if a.spill_dir is None else 0
         if timeout == 0 or (limit and ix.segment_shape(cls)[1] > limit):
             raise
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -313,11 +313,11 @@ def grow(a: _arena.Arena, cls: int) -> int:
         if b >= 0:
             return b
         s, gen, descs = a.reserve_segment(cls)
-    path = ix.seg_path(a.dir, a.owner_pid, a.name, s, gen)
+    path = a.seg_file(s, gen)
     try:
         if _faults.kill_at:
             _faults.step()
-        mm = a.create_segment_file(path, ix.segment_shape(cls)[1])
+        mm = a.create_segment_file(s, gen, ix.segment_shape(cls)[1])
         if _faults.kill_at:
             _faults.step()
         with a.locked:
