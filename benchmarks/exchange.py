@@ -8,6 +8,9 @@ A producer process (this one) hands float32 arrays of 8 KB, 1 MB, 64 MB and
 
 * ``SharedArrayStore``: ``put`` in the producer, ``get`` (a read-only view) in
   the consumer;
+* the same store with no room in shared memory, so that every value spills
+  to a file-backed mapping in a temporary directory on disk (``spill_dir``):
+  the cost of spilling against ``/dev/shm``;
 * ``Manager().dict()``: ``d[key] = array`` / ``d[key]``;
 * ``multiprocessing.Queue``: ``q.put(array)`` / ``q.get()``;
 * a fresh ``multiprocessing.shared_memory.SharedMemory`` per array, filled by
@@ -125,6 +128,24 @@ class Polystore(Method):
 
     def get(self, token: Any, shape: tuple[int, ...]) -> Any:
         return self.store.get("x")
+
+
+class PolystoreSpilled(Polystore):
+    """The store with no room in shared memory: every value spills to a file on disk."""
+
+    name = "polystore, spilled to disk (spill_dir)"
+    repeat_get = False
+
+    def start(self, ctx: Any) -> Any:
+        self.spill = tempfile.mkdtemp(prefix="polystore-spill-")
+        # 64 KiB of shared memory: the control segment's tables aside, every
+        # value of the benchmark goes to the spill directory's file system.
+        self.store = SharedArrayStore(max_bytes=64 << 10, cache_bytes=0, spill_dir=self.spill)
+        return self.store
+
+    def stop(self) -> None:
+        self.store.close()
+        os.rmdir(self.spill)
 
 
 class Floor(Method):
@@ -279,7 +300,7 @@ class Ray(Method):
 
 
 METHODS: list[type[Method]] = [
-    Polystore, Floor, ManagerDict, Queue, FreshSharedMemory, NpyMmap, Ray,
+    Polystore, PolystoreSpilled, Floor, ManagerDict, Queue, FreshSharedMemory, NpyMmap, Ray,
 ]  # fmt: skip
 
 
