@@ -11,6 +11,9 @@ comparison, and the last line reports both throughputs.
 
 Run ``python examples/pipeline.py --help`` for the sizes; the defaults move
 2.12 GiB of arrays (136 hand-offs of 16 MiB images) through two workers.
+``--max-bytes`` caps the shared memory (a container's ``/dev/shm``, say): the
+pipeline then keeps few enough images in flight and waits for room when it
+must; ``--spill-dir`` sends what does not fit to disk.
 """
 
 from __future__ import annotations
@@ -33,11 +36,16 @@ from polystore import FileManager, FileManagerFactory, MemoryBackend
 
 @dataclass(frozen=True)
 class Plan:
-    """What to compute: ``images`` square float32 images of ``side`` pixels."""
+    """What to compute: ``images`` square float32 images of ``side`` pixels.
+
+    ``timeout``: how long a stage waits for room in shared memory when it is
+    full (0: not at all), so that producers keep to the consumers' pace.
+    """
 
     images: int
     side: int
     group: int
+    timeout: float | None = 0.0
 
     @property
     def image_bytes(self) -> int:
@@ -57,7 +65,7 @@ class Plan:
         return (2 * window + self.group) * self.image_bytes
 
 
-def reserve(registry: Any, plan: Plan, workers: int) -> None:
+def reserve(registry: Any, plan: Plan, workers: int, window: int | None = None) -> None:
     """Have the pipeline's working set of shared memory ready before the clock starts.
 
     Fresh shared memory costs a page fault per 4 KiB on first touch; reserving
@@ -65,8 +73,28 @@ def reserve(registry: Any, plan: Plan, workers: int) -> None:
     made with ``premap=True`` has each worker map it as it starts.
     """
     store = registry["memory"].array_store
-    limit = store.stats()["cache_bytes"]
-    store.reserve(min(plan.working_set(4 * workers), limit), plan.image_bytes)
+    stats = store.stats()
+    limit = min(stats["cache_bytes"], stats["max_bytes"] or stats["cache_bytes"])
+    want = min(plan.working_set(4 * workers if window is None else window), limit)
+    if want >= plan.image_bytes:
+        store.reserve(want, plan.image_bytes)
+
+
+def bounded_window(plan: Plan, max_bytes: int, workers: int) -> int:
+    """The most images in flight whose working set fits in ``max_bytes`` (0: none fits).
+
+    One image's worth (at least 4 MiB: small values share segments of about
+    that size) is left for the paths and metadata the backends keep in
+    shared memory too. A pool whose tasks all wait for room that only a
+    queued task could free would wait until the timeout: this keeps the
+    pipeline's needs within reach.
+    """
+    # In flight at worst: ``window`` images being generated and as many being
+    # smoothed, a group being projected and its output, and the next group
+    # filling up meanwhile.
+    usable = max_bytes - max(plan.image_bytes, 4 << 20)
+    fits = (usable // plan.image_bytes - 2 * plan.group - 1) // 2
+    return max(0, min(4 * workers, fits))
 
 
 # -- the stages: plain functions of a FileManager and a path -------------------
@@ -75,21 +103,23 @@ def reserve(registry: Any, plan: Plan, workers: int) -> None:
 # block ends, with no copy, and the next stage reads it in place.
 
 
-def generate(fm: FileManager, index: int, side: int) -> str:
+def generate(fm: FileManager, index: int, side: int, timeout: float | None = 0) -> str:
     """Stage 1: a flat image with a bright square that moves with ``index``."""
     path = f"raw/{index:05d}.npy"
-    with fm.create_array(path, (side, side), np.float32, backend="memory") as image:
+    shape = (side, side)
+    with fm.create_array(path, shape, np.float32, backend="memory", timeout=timeout) as image:
         image.fill(0.1 * (index % 7))
         corner = (index * 37) % (side // 2)
         image[corner : corner + side // 8, corner : corner + side // 8] = 4.0
     return path
 
 
-def smooth(fm: FileManager, path: str) -> str:
+def smooth(fm: FileManager, path: str, timeout: float | None = 0) -> str:
     """Stage 2: a two-tap horizontal box filter (sum of neighbours) of the image at ``path``."""
     image = fm.load(path, backend="memory")  # a read-only view, no copy
     target = path.replace("raw/", "smooth/")
-    with fm.create_array(target, image.shape, np.float32, backend="memory") as out:
+    shape = image.shape
+    with fm.create_array(target, shape, np.float32, backend="memory", timeout=timeout) as out:
         np.add(image[:, 1:], image[:, :-1], out=out[:, 1:])
         np.add(image[:, 0], image[:, 0], out=out[:, 0])
     del image
@@ -97,11 +127,12 @@ def smooth(fm: FileManager, path: str) -> str:
     return target
 
 
-def project(fm: FileManager, paths: Sequence[str], index: int) -> str:
+def project(fm: FileManager, paths: Sequence[str], index: int, timeout: float | None = 0) -> str:
     """Stage 3: the maximum over a group of smoothed images."""
     first = fm.load(paths[0], backend="memory")
     target = f"projections/{index:05d}.npy"
-    with fm.create_array(target, first.shape, np.float32, backend="memory") as result:
+    shape = first.shape
+    with fm.create_array(target, shape, np.float32, backend="memory", timeout=timeout) as result:
         np.copyto(result, first)
         for path in paths[1:]:
             np.maximum(result, fm.load(path, backend="memory"), out=result)
@@ -112,15 +143,15 @@ def project(fm: FileManager, paths: Sequence[str], index: int) -> str:
 
 
 # -- task wrappers: each worker uses its own FileManager -------------------------
-def _generate_task(args: tuple[int, int]) -> str:
+def _generate_task(args: tuple[int, int, float | None]) -> str:
     return generate(polystore.current_filemanager(), *args)
 
 
-def _smooth_task(path: str) -> str:
-    return smooth(polystore.current_filemanager(), path)
+def _smooth_task(args: tuple[str, float | None]) -> str:
+    return smooth(polystore.current_filemanager(), *args)
 
 
-def _project_task(args: tuple[list[str], int]) -> str:
+def _project_task(args: tuple[list[str], int, float | None]) -> str:
     return project(polystore.current_filemanager(), *args)
 
 
@@ -152,22 +183,26 @@ class _Progress:
             print()
 
 
-def stream(pool: Executor, plan: Plan, window: int, progress: bool = True) -> list[str]:
+def stream(
+    pool: Executor, fm: FileManager, plan: Plan, window: int, progress: bool = True
+) -> np.ndarray:
     """Push every image through the three stages, keeping at most ``window`` in flight.
 
     An image is smoothed as soon as it is generated and a group is projected as
     soon as its last image is smoothed, so the stages overlap and the memory of
-    finished images is recycled for new ones.
+    finished images is recycled for new ones. The parent folds each projection
+    into the overall maximum as it arrives, reading it in place, and deletes
+    it: the memory in use stays bounded whatever the number of images.
     """
     bar = _Progress(plan.images, progress)
     running: dict[Future[str], tuple[str, int]] = {}
     smoothed: dict[int, list[str]] = {}
-    projections: list[str] = []
+    final: np.ndarray | None = None
     next_image = 0
 
     def submit_generate() -> None:
         nonlocal next_image
-        future = pool.submit(_generate_task, (next_image, plan.side))
+        future = pool.submit(_generate_task, (next_image, plan.side, plan.timeout))
         running[future] = ("generate", next_image)
         next_image += 1
 
@@ -179,21 +214,28 @@ def stream(pool: Executor, plan: Plan, window: int, progress: bool = True) -> li
             stage, index = running.pop(future)
             path = future.result()
             if stage == "generate":
-                running[pool.submit(_smooth_task, path)] = ("smooth", index)
+                running[pool.submit(_smooth_task, (path, plan.timeout))] = ("smooth", index)
             elif stage == "smooth":
                 group = smoothed.setdefault(index // plan.group, [])
                 group.append(path)
                 last = min(plan.images, (index // plan.group + 1) * plan.group)
                 if len(group) == last - (index // plan.group) * plan.group:
-                    task = (sorted(group), index // plan.group)
+                    task = (sorted(group), index // plan.group, plan.timeout)
                     running[pool.submit(_project_task, task)] = ("project", len(group))
                 if next_image < plan.images:
                     submit_generate()
             else:
-                projections.append(path)
+                projection = fm.load(path, backend="memory")
+                if final is None:
+                    final = np.array(projection)
+                else:
+                    np.maximum(final, projection, out=final)
+                del projection
+                fm.delete(path, backend="memory")
                 bar.step(index)
     bar.close()
-    return sorted(projections)
+    assert final is not None
+    return final
 
 
 def _pid_after_nap(seconds: float) -> int:
@@ -214,16 +256,13 @@ def start_workers(pool: Executor, workers: int) -> None:
             return
 
 
-def maximum_of(fm: FileManager, paths: Sequence[str]) -> np.ndarray:
-    """The element-wise maximum of the arrays at ``paths``, read in place one after another."""
-    result = np.array(fm.load(paths[0], backend="memory"))
-    for path in paths[1:]:
-        np.maximum(result, fm.load(path, backend="memory"), out=result)
-    return result
-
-
 def run_pipeline(
-    factory: FileManagerFactory, plan: Plan, workers: int, context: Any, progress: bool = True
+    factory: FileManagerFactory,
+    plan: Plan,
+    workers: int,
+    context: Any,
+    progress: bool = True,
+    window: int | None = None,
 ) -> tuple[float, np.ndarray]:
     """Run the pipeline on a fresh pool; return the wall time and the overall projection.
 
@@ -233,12 +272,9 @@ def run_pipeline(
     with ProcessPoolExecutor(workers, mp_context=context, initializer=factory.initializer) as pool:
         start_workers(pool, workers)  # before the clock
         start = time.perf_counter()
-        projections = stream(pool, plan, window=4 * workers, progress=progress)
-        fm = factory()
-        final = maximum_of(fm, projections)
+        window = 4 * workers if window is None else window
+        final = stream(pool, factory(), plan, window=window, progress=progress)
         elapsed = time.perf_counter() - start
-    for path in projections:
-        fm.delete(path, backend="memory")
     return elapsed, final
 
 
@@ -266,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="share of the images to run through Manager().dict() for comparison (0 skips it)",
     )
+    parser.add_argument(
+        "--max-bytes",
+        type=float,
+        default=None,
+        help="cap on the shared memory, in MB (a container's /dev/shm, say): the pipeline "
+        "keeps few enough images in flight and waits for room when it must",
+    )
+    parser.add_argument(
+        "--spill-dir",
+        default=None,
+        help="a directory on disk for images that do not fit in shared memory",
+    )
+    parser.add_argument(
+        "--shm-dir",
+        default=None,
+        help="where the shared memory lives (default: /dev/shm, or $POLYSTORE_SHM_DIR)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -277,18 +330,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--images, --group and --workers must be >= 1 and --side >= 16")
     context = multiprocessing.get_context(args.start_method)
     plan = Plan(args.images, args.side, args.group)
+    if args.shm_dir is not None:
+        os.environ["POLYSTORE_SHM_DIR"] = args.shm_dir  # the workers inherit it too
+    max_bytes = None if args.max_bytes is None else int(args.max_bytes * 2**20)
+    window = None
+    if max_bytes is not None:
+        window = bounded_window(plan, max_bytes, args.workers)
+        if window == 0 and args.spill_dir is None:
+            parser.error(
+                f"one group of {args.group} images of {plan.image_bytes / 2**20:.0f} MB does not "
+                "fit in --max-bytes: give a --spill-dir, or a smaller --group or --side"
+            )
+        # Wait for room rather than fail: consumers free it as they go.
+        plan = Plan(args.images, args.side, args.group, timeout=120.0)
 
-    with polystore.shared_registry() as registry:
-        reserve(registry, plan, args.workers)
+    with polystore.shared_registry(max_bytes=max_bytes, spill_dir=args.spill_dir) as registry:
+        reserve(registry, plan, args.workers, window or None)
         # Each worker maps the reserved memory while it starts, not in its first task.
         factory = FileManagerFactory(registry, premap=True)
-        elapsed, final = run_pipeline(factory, plan, args.workers, context, not args.no_progress)
+        elapsed, final = run_pipeline(
+            factory, plan, args.workers, context, not args.no_progress, window or None
+        )
+
     rate = plan.moved_bytes / elapsed / 1e6
     print(
         f"polystore: {plan.handoffs} hand-offs, {plan.moved_bytes / 2**30:.2f} GiB of arrays "
         f"through {args.workers} workers in {elapsed:.2f} s ({rate:,.0f} MB/s); "
         f"projection max {final.max():.3f}"
     )
+    if max_bytes is not None:
+        where = f", what does not fit spilled to {args.spill_dir}" if args.spill_dir else ""
+        print(
+            f"shared memory capped at {max_bytes / 2**20:.0f} MB: at most "
+            f"{window or 4 * args.workers} images in flight{where}"
+        )
     if args.compare_fraction > 0:
         small = Plan(
             max(args.group, int(args.images * args.compare_fraction)), args.side, args.group

@@ -249,12 +249,13 @@ class MemoryBackend(StorageBackend):
         elif not self._mapping_copies:
             value = _private_copy(value)
         updates: dict[str, Any] = dict.fromkeys(new_dirs)
-        updates[vpath] = self._for_mapping(value, timeout)
-        self._data.update(updates)
-        if meta is None:
-            self._data.pop(_META + vpath, None)
-        else:
-            self._data[_META + vpath] = meta
+        updates[vpath] = value
+        with self._waiting(timeout):
+            self._data.update(updates)
+            if meta is None:
+                self._data.pop(_META + vpath, None)
+            else:
+                self._data[_META + vpath] = meta
         if isinstance(old, ShmRef) and old != value:
             self._drop_payload(old)
 
@@ -310,18 +311,18 @@ class MemoryBackend(StorageBackend):
         updates: dict[str, Any] = dict.fromkeys(self._check_parents(vpath, create=True))
         if ref is not None:
             updates[vpath] = ref
-        self._data.update(updates)
-        if meta is None:
-            self._data.pop(_META + vpath, None)
-        else:
-            self._data[_META + vpath] = meta
+        with self._waiting(timeout):
+            self._data.update(updates)
+            if meta is None:
+                self._data.pop(_META + vpath, None)
+            else:
+                self._data[_META + vpath] = meta
         if isinstance(old, ShmRef) and old != ref:
             self._drop_payload(old)
 
-    @staticmethod
-    def _for_mapping(value: Any, timeout: float | None) -> Any:
-        """What ``save`` puts into the mapping for ``value`` (the shm backend wraps it)."""
-        return value
+    def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
+        """Where the mapping itself lives in shared memory: let its puts wait for room."""
+        return contextlib.nullcontext()
 
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         """The store that ``create_array`` makes an array of ``nbytes`` in, if any."""

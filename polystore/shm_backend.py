@@ -14,12 +14,14 @@ instead of quietly writing to that machine's memory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator, MutableMapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -88,13 +90,6 @@ def _decode(blob: bytes) -> Any:
     return json.loads(body.decode("utf-8"))
 
 
-class _Timed(NamedTuple):
-    """A value for the mapping with how long its put may wait for room."""
-
-    value: Any
-    timeout: float | None
-
-
 class _StoreDict(MutableMapping[str, Any]):
     """The mapping interface :class:`MemoryBackend` needs, over a shared array store.
 
@@ -107,15 +102,24 @@ class _StoreDict(MutableMapping[str, Any]):
 
     def __init__(self, store: SharedArrayStore) -> None:
         self.store = store
+        self._calls = threading.local()  # per thread: how long a put may wait for room
+
+    @contextlib.contextmanager
+    def waiting(self, timeout: float | None) -> Iterator[None]:
+        """Let the puts of this thread wait up to ``timeout`` s for room meanwhile."""
+        before = getattr(self._calls, "timeout", 0)
+        self._calls.timeout = timeout
+        try:
+            yield
+        finally:
+            self._calls.timeout = before
 
     def __getitem__(self, key: str) -> Any:
         value = self.store.get_value(key)
         return _decode(value) if isinstance(value, bytes) else value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        timeout: float | None = 0
-        if isinstance(value, _Timed):
-            value, timeout = value
+        timeout = getattr(self._calls, "timeout", 0)
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise UnsupportedFormatError(
@@ -125,7 +129,7 @@ class _StoreDict(MutableMapping[str, Any]):
                 )
             self.store.put(key, value, timeout=timeout)
         else:
-            self.store.put_bytes(key, _encode(value))
+            self.store.put_bytes(key, _encode(value), timeout=timeout)
 
     def __delitem__(self, key: str) -> None:
         self.store.delete(key)
@@ -195,9 +199,9 @@ class SharedMemoryBackend(MemoryBackend):
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         return self._shm
 
-    @staticmethod
-    def _for_mapping(value: Any, timeout: float | None) -> Any:
-        return _Timed(value, timeout) if timeout != 0 else value
+    def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
+        assert isinstance(self._data, _StoreDict)
+        return self._data.waiting(timeout)
 
     @staticmethod
     def _stored_as(store: SharedArrayStore, vpath: str) -> Any:

@@ -358,10 +358,15 @@ class SharedArrayStore:
             a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout)
         )
 
-    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """Store a copy of a bytes-like object under ``key`` (see :meth:`get_bytes`)."""
+    def put_bytes(
+        self, key: str, data: bytes | bytearray | memoryview, *, timeout: float | None = 0
+    ) -> None:
+        """Store a copy of a bytes-like object under ``key`` (see :meth:`get_bytes`).
+
+        ``timeout`` is as for :meth:`put`.
+        """
         arr = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-        self._put(key, arr, ix.F_BYTES, True)
+        self._put(key, arr, ix.F_BYTES, True, _check_timeout(timeout))
 
     def _put(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,37 @@ def test_pipeline_rejects_bad_arguments() -> None:
 
 def test_every_example_is_tested() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == ["pipeline.py"]
+
+
+def _run_pipeline(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "pipeline.py"), "--no-progress", "--compare-fraction",
+         "0", "--start-method", "fork", *args],
+        capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_in_bounded_shared_memory_waits_instead_of_failing() -> None:
+    # 48 images of 4 MiB through 36 MB of shared memory: the pipeline keeps
+    # few enough in flight, and stages wait for room as consumers free it
+    proc = _run_pipeline("--images", "48", "--side", "1024", "--group", "2", "--max-bytes", "36")
+    assert proc.returncode == 0, proc.stderr
+    assert "projection max 8.000" in proc.stdout and "capped at 36 MB" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_spills_what_does_not_fit(tmp_path: Path) -> None:
+    # each 16 MiB image is larger than the 8 MB of shared memory: all spill
+    proc = _run_pipeline(
+        "--images", "6", "--side", "2048", "--group", "3", "--max-bytes", "8",
+        "--spill-dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "projection max 8.000" in proc.stdout and "spilled to" in proc.stdout
+    assert os.listdir(tmp_path) == []  # removed with the store
+
+
+def test_pipeline_refuses_a_cap_it_cannot_work_in() -> None:
+    proc = _run_pipeline("--images", "4", "--side", "1024", "--group", "8", "--max-bytes", "8")
+    assert proc.returncode == 2 and "--spill-dir" in proc.stderr
