@@ -68,7 +68,9 @@ class _ComputeOnly:
         self.free: list[np.ndarray] = []
 
     @contextlib.contextmanager
-    def create_array(self, path: str, shape: Any, dtype: Any, backend: str) -> Iterator[Any]:
+    def create_array(
+        self, path: str, shape: Any, dtype: Any, backend: str, **kwargs: Any
+    ) -> Iterator[Any]:
         buf = self.free.pop() if self.free else np.empty(shape, dtype)
         yield buf
         self.data[path] = buf
