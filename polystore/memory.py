@@ -250,13 +250,25 @@ class MemoryBackend(StorageBackend):
             value = _private_copy(value)
         updates: dict[str, Any] = dict.fromkeys(new_dirs)
         updates[vpath] = value
+        self._commit_file(vpath, updates, meta, old, value, timeout)
+
+    def _commit_file(
+        self,
+        vpath: str,
+        updates: dict[str, Any],
+        meta: dict[str, Any] | None,
+        old: Any,
+        new: Any,
+        timeout: float | None,
+    ) -> None:
+        """Write a file's entries (its value and new directories) and metadata to the mapping."""
         with self._waiting(timeout):
             self._data.update(updates)
             if meta is None:
                 self._data.pop(_META + vpath, None)
             else:
                 self._data[_META + vpath] = meta
-        if isinstance(old, ShmRef) and old != value:
+        if isinstance(old, ShmRef) and old != new:
             self._drop_payload(old)
 
     @contextlib.contextmanager
@@ -311,14 +323,7 @@ class MemoryBackend(StorageBackend):
         updates: dict[str, Any] = dict.fromkeys(self._check_parents(vpath, create=True))
         if ref is not None:
             updates[vpath] = ref
-        with self._waiting(timeout):
-            self._data.update(updates)
-            if meta is None:
-                self._data.pop(_META + vpath, None)
-            else:
-                self._data[_META + vpath] = meta
-        if isinstance(old, ShmRef) and old != ref:
-            self._drop_payload(old)
+        self._commit_file(vpath, updates, meta, old, ref, timeout)
 
     def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
         """Where the mapping itself lives in shared memory: let its puts wait for room."""

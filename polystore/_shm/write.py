@@ -100,11 +100,7 @@ def put(
         _copy(a, b, arr, src, nbytes)  # outside the lock: no one else sees b
         if _faults.kill_at:
             _faults.step()
-        with a.locked:
-            i, e = a.find(kbz, h)
-            if e >= 0 and not overwrite:
-                raise FileExistsError(errno.EEXIST, "key exists", key)
-            _install(a, i, e, parts, b, value)
+        _publish(a, key, parts, b, value, overwrite)
     except BaseException:
         abandon(a, b)
         raise
@@ -143,11 +139,7 @@ def create(
         arr: np.ndarray[Any, Any] = np.empty(shape, dtype, order=order)
         yield arr
         arr.flags.writeable = False
-        with a.locked:
-            i, e = a.find(kbz, h)
-            if e >= 0 and not overwrite:
-                raise FileExistsError(errno.EEXIST, "key exists", key)
-            _install(a, i, e, parts, -1, (0, dtype, dt, shape, flags))
+        _publish(a, key, parts, -1, (0, dtype, dt, shape, flags), overwrite)
         return
     b = take(a, ix.class_of(nbytes), timeout)
     try:
@@ -166,11 +158,7 @@ def create(
         yield arr
         if _faults.kill_at:
             _faults.step()
-        with a.locked:
-            i, e = a.find(kbz, h)
-            if e >= 0 and not overwrite:
-                raise FileExistsError(errno.EEXIST, "key exists", key)
-            _install(a, i, e, parts, b, (nbytes, dtype, dt, shape, flags))
+        _publish(a, key, parts, b, (nbytes, dtype, dt, shape, flags), overwrite)
     except BaseException:
         abandon(a, b)
         raise
@@ -195,6 +183,22 @@ def _copy(
     else:
         dst: np.ndarray[Any, Any] = np.ndarray(arr.shape, arr.dtype, buffer=mm, offset=off)
         np.copyto(dst, arr, casting="no")
+
+
+def _publish(
+    a: _arena.Arena,
+    key: str,
+    parts: tuple[bytes, bytes, int],
+    b: int,
+    value: tuple[int, np.dtype[Any], bytes, tuple[int, ...], int],
+    overwrite: bool,
+) -> None:
+    """Point ``key`` at block ``b``, filled outside the lock, in a section of its own."""
+    with a.locked:
+        i, e = a.find(parts[1], parts[2])
+        if e >= 0 and not overwrite:
+            raise FileExistsError(errno.EEXIST, "key exists", key)
+        _install(a, i, e, parts, b, value)
 
 
 def _install(
