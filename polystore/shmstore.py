@@ -572,8 +572,10 @@ class SharedArrayStore:
         finally:
             if taken:
                 with a.locked:
-                    for b in taken:
+                    for n, b in enumerate(taken, 1):
                         a.free(b)
+                        if n % 256 == 0:
+                            a.commit()  # each block freed is a whole step: keep the journal short
         return len(taken) * ix.CLASS_SIZES[cls]
 
     def map_all(self) -> int:

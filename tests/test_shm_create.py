@@ -199,3 +199,11 @@ def test_backends_pass_timeout_to_the_store(which: str) -> None:
             consumer.join(30)
         assert (fm.load("more.npy", backend=which) == 2).all()
         assert (fm.load("made.npy", backend=which) == 3).all()
+
+
+def test_reserving_many_small_blocks_keeps_the_journal_short() -> None:
+    # 8192 blocks freed in one locked section would overflow the undo journal
+    with SharedArrayStore(max_blocks=16384) as store:
+        assert store.reserve(512 << 20, 64 << 10) >= 512 << 20
+        assert not problems(store._arena)
+        store.put("k", np.ones(8192))
