@@ -1,4 +1,4 @@
-"""Zero-copy hand-off of numpy arrays between processes, through ``/dev/shm``.
+"""Zero-copy hand-off of numpy arrays between processes, through shared memory.
 
 .. code-block:: python
 
@@ -12,14 +12,17 @@
 
 A :class:`SharedArrayStore` keeps arrays in pooled shared-memory segments that
 stay mapped and are recycled, so that a steady-state ``put`` costs one
-``memcpy`` into memory that is already faulted in, and a ``get`` costs a lookup
-plus building a view. The key index lives in shared memory too, so a ``put``
-in any process is visible to a ``get`` in every other one with no server
-process in between.
+``memcpy`` into memory that is already faulted in, :meth:`~SharedArrayStore.create`
+none at all, and a ``get`` a lookup plus building a view. The key index lives
+in shared memory too, so a ``put`` in any process is visible to a ``get`` in
+every other one with no server process in between. The engine is the
+:mod:`polystore._shm` subpackage; this module is its public face.
 
 Guarantees:
 
-* A ``put`` is atomic: readers see the old value or the new one, never a mix.
+* A ``put`` is atomic: readers see the old value or the new one, never a mix,
+  also when the writer is killed at any instruction (the next process to
+  take the store's lock rolls its unfinished change back).
 * A view stays valid and unchanged after its key is overwritten or deleted,
   and after the store is closed; its memory is recycled when the last view of
   it dies, in whichever process that is.
@@ -28,11 +31,12 @@ Guarantees:
   collected, and at interpreter exit. Workers that die, even by ``SIGKILL``,
   leak nothing the owner does not remove; if the owner itself is killed,
   ``python -m polystore gc`` removes what it left.
-* Nothing is ever written past the free space of ``/dev/shm`` or the store's
-  ``max_bytes``: such a put raises :class:`~polystore.ShmFullError` first.
+* Every page is reserved before it is touched, and nothing is written past
+  the free space of the store's directory or its ``max_bytes``: such a put
+  raises :class:`~polystore.ShmFullError` (or waits, or spills, if asked to).
 
-Linux only (it needs ``/dev/shm``). Arrays keep C or Fortran order; any other
-layout is stored in C order.
+Linux only (it needs a tmpfs such as ``/dev/shm``). Arrays keep C or Fortran
+order; any other layout is stored in C order.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 /*
  * polystore._shm._fastpath: the hot paths of SharedArrayStore in C.
  *
- * The pure-Python paths in _shm_read.py and _shm_write.py define the
+ * The pure-Python paths in read.py and write.py define the
  * semantics; this module repeats their common cases with far fewer memory
  * accesses and no bytecode:
  *
@@ -37,7 +37,7 @@ PyDoc_STRVAR(ctl_get_doc,
 "this process's row of the pin table; None if the key is absent; False when\n"
 "the Python path must decide (a writer was busy or got in the way, the store\n"
 "changed, or arena.meta[entry] is not the cached description of the value).\n"
-"arena is the store's polystore._shm_arena.Arena in this process.");
+"arena is the store's polystore._shm.arena.Arena in this process.");
 
 PyDoc_STRVAR(ctl_view_doc,
 "view(arena, key) -> ndarray | None | False\n\n"

@@ -56,7 +56,7 @@ typedef struct {
     int64_t f[N_FIELDS];
     int64_t class_sizes[256];  /* ix.CLASS_SIZES */
     int64_t n_classes;
-    int64_t small_put;         /* _shm_write.SMALL_PUT */
+    int64_t small_put;         /* write.SMALL_PUT */
     /* the arena's objects that never change (see bind()) */
     PyObject *meta, *ro_maps, *rw_maps, *refs, *view_dead;
 } Ctl;

@@ -1,7 +1,7 @@
 /*
  * polystore._shm._fastpath: the read path, a get() without the store lock.
  *
- * A seqlock read of the shared index (see _shm_read.py, which it repeats):
+ * A seqlock read of the shared index (see read.py, which it repeats):
  * note the write counter, look the key up, pin the block in this process's
  * row of the pin table, check the counter; then build the view with numpy's
  * C API over a memoryview of the mapping, which Arena.track() watches.
@@ -67,7 +67,7 @@ fp_mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm)
 
 /* -- get ------------------------------------------------------------------ */
 
-/* The seqlock read of get_optimistic() in _shm_read.py: look the key up and pin
+/* The seqlock read of get_optimistic() in read.py: look the key up and pin
  * its block, for a value whose description meta[entry] this process cached. */
 static int
 lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
@@ -195,7 +195,7 @@ fp_get_impl(Ctl *c, PyObject *const *args)
     return r;
 }
 
-/* The view of a pinned block, as view_of() in _shm_read.py makes it. Once
+/* The view of a pinned block, as view_of() in read.py makes it. Once
  * *tracked is set, the weak reference unpins the block when the view's base
  * dies, so a failure after that (making the array) leaves the pin to it. */
 static PyObject *
