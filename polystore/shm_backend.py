@@ -213,7 +213,7 @@ class SharedMemoryBackend(MemoryBackend):
         return self._shm
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._node, self._shm.name, self.formats))
+        return (_rebuild, (self._node, self._shm.name, self.formats, self._shm.directory))
 
     def close(self) -> None:
         """Remove the store if this backend created it; otherwise just let go of it."""
@@ -224,7 +224,9 @@ class SharedMemoryBackend(MemoryBackend):
         return f"SharedMemoryBackend({self._shm.name!r})"
 
 
-def _rebuild(node: str, name: str, formats: FormatRegistry) -> StorageBackend:
+def _rebuild(
+    node: str, name: str, formats: FormatRegistry, directory: str | None = None
+) -> StorageBackend:
     here = node_id()
     if node != here:
         return UnavailableBackend(
@@ -233,7 +235,8 @@ def _rebuild(node: str, name: str, formats: FormatRegistry) -> StorageBackend:
             f"process runs on {here!r}; use a backend every machine reaches (disk, zarr) there",
         )
     backend = SharedMemoryBackend.__new__(SharedMemoryBackend)
-    backend._shm, backend._owns_shm = SharedArrayStore.attach(name), True
+    backend._shm = SharedArrayStore.attach(name, directory=directory)
+    backend._owns_shm = True
     MemoryBackend.__init__(
         backend, shared_dict=_StoreDict(backend._shm), formats=formats, store=None
     )

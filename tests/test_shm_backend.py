@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import pickle
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -124,3 +125,13 @@ def test_other_node_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_object_arrays_are_refused_even_with_allow_pickle() -> None:
     with SharedMemoryBackend() as backend, pytest.raises(ValueError, match="object"):
         backend.save(np.array([None], dtype=object), "o.npy", allow_pickle=True)
+
+
+def test_a_backend_over_a_store_in_another_directory_pickles_with_it(tmp_path: Path) -> None:
+    with SharedArrayStore(directory=tmp_path) as store:
+        backend = SharedMemoryBackend(store)
+        backend.save(np.arange(4), "a.npy")
+        clone = pickle.loads(pickle.dumps(backend))
+        assert clone.array_store.directory == str(tmp_path)
+        assert_same_value(clone.load("a.npy"), np.arange(4))
+        clone.close()
