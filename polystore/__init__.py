@@ -31,9 +31,10 @@ from .memory import MemoryBackend
 from .registry import BackendRegistry
 
 if TYPE_CHECKING:
+    from .dask import install_on_dask
     from .disk import DiskBackend
     from .locks import atomic_update_json, file_lock
-    from .pools import FileManagerFactory, current_filemanager, install_on_dask, shared_registry
+    from .pools import FileManagerFactory, current_filemanager, shared_registry
     from .shm_backend import SharedMemoryBackend
     from .shmstore import SharedArrayStore
     from .zarr_backend import ZarrBackend
@@ -49,7 +50,7 @@ _LAZY = {
     "shared_registry": "polystore.pools",
     "FileManagerFactory": "polystore.pools",
     "current_filemanager": "polystore.pools",
-    "install_on_dask": "polystore.pools",
+    "install_on_dask": "polystore.dask",
 }
 
 __all__ = [

@@ -1,7 +1,8 @@
-"""The Dask ``distributed`` worker plugin behind :func:`polystore.install_on_dask`.
+"""The Dask ``distributed`` plugins behind :mod:`polystore.dask`.
 
-Kept apart from :mod:`polystore.pools` because defining it imports
-``distributed``, which ``import polystore`` must never do.
+Kept apart from :mod:`polystore.dask` because defining a plugin class imports
+``distributed``, which ``import polystore`` and a task that only reads a
+:class:`~polystore.dask.SharedArray` must never do.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from . import dask as _public
 from . import pools
 
-__all__ = ["FactoryPlugin"]
+__all__ = ["FactoryPlugin", "StorePlugin"]
 
 
 class FactoryPlugin(WorkerPlugin):
@@ -26,3 +28,21 @@ class FactoryPlugin(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         pools.uninstall()
+
+
+class StorePlugin(WorkerPlugin):
+    """Tells each worker process which client-owned store takes its shared results.
+
+    It carries the store's name and directory only: workers attach to the
+    store, they never own it.
+    """
+
+    def __init__(self, name: str, directory: str) -> None:
+        self.name = name
+        self.directory = directory
+
+    def setup(self, worker: Any) -> None:
+        _public._set_result_store(self.name, self.directory)
+
+    def teardown(self, worker: Any) -> None:
+        _public._set_result_store(None, None)

@@ -26,6 +26,7 @@ __all__ = [
     "NotShareableError",
     "ReservedNameError",
     "SandboxError",
+    "SharedValueReleasedError",
     "ShmFullError",
     "StorageError",
     "StorageResolutionError",
@@ -153,6 +154,26 @@ class LockTimeoutError(StorageError, TimeoutError):
 
 class NotShareableError(StorageError, TypeError):
     """An object that only lives in one process was asked to cross a process boundary."""
+
+
+class SharedValueReleasedError(StorageError, KeyError):
+    """A shared value was asked for after it was released, or after its owner closed.
+
+    Attributes:
+        key: the key the value was stored under.
+        store: the name of the shared array store that held it.
+    """
+
+    def __init__(self, key: str, store: str) -> None:
+        self.key = key
+        self.store = store
+        super().__init__(key, store)
+
+    def __str__(self) -> str:
+        return (
+            f"the shared value {self.key!r} of store {self.store!r} was released, or the "
+            "client that owned the store closed; views taken before stay valid"
+        )
 
 
 class ShmFullError(StorageError, MemoryError):

@@ -246,10 +246,8 @@ def shared_registry(
 def install_on_dask(client: Any, factory: FileManagerFactory, *, name: str = "polystore") -> None:
     """Give every worker of a Dask ``distributed`` client its FileManager.
 
-    After this call, :func:`current_filemanager` works inside tasks on every
-    worker, present and future. Backends that live in one machine's memory
-    (``shm``) refuse to work on a worker of another machine.
+    Kept here for existing callers; :func:`polystore.dask.install_on_dask` is the same.
     """
-    from ._dask import FactoryPlugin
+    from .dask import install_on_dask as install
 
-    client.register_plugin(FactoryPlugin(factory), name=name)
+    install(client, factory, name=name)

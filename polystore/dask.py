@@ -1,0 +1,358 @@
+"""Dask ``distributed`` on one big machine: workers share arrays instead of copying them.
+
+Dask moves every array a task needs from another worker through its network
+stack, even between processes of one host, and keeps a copy per worker. This
+module puts such arrays in the host's shared memory once and passes small
+handles instead:
+
+.. code-block:: python
+
+    import polystore.dask as psd
+
+    weights = psd.share(client, big_array)     # one copy for the whole host
+    client.map(score, chunks, weights=weights) # tasks call weights.get()
+
+    @psd.shared_result                         # the result goes to shared memory
+    def stage(x):
+        return heavy(x)
+
+    def consume(handle):
+        view = handle.get()                    # read-only, zero-copy
+        ...
+
+Who owns the memory
+-------------------
+Every client gets one :class:`~polystore.SharedArrayStore`, created in the
+client's process the first time it is needed and removed with all its
+segments when the client closes (or is garbage collected, or the client's
+interpreter exits). Workers only attach to it.
+
+* :func:`share` puts the array from the client; the value lives until
+  :meth:`SharedArray.release` (or :func:`release`) or until the client closes.
+* A :func:`shared_result` task puts its result from the worker and returns
+  the *owning* handle. Dask keeps that object on the worker for as long as
+  the key is wanted; when Dask forgets the key the worker drops it and its
+  finaliser deletes the value. Copies of the handle (pickled to another worker
+  or to the client) never delete anything, so a value lives exactly as long as
+  Dask holds its key. Views already taken stay valid after the delete: the
+  store recycles the memory when the last view dies. Values of a worker
+  that is killed before it drops them stay in the store until the client
+  closes.
+
+More than one host
+------------------
+A handle carries the node it lives on (:func:`polystore.shm_backend.node_id`,
+which ``POLYSTORE_NODE_ID`` overrides). On any other node :meth:`SharedArray.get`
+raises :class:`~polystore.NotShareableError` naming both nodes, rather than
+fetching the bytes through Dask: this module is for workers that share one
+host's memory, and a silent network copy would hide a misplaced task.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from .exceptions import NotShareableError, SharedValueReleasedError, StorageError
+from .shm_backend import node_id
+
+if TYPE_CHECKING:
+    from .pools import FileManagerFactory
+    from .shmstore import SharedArrayStore
+
+__all__ = [
+    "SharedArray",
+    "SharedValueReleasedError",
+    "close",
+    "install_on_dask",
+    "release",
+    "share",
+    "shared_result",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Stores attached in this process, by (directory, name); forgotten after fork.
+_attached: dict[tuple[str, str], SharedArrayStore] = {}
+# The store each client owns, by client id.
+_owned: dict[str, SharedArrayStore] = {}
+# Where shared_result puts values in this worker process (set by StorePlugin).
+_result_store: tuple[str, str] | None = None
+
+
+def _forget_attached() -> None:
+    _attached.clear()
+
+
+os.register_at_fork(after_in_child=_forget_attached)
+
+
+class SharedArray:
+    """A small, picklable handle to an array in one host's shared memory.
+
+    It pickles to its description only (node, store, key, shape, dtype);
+    never to the data, and never with the right to delete it.
+    """
+
+    def __init__(
+        self, node: str, store: str, directory: str, key: str, shape: tuple[int, ...], dtype: str
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.directory = directory
+        self.key = key
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            SharedArray,
+            (self.node, self.store, self.directory, self.key, self.shape, self.dtype.str),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SharedArray({self.key!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"store={self.store!r}, node={self.node!r})"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the array in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def get(self) -> np.ndarray[Any, Any]:
+        """A read-only view of the array, with no copy.
+
+        Raises:
+            NotShareableError: this process runs on another node than the array.
+            SharedValueReleasedError: the value was released, or its client closed.
+        """
+        self._check_node()
+        try:
+            return _store(self.directory, self.store, self.key).get(self.key)
+        except KeyError:
+            raise SharedValueReleasedError(self.key, self.store) from None
+
+    def release(self) -> None:
+        """Delete the value; views already taken stay valid.
+
+        Raises:
+            NotShareableError: this process runs on another node than the array.
+            SharedValueReleasedError: the value was already released.
+        """
+        self._check_node()
+        try:
+            _store(self.directory, self.store, self.key).delete(self.key)
+        except KeyError:
+            raise SharedValueReleasedError(self.key, self.store) from None
+
+    def _check_node(self) -> None:
+        here = node_id()
+        if here != self.node:
+            raise NotShareableError(
+                f"shared array {self.key!r} lives in the shared memory of node {self.node!r} "
+                f"and cannot be read on node {here!r}; run the task on a worker of "
+                f"{self.node!r} or pass the array as a plain Dask result"
+            )
+
+
+def _store(directory: str, name: str, key: str) -> SharedArrayStore:
+    """The store ``name`` that holds ``key``.
+
+    Raises:
+        SharedValueReleasedError: the store is gone (its client closed).
+    """
+    try:
+        return _attach(directory, name)
+    except SharedValueReleasedError:
+        raise
+    except StorageError as e:
+        raise SharedValueReleasedError(key, name) from e
+
+
+def _attach(directory: str, name: str) -> SharedArrayStore:
+    """The store ``name``: this process's own, or an attachment cached per process.
+
+    Raises:
+        StorageError: there is no such store (any more).
+    """
+    from .shmstore import SharedArrayStore
+
+    for owned in _owned.values():
+        if owned.name == name and owned.directory == directory and not owned.closed:
+            return owned
+    store = _attached.get((directory, name))
+    if store is None or store.closed:
+        store = SharedArrayStore.attach(name, directory=directory)
+        _attached[directory, name] = store
+    return store
+
+
+def _client_store(client: Any) -> SharedArrayStore:
+    """The store ``client`` owns, created (and announced to its workers) on first use."""
+    store = _owned.get(client.id)
+    if store is not None and not store.closed:
+        return store
+    from ._dask import StorePlugin
+    from .shmstore import SharedArrayStore
+
+    store = SharedArrayStore()
+    _owned[client.id] = store
+    _close_with(client, store)
+    client.register_plugin(StorePlugin(store.name, store.directory), name=_plugin_name(store))
+    return store
+
+
+def _plugin_name(store: SharedArrayStore) -> str:
+    return f"polystore-store-{store.name}"
+
+
+class _CloseStore:
+    """Closes a client's store while the client closes.
+
+    Dask has no public hook for that; a client runs the ``teardown`` of its
+    preloads first thing in ``close()``, so this object joins them. The
+    store's own finaliser and ``atexit`` still cover clients that are never
+    closed.
+    """
+
+    name = "polystore-store"
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+
+    async def start(self) -> None:
+        pass
+
+    async def teardown(self) -> None:
+        _close_id(self.client_id)
+
+
+def _close_with(client: Any, store: SharedArrayStore) -> None:
+    preloads = getattr(getattr(client, "preloads", None), "_preloads", None)
+    if isinstance(preloads, list):
+        preloads.append(_CloseStore(client.id))
+    weakref.finalize(client, _close_id, client.id)
+
+
+def _close_id(client_id: str) -> None:
+    store = _owned.pop(client_id, None)
+    if store is not None:
+        store.close()
+
+
+def share(client: Any, array: Any) -> SharedArray:
+    """Put ``array`` once in this host's shared memory; return a handle for tasks.
+
+    The client's store holds the copy until :func:`release` or until the
+    client closes. Tasks on any worker of this host call ``handle.get()``.
+
+    Raises:
+        TypeError: ``array`` is not a numpy array.
+        NotShareableError: an object array (it holds pointers into this process).
+        ShmFullError: not enough shared memory.
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"share() takes a numpy array, not {type(array).__name__}")
+    return _put(_client_store(client), array)
+
+
+def _put(store: SharedArrayStore, array: np.ndarray[Any, Any]) -> SharedArray:
+    key = f"dask-{uuid.uuid4().hex}"
+    store.put(key, array)
+    return SharedArray(node_id(), store.name, store.directory, key, array.shape, array.dtype.str)
+
+
+def release(*handles: SharedArray) -> None:
+    """Delete the values of ``handles`` (see :meth:`SharedArray.release`)."""
+    for handle in handles:
+        handle.release()
+
+
+def close(client: Any) -> None:
+    """Remove ``client``'s store now, with every value in it (closing the client does it too)."""
+    _close_id(client.id)
+
+
+def _set_result_store(name: str | None, directory: str | None) -> None:
+    global _result_store
+    _result_store = None if name is None or directory is None else (directory, name)
+
+
+def _delete_quietly(directory: str, name: str, key: str) -> None:
+    # Dask forgot the key: the value may already be gone (released by hand, or
+    # the client closed its store), which is what this wanted anyway.
+    try:
+        _attach(directory, name).delete(key)
+    except (KeyError, StorageError):
+        pass
+
+
+class _SharedResult:
+    """A task whose array result goes to shared memory (see :func:`shared_result`).
+
+    A class, not a closure: cloudpickle copies the globals a closure defined
+    in ``__main__`` reads, and this must read the worker's own store setting.
+    """
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SharedResult, (self.func,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SharedArray:
+        result = self.func(*args, **kwargs)
+        if not isinstance(result, np.ndarray):
+            task = getattr(self.func, "__name__", "the task")
+            raise TypeError(
+                f"{task}() returned {type(result).__name__}; shared_result takes numpy arrays only"
+            )
+        if _result_store is None:
+            raise StorageError(
+                "this worker has no shared array store: call polystore.dask.install(client) "
+                "before submitting shared_result tasks"
+            )
+        directory, name = _result_store
+        handle = _put(_attach(directory, name), result)
+        weakref.finalize(handle, _delete_quietly, directory, name, handle.key)
+        return handle
+
+
+def shared_result(func: F) -> F:
+    """Make a task return its array result through shared memory, as a :class:`SharedArray`.
+
+    Submit such tasks through a client that has a store (call :func:`install`
+    first). The value is deleted when Dask forgets the task's key (see the
+    module docs).
+
+    Raises (in the task):
+        TypeError: the task returned something other than a numpy array.
+        StorageError: the worker was given no store.
+    """
+    return _SharedResult(func)  # type: ignore[return-value]  # same arguments, SharedArray result
+
+
+def install(client: Any) -> None:
+    """Create ``client``'s store now and tell its workers, so :func:`shared_result` works."""
+    _client_store(client)
+
+
+def install_on_dask(client: Any, factory: FileManagerFactory, *, name: str = "polystore") -> None:
+    """Give every worker of a Dask ``distributed`` client its FileManager.
+
+    After this call, :func:`~polystore.current_filemanager` works inside tasks
+    on every worker, present and future. Backends that live in one machine's
+    memory (``shm``) refuse to work on a worker of another machine.
+    """
+    from ._dask import FactoryPlugin
+
+    client.register_plugin(FactoryPlugin(factory), name=name)
