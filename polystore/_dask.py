@@ -37,12 +37,14 @@ class StorePlugin(WorkerPlugin):
     store, they never own it.
     """
 
-    def __init__(self, name: str, directory: str) -> None:
+    def __init__(self, name: str, directory: str, node: str) -> None:
         self.name = name
         self.directory = directory
+        self.node = node
 
     def setup(self, worker: Any) -> None:
-        _public._set_result_store(self.name, self.directory)
+        # A worker that starts may replace one that was killed: reclaim what it left.
+        _public._worker_started(self.name, self.directory, self.node)
 
     def teardown(self, worker: Any) -> None:
-        _public._set_result_store(None, None)
+        _public._set_result_store(None, None, None)

@@ -35,9 +35,18 @@ interpreter exits). Workers only attach to it.
   finaliser deletes the value. Copies of the handle (pickled to another worker
   or to the client) never delete anything, so a value lives exactly as long as
   Dask holds its key. Views already taken stay valid after the delete: the
-  store recycles the memory when the last view dies. Values of a worker
-  that is killed before it drops them stay in the store until the client
-  closes.
+  store recycles the memory when the last view dies.
+* A worker killed before it drops its results (``SIGKILL``, the out-of-memory
+  killer) leaves them in the store. Each result's key names the process that
+  put it; every worker that starts (a nanny restarting the dead one) deletes
+  the results of dead processes, and :func:`reclaim` does it on demand. The
+  store itself, and so every segment, goes when the client closes.
+
+The handle Dask holds is the owner of a result, so a result lives as long as
+its key on the worker that computed it. Dask moving the key off that worker
+(``rebalance``, retiring the worker, spilling the handle to disk, which its
+small size makes unlikely) drops the owner early: copies elsewhere then raise
+:class:`~polystore.exceptions.SharedValueReleasedError` on ``get()``.
 
 More than one host
 ------------------
@@ -50,6 +59,7 @@ host's memory, and a silent network copy would hide a misplaced task.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import uuid
@@ -71,6 +81,7 @@ __all__ = [
     "SharedValueReleasedError",
     "close",
     "install_on_dask",
+    "reclaim",
     "release",
     "share",
     "shared_result",
@@ -82,8 +93,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _attached: dict[tuple[str, str], SharedArrayStore] = {}
 # The store each client owns, by client id.
 _owned: dict[str, SharedArrayStore] = {}
-# Where shared_result puts values in this worker process (set by StorePlugin).
-_result_store: tuple[str, str] | None = None
+# Where shared_result puts values in this worker process (set by StorePlugin):
+# (directory, name, node of the store).
+_result_store: tuple[str, str, str] | None = None
 
 
 def _forget_attached() -> None:
@@ -206,7 +218,8 @@ def _client_store(client: Any) -> SharedArrayStore:
     store = SharedArrayStore()
     _owned[client.id] = store
     _close_with(client, store)
-    client.register_plugin(StorePlugin(store.name, store.directory), name=_plugin_name(store))
+    plugin = StorePlugin(store.name, store.directory, node_id())
+    client.register_plugin(plugin, name=_plugin_name(store))
     return store
 
 
@@ -264,8 +277,8 @@ def share(client: Any, array: Any) -> SharedArray:
     return _put(_client_store(client), array)
 
 
-def _put(store: SharedArrayStore, array: np.ndarray[Any, Any]) -> SharedArray:
-    key = f"dask-{uuid.uuid4().hex}"
+def _put(store: SharedArrayStore, array: np.ndarray[Any, Any], kind: str = "") -> SharedArray:
+    key = f"dask-{kind}{uuid.uuid4().hex}"
     store.put(key, array)
     return SharedArray(node_id(), store.name, store.directory, key, array.shape, array.dtype.str)
 
@@ -281,9 +294,49 @@ def close(client: Any) -> None:
     _close_id(client.id)
 
 
-def _set_result_store(name: str | None, directory: str | None) -> None:
+def _set_result_store(name: str | None, directory: str | None, node: str | None) -> None:
     global _result_store
-    _result_store = None if name is None or directory is None else (directory, name)
+    if name is None or directory is None or node is None:
+        _result_store = None
+    else:
+        _result_store = (directory, name, node)
+
+
+# A result's key names the worker process that put it, so that the values of a
+# worker killed before it could drop them can be found: "dask-r<pid>-<uuid>".
+_RESULT = "r"
+
+
+def _reclaim(store: SharedArrayStore) -> int:
+    from .locks import pid_alive
+
+    removed = 0
+    for key in list(store):  # a snapshot: the loop deletes
+        head = key[len("dask-" + _RESULT) :].split("-", 1)[0]
+        if key.startswith("dask-" + _RESULT) and head.isdigit() and not pid_alive(int(head)):
+            with contextlib.suppress(KeyError):  # its finaliser may run meanwhile
+                store.delete(key)
+                removed += 1
+    return removed
+
+
+def reclaim(client: Any) -> int:
+    """Delete the shared results of worker processes of this host that are dead.
+
+    A worker killed (by ``SIGKILL``, or the out-of-memory killer) cannot drop
+    its results, so nothing deletes them. Every worker that starts under
+    :func:`install` runs this for its store, so a nanny that restarts a killed
+    worker reclaims what it left; call it yourself where no nanny does.
+    Returns how many values were deleted.
+    """
+    store = _owned.get(client.id)
+    return 0 if store is None or store.closed else _reclaim(store)
+
+
+def _worker_started(name: str, directory: str, node: str) -> None:
+    _set_result_store(name, directory, node)
+    if node == node_id():
+        _reclaim(_attach(directory, name))
 
 
 def _delete_quietly(directory: str, name: str, key: str) -> None:
@@ -304,6 +357,7 @@ class _SharedResult:
 
     def __init__(self, func: Callable[..., Any]) -> None:
         self.func = func
+        self.__name__: str = getattr(func, "__name__", "task")
         functools.update_wrapper(self, func)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -312,7 +366,7 @@ class _SharedResult:
     def __call__(self, *args: Any, **kwargs: Any) -> SharedArray:
         result = self.func(*args, **kwargs)
         if not isinstance(result, np.ndarray):
-            task = getattr(self.func, "__name__", "the task")
+            task = self.__name__
             raise TypeError(
                 f"{task}() returned {type(result).__name__}; shared_result takes numpy arrays only"
             )
@@ -321,8 +375,15 @@ class _SharedResult:
                 "this worker has no shared array store: call polystore.dask.install(client) "
                 "before submitting shared_result tasks"
             )
-        directory, name = _result_store
-        handle = _put(_attach(directory, name), result)
+        directory, name, node = _result_store
+        here = node_id()
+        if here != node:
+            raise NotShareableError(
+                f"the client's shared array store lives on node {node!r}; a worker on node "
+                f"{here!r} cannot put {self.__name__}()'s result there; return it as a plain "
+                "Dask result instead"
+            )
+        handle = _put(_attach(directory, name), result, f"{_RESULT}{os.getpid()}-")
         weakref.finalize(handle, _delete_quietly, directory, name, handle.key)
         return handle
 

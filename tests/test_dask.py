@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -199,6 +200,36 @@ def test_nothing_left_after_the_client_closes(cluster_client: Any) -> None:
     assert mine() - before == set()
     with pytest.raises(SharedValueReleasedError, match=handle.key):
         handle.get()
+
+
+def pretend_another_node(n: int) -> psd.SharedArray:
+    os.environ["POLYSTORE_NODE_ID"] = "another-host"
+    try:
+        return ramp(n)
+    finally:
+        del os.environ["POLYSTORE_NODE_ID"]
+
+
+def test_a_worker_of_another_node_cannot_put_results_here(client: Any) -> None:
+    with pytest.raises(NotShareableError, match="another-host"):
+        client.submit(pretend_another_node, 4, pure=False).result()
+
+
+@pytest.mark.allow_leaks("the nanny restarts the killed worker: a new child that outlives the test")
+def test_a_killed_workers_results_are_reclaimed(client: Any) -> None:
+    first, _ = workers(client)
+    produced = client.submit(ramp, 10_000, workers=[first], pure=False)
+    key = produced.result().key
+    pid = int(key.split("-")[1][1:])  # "dask-r<pid>-<uuid>"
+    assert pid == client.run(os.getpid, workers=[first])[first]
+    os.kill(pid, signal.SIGKILL)
+    # The nanny starts a new worker, which reclaims what the dead one left.
+    wait_for(lambda: key not in store_keys(client), "the dead worker's result to be reclaimed")
+    del produced
+    client.wait_for_workers(2, timeout=30)
+    before = mine()
+    psd.close(client)
+    assert before and mine() == set()  # the owner removes the whole store
 
 
 def test_install_on_dask_is_still_reachable() -> None:
