@@ -20,12 +20,11 @@ handles instead:
         view = handle.get()                    # read-only, zero-copy
         ...
 
-Who owns the memory
--------------------
-Every client gets one :class:`~polystore.SharedArrayStore`, created in the
-client's process the first time it is needed and removed with all its
-segments when the client closes (or is garbage collected, or the client's
-interpreter exits). Workers only attach to it.
+**Who owns the memory.** Every client gets one
+:class:`~polystore.SharedArrayStore`, created in the client's process the
+first time it is needed and removed with all its segments when the client
+closes (or is garbage collected, or the client's interpreter exits). Workers
+only attach to it.
 
 * :func:`share` puts the array from the client; the value lives until
   :meth:`SharedArray.release` (or :func:`release`) or until the client closes.
@@ -48,13 +47,12 @@ its key on the worker that computed it. Dask moving the key off that worker
 small size makes unlikely) drops the owner early: copies elsewhere then raise
 :class:`~polystore.exceptions.SharedValueReleasedError` on ``get()``.
 
-More than one host
-------------------
-A handle carries the node it lives on (:func:`polystore.shm_backend.node_id`,
-which ``POLYSTORE_NODE_ID`` overrides). On any other node :meth:`SharedArray.get`
-raises :class:`~polystore.NotShareableError` naming both nodes, rather than
-fetching the bytes through Dask: this module is for workers that share one
-host's memory, and a silent network copy would hide a misplaced task.
+**More than one host.** A handle carries the node it lives on
+(:func:`polystore.shm_backend.node_id`, which ``POLYSTORE_NODE_ID``
+overrides). On any other node :meth:`SharedArray.get` raises
+:class:`~polystore.NotShareableError` naming both nodes, rather than fetching
+the bytes through Dask: this module is for workers that share one host's
+memory, and a silent network copy would hide a misplaced task.
 """
 
 from __future__ import annotations
@@ -334,9 +332,17 @@ def reclaim(client: Any) -> int:
 
 
 def _worker_started(name: str, directory: str, node: str) -> None:
+    if node != node_id():
+        _set_result_store(name, directory, node)  # shared_result will say why it refuses
+        return
+    try:
+        store = _attach(directory, name)
+    except StorageError:
+        # The client closed its store; the scheduler still holds its plugin.
+        _set_result_store(None, None, None)
+        return
     _set_result_store(name, directory, node)
-    if node == node_id():
-        _reclaim(_attach(directory, name))
+    _reclaim(store)
 
 
 def _delete_quietly(directory: str, name: str, key: str) -> None:
