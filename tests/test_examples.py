@@ -56,7 +56,33 @@ def test_pipeline_rejects_bad_arguments() -> None:
 
 
 def test_every_example_is_tested() -> None:
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == ["pipeline.py"]
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == ["dask_pipeline.py", "pipeline.py"]
+
+
+@pytest.mark.timeout(120)
+def test_dask_pipeline_example() -> None:
+    pytest.importorskip("distributed")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "dask_pipeline.py"), "--images", "12", "--side", "64",
+         "--group", "4", "--no-progress"],
+        capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].startswith("polystore: 27 hand-offs") and "projection max 8.000" in lines[-2]
+    assert lines[-1].startswith("plain Dask results:") and "polystore" in lines[-1]
+    assert "resource_tracker" not in proc.stderr and "leaked" not in proc.stderr
+
+
+def test_dask_pipeline_rejects_bad_arguments() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "dask_pipeline.py"), "--group", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "--group" in proc.stderr
 
 
 def _run_pipeline(*args: str) -> subprocess.CompletedProcess[str]:
