@@ -360,3 +360,20 @@ def test_a_child_killed_while_it_adopts_inherited_views() -> None:
         del view
         store.put("t", value(100, 2, N_SMALL))
         _survivor_checks(store, SCENARIOS[0], "after the forks")
+
+
+def test_a_garbled_journal_is_refused_not_replayed() -> None:
+    # Only a bug or a stray writer could leave these; recovery must not act on them.
+    with SharedArrayStore(max_keys=24, max_blocks=1024, max_segs=64) as store:
+        _base(store)
+        a = store._arena
+        before = problems(a)
+        q = a.q
+        # records naming the journal itself, the seqlock and a word past the segment
+        for j, index in enumerate((a.L0 + 1, ix.H_WSEQ, len(q) + 5)):
+            q[a.L0 + 2 * j], q[a.L0 + 2 * j + 1] = index, 12345
+        q[ix.H_LOG_LEN] = 3
+        assert problems(a) == before  # recovered: nothing replayed
+        q[ix.H_LOG_LEN] = ix.LOG_RECORDS + 10  # a count no section can reach
+        assert problems(a) == before and a.h[ix.H_LOG_LEN] == 0
+        _survivor_checks(store, SCENARIOS[0], "after a garbled journal")
