@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            worker_dashboard_address=None,
             host="127.0.0.1",
         ) as cluster,
         Client(cluster) as client,

@@ -20,6 +20,11 @@ handles instead:
         view = handle.get()                    # read-only, zero-copy
         ...
 
+    def stage_in_place(handle):                # no copy at all: computed in shared memory
+        with psd.result_array(shape, "f4") as out:
+            np.multiply(handle.get(), 2, out=out.array)
+        return out.handle
+
 **Who owns the memory.** Every client gets one
 :class:`~polystore.SharedArrayStore`, created in the client's process the
 first time it is needed and removed with all its segments when the client
@@ -29,7 +34,8 @@ only attach to it.
 * :func:`share` puts the array from the client; the value lives until
   :meth:`SharedArray.release` (or :func:`release`) or until the client closes.
 * A :func:`shared_result` task puts its result from the worker and returns
-  the *owning* handle. Dask keeps that object on the worker for as long as
+  the *owning* handle (a task using :func:`result_array` computes into the
+  store and returns it likewise). Dask keeps that object on the worker for as long as
   the key is wanted; when Dask forgets the key the worker drops it and its
   finaliser deletes the value. Copies of the handle (pickled to another worker
   or to the client) never delete anything, so a value lives exactly as long as
@@ -62,7 +68,7 @@ import functools
 import os
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -75,12 +81,14 @@ if TYPE_CHECKING:
     from .shmstore import SharedArrayStore
 
 __all__ = [
+    "ResultArray",
     "SharedArray",
     "SharedValueReleasedError",
     "close",
     "install_on_dask",
     "reclaim",
     "release",
+    "result_array",
     "share",
     "shared_result",
 ]
@@ -376,22 +384,71 @@ class _SharedResult:
             raise TypeError(
                 f"{task}() returned {type(result).__name__}; shared_result takes numpy arrays only"
             )
-        if _result_store is None:
-            raise StorageError(
-                "this worker has no shared array store: call polystore.dask.install(client) "
-                "before submitting shared_result tasks"
-            )
-        directory, name, node = _result_store
-        here = node_id()
-        if here != node:
-            raise NotShareableError(
-                f"the client's shared array store lives on node {node!r}; a worker on node "
-                f"{here!r} cannot put {self.__name__}()'s result there; return it as a plain "
-                "Dask result instead"
-            )
+        directory, name = _worker_store(f"{self.__name__}()")
         handle = _put(_attach(directory, name), result, f"{_RESULT}{os.getpid()}-")
         weakref.finalize(handle, _delete_quietly, directory, name, handle.key)
         return handle
+
+
+def _worker_store(task: str) -> tuple[str, str]:
+    """(directory, name) of the store results go to from this worker, checked."""
+    if _result_store is None:
+        raise StorageError(
+            "this worker has no shared array store: call polystore.dask.install(client) "
+            "before submitting tasks that return shared results"
+        )
+    directory, name, node = _result_store
+    here = node_id()
+    if here != node:
+        raise NotShareableError(
+            f"the client's shared array store lives on node {node!r}; a worker on node "
+            f"{here!r} cannot put {task}'s result there; return it as a plain Dask result"
+        )
+    return directory, name
+
+
+class ResultArray:
+    """What :func:`result_array` yields: the array to fill, then the handle to return.
+
+    Attributes:
+        array: a writable array in the client's shared memory (inside the block).
+        handle: the owning :class:`SharedArray` of the published value (after it).
+    """
+
+    array: np.ndarray[Any, Any]
+    handle: SharedArray
+
+
+@contextlib.contextmanager
+def result_array(shape: Any, dtype: Any = float) -> Iterator[ResultArray]:
+    """In a task: compute a result straight into shared memory, and return its handle.
+
+    .. code-block:: python
+
+        def stage(handle):
+            with polystore.dask.result_array(shape, "f4") as out:
+                np.add(handle.get(), 1, out=out.array)    # no private array, no copy
+            return out.handle
+
+    The value is published when the block ends (nothing is if it raises) and
+    belongs to the handle, as a :func:`shared_result` does: it is deleted
+    when Dask forgets the task's key.
+
+    Raises:
+        StorageError: the worker was given no store (call :func:`install`).
+        NotShareableError: the worker is on another node than the store.
+        TypeError, ValueError: a bad shape or dtype, before anything is made.
+    """
+    directory, name = _worker_store("result_array()")
+    store = _attach(directory, name)
+    key = f"dask-{_RESULT}{os.getpid()}-{uuid.uuid4().hex}"
+    out = ResultArray()
+    with store.create(key, shape, dtype) as arr:
+        out.array = arr
+        yield out
+    handle = SharedArray(node_id(), store.name, store.directory, key, arr.shape, arr.dtype.str)
+    weakref.finalize(handle, _delete_quietly, directory, name, key)
+    out.handle = handle
 
 
 def shared_result(func: F) -> F:

@@ -61,6 +61,20 @@ def not_an_array(n: int) -> list[int]:
     return list(range(n))
 
 
+def doubled_in_place(handle: psd.SharedArray) -> psd.SharedArray:
+    source = handle.get()
+    with psd.result_array(source.shape, source.dtype) as out:
+        np.multiply(source, 2, out=out.array)
+    return out.handle
+
+
+def fails_in_place(n: int) -> psd.SharedArray:
+    with psd.result_array(n, "f8") as out:
+        out.array[:] = 1
+        raise RuntimeError("boom")
+    return out.handle  # pragma: no cover
+
+
 # -- fixtures --------------------------------------------------------------------------
 
 
@@ -72,6 +86,7 @@ def cluster_client() -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            worker_dashboard_address=None,
             host="127.0.0.1",
         ) as cluster,
         distributed.Client(cluster) as client,
@@ -151,6 +166,23 @@ def test_hand_off_between_workers_and_freed_when_dask_forgets(client: Any) -> No
     del produced, consumed
     wait_for(lambda: key not in store_keys(client), "the worker to drop the result")
     assert view.sum() == total  # a view taken before stays valid
+
+
+def test_a_task_computes_its_result_in_shared_memory(client: Any) -> None:
+    first, second = workers(client)
+    produced = client.submit(ramp, 10_000, workers=[first], pure=False)
+    doubled = client.submit(doubled_in_place, produced, workers=[second], pure=False)
+    _, total, writeable, path = client.submit(read, doubled, workers=[first], pure=False).result()
+    assert total == 2 * float(np.arange(10_000).sum()) and not writeable
+    assert os.path.basename(path).startswith(f"polystore-{os.getpid()}-")
+    key = doubled.result().key
+    assert key in store_keys(client)
+    before = set(store_keys(client))
+    with pytest.raises(RuntimeError, match="boom"):
+        client.submit(fails_in_place, 1000, workers=[first], pure=False).result()
+    assert set(store_keys(client)) <= before  # nothing published by the failed task
+    del produced, doubled
+    wait_for(lambda: key not in store_keys(client), "the worker to drop the result")
 
 
 def test_shared_result_refuses_what_is_not_an_array(client: Any) -> None:
