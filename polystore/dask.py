@@ -55,10 +55,13 @@ small size makes unlikely) drops the owner early: copies elsewhere then raise
 
 **More than one host.** A handle carries the node it lives on
 (:func:`polystore.shm_backend.node_id`, which ``POLYSTORE_NODE_ID``
-overrides). On any other node :meth:`SharedArray.get` raises
-:class:`~polystore.NotShareableError` naming both nodes, rather than fetching
-the bytes through Dask: this module is for workers that share one host's
-memory, and a silent network copy would hide a misplaced task.
+overrides). On any other node :meth:`SharedArray.get` never gives wrong
+data: by default a worker of the array's node copies it out and Dask brings
+the copy over (a network transfer, as plain Dask would make);
+``get(fetch=False)`` asks for shared memory only and raises
+:class:`~polystore.NotShareableError` naming both nodes instead, as it does
+when no worker of the array's node is there. Releasing and ``shared_result``
+work on the array's node only.
 """
 
 from __future__ import annotations
@@ -145,13 +148,21 @@ class SharedArray:
         """Size of the array in bytes."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def get(self) -> np.ndarray[Any, Any]:
-        """A read-only view of the array, with no copy.
+    def get(self, *, fetch: bool = True) -> np.ndarray[Any, Any]:
+        """A read-only view of the array, with no copy (on the array's node).
+
+        On another node, with ``fetch`` (the default), a worker of the
+        array's node copies it out and Dask brings the copy here (read-only
+        too): the data is right, at the cost of a network transfer. With
+        ``fetch=False`` (shared memory only) that is an error instead.
 
         Raises:
-            NotShareableError: this process runs on another node than the array.
+            NotShareableError: on another node, with ``fetch=False`` or with no
+                worker of the array's node to fetch from; the message names both.
             SharedValueReleasedError: the value was released, or its client closed.
         """
+        if fetch and node_id() != self.node:
+            return _fetch(self)
         self._check_node()
         try:
             return _store(self.directory, self.store, self.key).get(self.key)
@@ -179,6 +190,41 @@ class SharedArray:
                 f"and cannot be read on node {here!r}; run the task on a worker of "
                 f"{self.node!r} or pass the array as a plain Dask result"
             )
+
+
+def _copy_out(handle: SharedArray) -> np.ndarray[Any, Any]:
+    """On the array's node: a copy of it, for Dask to send to another node."""
+    return np.array(handle.get(fetch=False))
+
+
+def _fetch(handle: SharedArray) -> np.ndarray[Any, Any]:
+    """The array of ``handle``, copied from a worker of its node through Dask."""
+    from distributed import get_client, get_worker, worker_client
+
+    def fetch_with(client: Any) -> np.ndarray[Any, Any]:
+        nodes = client.run(node_id)
+        owners = [address for address, node in nodes.items() if node == handle.node]
+        if not owners:
+            raise NotShareableError(
+                f"shared array {handle.key!r} lives on node {handle.node!r}; this process "
+                f"runs on node {node_id()!r} and no worker of {handle.node!r} is there to "
+                "fetch it from"
+            )
+        future = client.submit(
+            _copy_out, handle, workers=owners, allow_other_workers=False, pure=False
+        )
+        copy: np.ndarray[Any, Any] = future.result()
+        return copy
+
+    try:
+        get_worker()
+    except ValueError:  # not in a task: use this process's client
+        copy = fetch_with(get_client())
+    else:
+        with worker_client() as client:  # leaves the worker's thread while waiting
+            copy = fetch_with(client)
+    copy.flags.writeable = False
+    return copy
 
 
 def _store(directory: str, name: str, key: str) -> SharedArrayStore:

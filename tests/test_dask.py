@@ -218,9 +218,32 @@ def test_other_node_refuses_and_names_both(client: Any, monkeypatch: pytest.Monk
 
     monkeypatch.setenv("POLYSTORE_NODE_ID", "another-host")
     with pytest.raises(NotShareableError, match="another-host"):
-        handle.get()
+        handle.get(fetch=False)  # shared memory only
+    # by default the bytes come from a worker of the array's node, through Dask
+    fetched = handle.get()
+    assert fetched.sum() == 0 and fetched.shape == (8,) and not fetched.flags.writeable
+    assert "polystore-" not in backing_file(fetched)  # a copy, not a view of shared memory
     monkeypatch.delenv("POLYSTORE_NODE_ID")
     assert handle.get().sum() == 0
+
+
+def on_another_node(handle: psd.SharedArray) -> tuple[str, float, str]:
+    os.environ["POLYSTORE_NODE_ID"] = "another-host"
+    try:
+        got = handle.get()  # fetched from the worker of the real node
+        return psd.node_id(), float(got.sum()), backing_file(got)
+    finally:
+        del os.environ["POLYSTORE_NODE_ID"]
+
+
+def test_a_task_on_another_node_gets_a_copy_through_dask(client: Any) -> None:
+    handle = psd.share(client, np.arange(1000, dtype=np.float64))
+    first, _ = workers(client)
+    node, total, path = client.submit(
+        on_another_node, handle, workers=[first], pure=False
+    ).result()
+    assert node == "another-host" and total == float(np.arange(1000).sum())
+    assert not os.path.basename(path).startswith("polystore-")  # not mapped: a copy
 
 
 def test_nothing_left_after_the_client_closes(cluster_client: Any) -> None:
