@@ -100,6 +100,32 @@ def _prepare(fmt: Format, data: Any, path: str, kwargs: dict[str, Any]) -> Any:
     return fmt.normalize(data, path, **kwargs)
 
 
+def _place(
+    source: str,
+    target: str,
+    sidecar: str,
+    meta: dict[str, Any] | None,
+    text: str,
+    overwrite: bool,
+    durable: bool,
+) -> None:
+    """Rename ``source`` onto ``target`` with its metadata, as :mod:`polystore._sidecar` commits.
+
+    The caller holds the target directory's commit lock. If the rename fails,
+    the sidecar's entries are put back as they were.
+    """
+    kept = _sidecar.stage(target, sidecar, source, meta, text, durable)
+    try:
+        if overwrite:
+            os.replace(source, target)
+        else:
+            link_new(source, target, text)
+    except BaseException:
+        _sidecar.write_entries(sidecar, kept, durable)
+        raise
+    _sidecar.finish(target, sidecar, meta, durable)
+
+
 class DiskBackend(StorageBackend):
     """Files on a local or shared file system, written atomically.
 
@@ -247,16 +273,7 @@ class DiskBackend(StorageBackend):
         sidecar = self._sidecar(target)
         try:
             with directory_lock(directory, self.lock_timeout):
-                kept = _sidecar.stage(target, sidecar, tmp, meta, text, durable)
-                try:
-                    if overwrite:
-                        os.replace(tmp, target)
-                    else:
-                        link_new(tmp, target, text)
-                except BaseException:
-                    _sidecar.write_entries(sidecar, kept, durable)
-                    raise
-                _sidecar.finish(target, sidecar, meta, durable)
+                _place(tmp, target, sidecar, meta, text, overwrite, durable)
         except BaseException:
             remove_quietly(tmp)
             raise
@@ -618,16 +635,7 @@ class DiskBackend(StorageBackend):
         meta = _sidecar.metadata_of(source, src_meta, dst_text)
         durable = self.fsync
         # A rename keeps the file's identity, so its entry is valid at the new name.
-        kept = _sidecar.stage(target, dst_meta, source, meta, dst_text, durable)
-        try:
-            if overwrite:
-                os.replace(source, target)
-            else:
-                link_new(source, target, dst_text)
-        except BaseException:
-            _sidecar.write_entries(dst_meta, kept, durable)
-            raise
-        _sidecar.finish(target, dst_meta, meta, durable)
+        _place(source, target, dst_meta, meta, dst_text, overwrite, durable)
         remove_quietly(src_meta)
 
     # -- metadata, locks, cleanup ---------------------------------------------
