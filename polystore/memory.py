@@ -304,7 +304,6 @@ class MemoryBackend(StorageBackend):
                 yield arr
             return
         meta = normalize_metadata(metadata, text)
-        self._check_new_file(path, overwrite)
         self._check_parents(vpath, create=False)
         timeout = kwargs.pop("timeout", 0)
         # The store refuses overwrite=False if another large value was saved

@@ -135,6 +135,8 @@ class _StoreDict(MutableMapping[str, Any]):
         self.store.delete(key)
 
     def pop(self, key: str, default: Any = None) -> Any:
+        if key not in self.store:  # no locked section for what is not there (lock-free)
+            return default
         try:
             self.store.delete(key)
         except KeyError:

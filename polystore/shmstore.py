@@ -57,7 +57,14 @@ from ._shm import fast as _shm_fast
 from ._shm import layout as ix
 from ._shm import open as _shm_open
 from ._shm import write as _shm_write
-from ._shm.read import LOCK_FREE_GET, RETRY, get_optimistic, read_meta, view_of
+from ._shm.read import (
+    LOCK_FREE_GET,
+    RETRY,
+    contains_optimistic,
+    get_optimistic,
+    read_meta,
+    view_of,
+)
 from .exceptions import ShmFullError, StorageError, StoreClosedError
 from .formats import array_spec
 
@@ -512,7 +519,12 @@ class SharedArrayStore:
         if not isinstance(key, str):
             return False
         _, kbz, h = _key(key)
-        with self._live().locked as a:
+        a = self._live()
+        if LOCK_FREE_GET:
+            found = contains_optimistic(a, kbz, h)
+            if found is not RETRY:
+                return bool(found)
+        with a.locked:
             return a.find(kbz, h)[1] >= 0
 
     def __len__(self) -> int:

@@ -233,6 +233,16 @@ def _in_child(
 
 
 def _survivor_checks(store: SharedArrayStore, sc: Scenario, label: str) -> None:
+    # First, before anything takes the lock and repairs the dead writer's
+    # section: a lock-free `in` must see through it (the write counter it
+    # left odd sends the lookup to the lock).
+    for key in STABLE:
+        assert key in store, f"{label}: untouched key {key} not found"
+    for key, (_, versions) in sc.allowed.items():
+        if None not in versions:
+            assert key in store, f"{label}: {key} not found"
+        elif versions == {None}:
+            assert key not in store, f"{label}: {key} found"
     found = problems(store._arena)
     assert not found, f"{label}: {found}"
     for key, (kid, n) in STABLE.items():

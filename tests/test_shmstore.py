@@ -659,7 +659,13 @@ def test_store_of_a_killed_owner_takes_no_more_memory() -> None:
     try:
         assert attached.get("k")[0] == 1.0  # what is there stays readable
         with pytest.raises(StorageError, match="died"):
-            attached.put("new", np.ones(1 << 20))
+            attached.put("new", np.ones(1 << 20))  # needs a new segment: refused
+        # Free blocks of segments the store already has are used again
+        # (nothing new would outlive it): "k" moves to another block of its
+        # segment, and "k2" takes one too.
+        attached.put("k", np.full(1000, 2.0))
+        attached.put("k2", np.full(1000, 3.0))
+        assert attached.get("k")[0] == 2.0 and attached.get("k2")[0] == 3.0
         attached.close()
     finally:
         for name in os.listdir(ix.SHM_DIR):

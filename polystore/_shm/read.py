@@ -19,7 +19,15 @@ import numpy as np
 from . import arena as _arena
 from . import layout as ix
 
-__all__ = ["LOCK_FREE_GET", "RETRY", "get_optimistic", "make_meta", "read_meta", "view_of"]
+__all__ = [
+    "LOCK_FREE_GET",
+    "RETRY",
+    "contains_optimistic",
+    "get_optimistic",
+    "make_meta",
+    "read_meta",
+    "view_of",
+]
 
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
 _E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
@@ -84,6 +92,26 @@ def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
     if fresh:
         a.meta[e] = meta
     return meta, b, s, gen, off
+
+
+def contains_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
+    """Whether a key is in the store, read without the lock: ``True``, ``False`` or ``RETRY``.
+
+    The same seqlock as :func:`get_optimistic`, with nothing to pin: the
+    answer stands if the write counter was even and unchanged around the
+    lookup. A pipeline asks this several times per file it writes (is the
+    path a file, a directory, are its parents files), so it must not queue
+    behind writers for the lock.
+    """
+    try:
+        hdr = a.h
+        seq = hdr[_H_WSEQ]
+        if seq & 1 or hdr[_H_CLOSED]:
+            return RETRY
+        found = a.find(kbz, h)[1] >= 0
+    except Exception:  # a torn read; the lock sorts it out
+        return RETRY
+    return found if hdr[_H_WSEQ] == seq else RETRY
 
 
 def view_of(

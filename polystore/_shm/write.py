@@ -129,11 +129,12 @@ def create(
     dt = ix.encode_dtype(dtype)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
-    with a.locked:
-        if a.slot < 0:
-            a.my_slot()
-        if not overwrite and a.find(kbz, h)[1] >= 0:
-            raise FileExistsError(errno.EEXIST, "key exists", key)
+    if a.slot < 0 or not overwrite:  # (publishing checks overwrite=False again)
+        with a.locked:
+            if a.slot < 0:
+                a.my_slot()
+            if not overwrite and a.find(kbz, h)[1] >= 0:
+                raise FileExistsError(errno.EEXIST, "key exists", key)
     order: Literal["C", "F"] = "F" if flags & ix.F_FORTRAN else "C"
     if nbytes == 0:
         arr: np.ndarray[Any, Any] = np.empty(shape, dtype, order=order)
@@ -305,14 +306,20 @@ def grow(a: _arena.Arena, cls: int) -> int:
     drops, unlinking the file.
     """
     with a.locked:
+        a.my_slot()
+        b = a.pop_free(cls)
+        if b >= 0:
+            return b
+        # New memory is needed. Looking at other processes costs a read of
+        # /proc per process, so it is done here, not for every block taken
+        # (benchmarks/pipeline.py: a third of a warm create_array).
         if not ix.is_alive(a.owner_pid, a.h[ix.H_START]):
             # Nobody would remove a new segment but `python -m polystore gc`.
             raise StorageError(
                 f"the owner (pid {a.owner_pid}) of shared array store {a.name!r} "
                 "died; the store takes no more memory"
             )
-        a.my_slot()
-        a.reap()  # the pins of dead readers may hold the blocks we need
+        a.reap()  # the pins and blocks of dead processes may hold what we need
         b = a.pop_free(cls)
         if b >= 0:
             return b
