@@ -418,6 +418,9 @@ class SharedArrayStore:
         if a.fast is not None and LOCK_FREE_GET and not self._closed:
             # the lock-free read and the view, in C; False: the Python path decides
             view = a.fast.view(a, key)
+            if view is False and type(key) is str and key not in _keys:
+                _key(key)  # a key this process has not used: validated, then in C too
+                view = a.fast.view(a, key)
             if view is not False:
                 if view is None:
                     raise KeyError(key)

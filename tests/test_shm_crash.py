@@ -303,6 +303,8 @@ def test_a_kill_at_every_step_leaves_the_store_whole(
                 assert (in_c > 0 and in_python == 0) if path == "c" else in_c == 0
             else:
                 assert in_python > 0
+        if sc.name == "create large" and path == "c":  # a new key: published in C
+            assert in_c > 0
         kills = 0
         for at in range(1, steps + 1):
             _restore(store)

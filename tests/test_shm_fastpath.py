@@ -151,14 +151,23 @@ def test_every_other_put_goes_to_python(
 
 
 @needs_c
-def test_a_get_without_the_cached_description_goes_to_python(
+def test_a_get_without_the_cached_description_decodes_it_in_c(
     c_store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     c_store.put("k", np.arange(10.0))
-    c_store._arena.meta.clear()
+    c_store.get("k")
+    c_store._arena.meta.clear()  # as for a key this process meets for the first time
     spy = Counted(c_store, monkeypatch)
     assert np.array_equal(c_store.get("k"), np.arange(10.0))
-    assert spy.python_ran()  # and it cached the description again
+    assert not spy.python_ran()  # a dtype decoded before: C describes the value itself
+    c_store._arena.meta.clear()
+    known = dict(ix.DTYPES)
+    ix.DTYPES.clear()  # a dtype text no one decoded in this process: Python decodes it
+    try:
+        assert np.array_equal(c_store.get("k"), np.arange(10.0))
+        assert spy.python_ran()
+    finally:
+        ix.DTYPES.update(known)
     assert np.array_equal(c_store.get("k"), np.arange(10.0))
     assert not spy.python_ran()
     with pytest.raises(KeyError):
@@ -296,7 +305,7 @@ def test_the_c_view_checks_its_arguments(c_store: SharedArrayStore) -> None:
     ctl = _shm_fast.make_ctl(a._whole, a.layout)
     with pytest.raises(RuntimeError, match="bind"):
         ctl.get(a, b"k\0", 0)
-    ctl.bind(a.meta, a.ro_maps, a.rw_maps, a._refs, a.view_dead)
+    ctl.bind(a.meta, a.ro_maps, a.rw_maps, a._refs, a.view_dead, ix.DTYPES)
     with pytest.raises(IndexError):
         ctl.pin_add(-1, 1)
     pin_base = a.pin_base

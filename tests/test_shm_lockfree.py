@@ -329,3 +329,66 @@ def test_threads_pinning_and_unpinning_one_block_lose_no_count() -> None:
         assert row.sum() == 1 and row.min() >= 0
         del held
         assert not a.pins_np.any()
+
+
+DESCRIPTIONS = [
+    np.arange(6, dtype=np.float32).reshape(2, 3),
+    np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),
+    np.zeros((2, 1, 3, 1), dtype=">u4"),
+    np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "<i4"), ("b", "<f8")]),
+    np.arange(5, dtype=np.complex64),
+]
+
+
+@pytest.mark.parametrize("value", DESCRIPTIONS, ids=lambda v: f"{v.dtype}-{v.ndim}d")
+def test_a_new_key_is_described_as_python_describes_it(
+    value: np.ndarray, monkeypatch: pytest.MonkeyPatch, store_paths: str
+) -> None:
+    """The first get of a key: C decodes its description where Python did so once."""
+    with SharedArrayStore() as store:
+        store.put("first", value)
+        assert np.array_equal(store.get("first"), value)  # decoded once, in Python
+        store.put("new", value)
+        a = store._arena
+        decoded = []
+        real = _shm_read.read_meta
+        monkeypatch.setattr(shmstore, "read_meta", lambda *args: decoded.append(1) or real(*args))
+        monkeypatch.setattr(_shm_read, "read_meta", shmstore.read_meta)
+        got = store.get("new")
+        assert np.array_equal(got, value)
+        assert got.flags.f_contiguous == value.flags.f_contiguous and got.dtype == value.dtype
+        e = a.find(*shmstore._key("new")[1:])[1]
+        assert a.meta[e] == real(a, e)  # what C cached is what Python would have
+        if store_paths == "c":
+            assert not decoded, "the C read path left a known dtype to Python"
+
+
+def test_a_description_read_across_a_write_is_not_cached(
+    monkeypatch: pytest.MonkeyPatch, store_paths: str
+) -> None:
+    """C decodes a new key's description before its seqlock check: if a writer
+    got in, the description may be torn and must not be kept."""
+    if store_paths != "c":
+        pytest.skip("the C read path only")
+    with SharedArrayStore() as store:
+        store.put("k", np.arange(N, dtype=np.float32))
+        store.get("k")  # a pin row, and float32 decoded once
+        store.put("n", np.arange(N, dtype=np.float32))
+        a = store._arena
+        e = a.find(*shmstore._key("n")[1:])[1]
+        a.meta.pop(e)  # as in a process that did not write it
+        calls: list[bool] = []
+
+        def hook() -> None:  # between the pin and the check of every C try
+            if not calls:
+                a.q[ix.H_WSEQ] += 2  # as if a writer got in: this try must fail
+            calls.append(e in a.meta)  # what the tries before this one cached
+
+        _shm_fast._fastpath._set_test_hook(hook)
+        try:
+            view = store.get("n")
+        finally:
+            _shm_fast._fastpath._set_test_hook(None)
+        assert calls == [False, False]  # the failed try kept nothing; the next succeeded
+        assert e in a.meta
+        assert np.array_equal(view, np.arange(N, dtype=np.float32))

@@ -6,7 +6,7 @@ Layers, each using only those below it::
     ───────────────────────────────────────────────────────────────────────────
     write   read   fork     the paths: put/grow/abandon; lock-free get, pins
                             and views; forking while views are held
-    fast + _fastpath*.c     the same steady-state put and get in C (optional)
+    fast + _fastpath*.c     the common get, small put and create in C (optional)
     ───────────────────────────────────────────────────────────────────────────
     arena                   one process's view of a store: mappings, the lock
                             (`with arena.locked:` is a transaction), recovery

@@ -5,17 +5,21 @@
  * semantics; this module repeats their common cases with far fewer memory
  * accesses and no bytecode:
  *
- *   Ctl.view(): a get() whose value description this process has cached:
- *       the lock-free lookup and pin of get_optimistic(), then the view;
+ *   Ctl.view(): a get(): the lock-free lookup and pin of get_optimistic(),
+ *       then the view; the value's description comes from the cache, or is
+ *       decoded here from its entry when this process knows its dtype text
+ *       (layout.DTYPES), as for a key it meets for the first time;
  *   Ctl.get(): the same lookup and pin, for the Python path to make a view;
  *   Ctl.put_small(): a small put of a key's same dtype and shape into a free
  *       block of its size class, the steady state of a value handed over
  *       again and again, journaled like every locked section;
+ *   Ctl.publish(): the end of create() for a new key: a value made in place
+ *       installed in a fresh entry, journaled (a pipeline's hand-off);
  *   Ctl.pin_add(): the one way this process changes its row of the pin
  *       table while the fast path is on (an atomic add), which is what lets
  *       the read path pin without the store's thread lock.
  *
- * Anything else (a new key, another shape, a block in use, a store closed or
+ * Anything else (a new key to put, another shape, a block in use, a store closed or
  * shrunk meanwhile, a mapping this process has not made yet) is declined with
  * a return value, and the caller runs the Python path. Nothing here raises for
  * such cases, and nothing here allocates memory in the store.
@@ -29,6 +33,7 @@ static PyObject *str_locked;  /* interned method name */
 FP_INTERNAL PyObject *fp_test_hook;
 FP_INTERNAL long fp_kill_at, fp_steps;
 FP_INTERNAL PyObject *fp_str_dtype;
+FP_INTERNAL PyObject *fp_str_C, *fp_str_F;
 
 PyDoc_STRVAR(ctl_get_doc,
 "get(arena, kbz, hash) -> tuple | None | False\n\n"
@@ -36,7 +41,8 @@ PyDoc_STRVAR(ctl_get_doc,
 "Returns (meta, block, segment, generation, offset) with the block pinned in\n"
 "this process's row of the pin table; None if the key is absent; False when\n"
 "the Python path must decide (a writer was busy or got in the way, the store\n"
-"changed, or arena.meta[entry] is not the cached description of the value).\n"
+"changed, or the value's description is neither cached in arena.meta nor of\n"
+"a dtype text in layout.DTYPES).\n"
 "arena is the store's polystore._shm.arena.Arena in this process.");
 
 PyDoc_STRVAR(ctl_view_doc,
@@ -205,6 +211,39 @@ done:
     return r;
 }
 
+static PyObject *
+ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs(nargs, 8, "publish", "the arena, the key's bytes and NUL, its hash, "
+                    "the block, nbytes, the dtype text, the shape and the flags") < 0)
+        return NULL;
+    PyObject *names[5] = {s_fd, s_epoch, s_slot, s_lock, s_pending};
+    PyObject *got[5];
+    if (fetch(args[0], names, got, 5) < 0)
+        return NULL;
+    PyObject *r = NULL;
+    /* as in put_small: another thread of ours in the store, or unpins waiting */
+    if (!PyList_Check(got[4]) || PyList_GET_SIZE(got[4]) > 0) {
+        r = Py_NewRef(Py_False);
+        goto done;
+    }
+    PyObject *held = PyObject_CallMethodNoArgs(got[3], str_locked);
+    if (held == NULL)
+        goto done;
+    int busy = held != Py_False;
+    Py_DECREF(held);
+    if (busy) {
+        r = Py_NewRef(Py_False);
+        goto done;
+    }
+    PyObject *inner[10] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4], args[5],
+                           args[6], args[7]};
+    r = fp_publish_impl(c, inner);
+done:
+    drop(got, 5);
+    return r;
+}
+
 /* -- the type and the module ------------------------------------------------- */
 
 static int
@@ -215,6 +254,7 @@ ctl_clear(Ctl *c)
     Py_CLEAR(c->rw_maps);
     Py_CLEAR(c->refs);
     Py_CLEAR(c->view_dead);
+    Py_CLEAR(c->dtypes);
     return 0;
 }
 
@@ -226,16 +266,18 @@ ctl_traverse(Ctl *c, visitproc visit, void *arg)
     Py_VISIT(c->rw_maps);
     Py_VISIT(c->refs);
     Py_VISIT(c->view_dead);
+    Py_VISIT(c->dtypes);
     return 0;
 }
 
 static PyObject *
 ctl_bind(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])
-            || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) || !PyCallable_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "bind(meta: dict, ro_maps: dict, rw_maps: dict, refs: dict, view_dead)");
+    if (nargs != 6 || !PyDict_Check(args[0]) || !PyDict_Check(args[1])
+            || !PyDict_Check(args[2]) || !PyDict_Check(args[3]) || !PyCallable_Check(args[4])
+            || !PyDict_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "bind(meta: dict, ro_maps: dict, rw_maps: dict, "
+                        "refs: dict, view_dead, dtypes: dict)");
         return NULL;
     }
     Py_XSETREF(c->meta, Py_NewRef(args[0]));
@@ -243,6 +285,7 @@ ctl_bind(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(c->rw_maps, Py_NewRef(args[2]));
     Py_XSETREF(c->refs, Py_NewRef(args[3]));
     Py_XSETREF(c->view_dead, Py_NewRef(args[4]));
+    Py_XSETREF(c->dtypes, Py_NewRef(args[5]));
     Py_RETURN_NONE;
 }
 
@@ -426,7 +469,17 @@ arm_faults(PyObject *Py_UNUSED(module), PyObject *at)
     return PyLong_FromLong(taken);
 }
 
+static PyObject *
+fault_step(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
+{
+    fp_step();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"_fault_step", fault_step, METH_NOARGS,
+     "Tests only: one step of the Python write path, on the same count as the C "
+     "steps, so that a path that runs in both dies at the step the test chose."},
     {"_arm_faults", arm_faults, METH_O,
      "Tests only: count the steps of the write path from now on and SIGKILL this "
      "process at step n (-1: never, 0: stop counting); returns the steps taken since "
@@ -444,8 +497,15 @@ static PyMethodDef ctl_methods[] = {
     {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
     {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
     {"put_small", (PyCFunction)(void (*)(void))ctl_put_small, METH_FASTCALL, ctl_put_doc},
+    {"publish", (PyCFunction)(void (*)(void))ctl_publish, METH_FASTCALL,
+     "publish(arena, kbz, hash, block, nbytes, dt, shape, flags) -> bool\n\n"
+     "Install block, which this process filled in place (create), under a new\n"
+     "key, in one journaled section under the flock. Returns False, having\n"
+     "changed nothing, in every other case: a key that exists, no free entry\n"
+     "record, another thread of this process or another process in the store,\n"
+     "or work a dead lock holder left to finish."},
     {"bind", (PyCFunction)(void (*)(void))ctl_bind, METH_FASTCALL,
-     "bind(meta, ro_maps, rw_maps, refs, view_dead): the arena's objects that never "
+     "bind(meta, ro_maps, rw_maps, refs, view_dead, dtypes): the arena's objects that never "
      "change, which get(), view() and put_small() use."},
     {"pin_add", (PyCFunction)(void (*)(void))ctl_pin_add, METH_FASTCALL,
      "pin_add(index, delta): change a count of this process's row of the pin table "
@@ -494,7 +554,9 @@ PyInit__fastpath(void)
     if (!s_epoch || !s_pin_base || !s_lock || !s_fd || !s_pending || !s_slot)
         return NULL;
     fp_str_dtype = PyUnicode_InternFromString("dtype");
-    if (str_locked == NULL || fp_str_dtype == NULL)
+    fp_str_C = PyUnicode_InternFromString("C");
+    fp_str_F = PyUnicode_InternFromString("F");
+    if (str_locked == NULL || fp_str_dtype == NULL || fp_str_C == NULL || fp_str_F == NULL)
         return NULL;
     if (_import_array() < 0)  /* numpy's C API, checked against the numpy that runs */
         return NULL;

@@ -41,6 +41,7 @@ enum {
     F_SEG_FIELDS, F_S_GEN, F_H_WSEQ, F_H_CLOSED, F_H_EPOCH, F_H_SEQ,
     F_H_PROC_HW, F_H_LOG_LEN, F_H_UNLINK_N, F_H_CLASS0, F_B_STATE, F_B_NEXT,
     F_B_PREV, F_B_OWNER, F_S_USED, F_FREE, F_LIVE, F_RETIRED, F_LOG_RECORDS,
+    F_F_FORTRAN, F_H_ENT_FREE, F_E_NEXT, F_H_NKEYS, F_WRITING,
     N_FIELDS
 };
 
@@ -59,6 +60,7 @@ typedef struct {
     int64_t small_put;         /* write.SMALL_PUT */
     /* the arena's objects that never change (see bind()) */
     PyObject *meta, *ro_maps, *rw_maps, *refs, *view_dead;
+    PyObject *dtypes;  /* dtype text -> numpy dtype, filled by layout.decode_dtype */
 } Ctl;
 
 typedef struct {
@@ -122,6 +124,7 @@ fp_step(void)
  * counter, the window in which a writer must send the reader to the lock. */
 FP_INTERNAL extern PyObject *fp_test_hook;
 FP_INTERNAL extern PyObject *fp_str_dtype;  /* "dtype", interned */
+FP_INTERNAL extern PyObject *fp_str_C, *fp_str_F;  /* the orders "C" and "F", interned */
 
 FP_INTERNAL int64_t fp_find(Ctl *c, const char *kbz, Py_ssize_t n, int64_t hash);
 FP_INTERNAL int fp_item_of(PyObject *dict, int64_t key, PyObject **out);
@@ -131,5 +134,8 @@ FP_INTERNAL PyObject *fp_get_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL PyObject *fp_view_impl(Ctl *c, PyObject *const *args);
 /* args: the arena's fd, the key's bytes and NUL, its hash, the epoch, the array */
 FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
+/* args: the arena's fd, epoch and slot, the key's bytes and NUL, its hash, the
+ * block, its value's nbytes, dtype text, shape and flags */
+FP_INTERNAL PyObject *fp_publish_impl(Ctl *c, PyObject *const *args);
 
 #endif

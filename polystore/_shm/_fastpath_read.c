@@ -67,6 +67,60 @@ fp_mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm)
 
 /* -- get ------------------------------------------------------------------ */
 
+/* The description of entry e's value, as read_meta() in read.py makes it:
+ * (mseq, dtype, shape, count, order, flags, dtype text), a new reference.
+ * Read without the lock, so it may be torn: the caller uses it only once the
+ * seqlock check passed. NULL without an exception: leave it to Python (a
+ * dtype text no process decoded yet, or fields out of range). */
+static PyObject *
+decode_meta(Ctl *c, int64_t e, const int64_t *eq, int64_t mseq)
+{
+    const int64_t *f = c->f;
+    /* E_META (layout.py): key length | ndim << 16 | flags << 24 | dtype length << 32 */
+    int64_t word = LD(&eq[f[F_E_META]]);
+    int ndim = (int)((word >> 16) & 0xFF), flags = (int)((word >> 24) & 0xFF);
+    Py_ssize_t dlen = (Py_ssize_t)((word >> 32) & 0xFFFF);
+    if (ndim > NPY_MAXDIMS || ndim > (f[F_ENT_SIZE] - f[F_E_SHAPE]) / 8 || dlen < 1
+            || dlen > f[F_E_SHAPE] - f[F_E_DTYPE])
+        return NULL;
+    char text[512];
+    if (dlen > (Py_ssize_t)sizeof(text))
+        return NULL;
+    const char *src = c->eb + e * f[F_ENT_SIZE] + f[F_E_DTYPE];
+    for (Py_ssize_t j = 0; j < dlen; j++)
+        text[j] = LD(&src[j]);
+    PyObject *dt = PyBytes_FromStringAndSize(text, dlen);
+    if (dt == NULL)
+        return NULL;
+    PyObject *dtype = PyDict_GetItemWithError(c->dtypes, dt);  /* borrowed */
+    if (dtype == NULL) {
+        Py_DECREF(dt);
+        return NULL;
+    }
+    PyObject *shape = PyTuple_New(ndim);
+    if (shape == NULL) {
+        Py_DECREF(dt);
+        return NULL;
+    }
+    int64_t count = 1;
+    const int64_t *extents = eq + f[F_E_SHAPE] / 8;
+    for (int j = 0; j < ndim; j++) {
+        int64_t extent = LD(&extents[j]);
+        PyObject *item = extent < 0 || __builtin_mul_overflow(count, extent, &count)
+                         ? NULL : PyLong_FromLongLong(extent);
+        if (item == NULL) {
+            Py_DECREF(shape);
+            Py_DECREF(dt);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(shape, j, item);
+    }
+    PyObject *order = flags & f[F_F_FORTRAN] ? fp_str_F : fp_str_C;
+    PyObject *meta = Py_BuildValue("(LONLOiN)", (long long)mseq, dtype, shape,
+                                   (long long)count, order, flags, dt);
+    return meta;
+}
+
 /* The seqlock read of get_optimistic() in read.py: look the key up and pin
  * its block, for a value whose description meta[entry] this process cached. */
 static int
@@ -111,19 +165,24 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
 
     PyObject *meta;
     int cached_meta = fp_item_of(c->meta, e, &meta);
-    if (cached_meta <= 0)
-        return cached_meta < 0 ? FAILED : DECLINED;
-    if (!PyTuple_Check(meta) || PyTuple_GET_SIZE(meta) != 7)
-        return DECLINED;
-    int64_t cached = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
-    if (cached == -1 && PyErr_Occurred())
+    if (cached_meta < 0)
         return FAILED;
-    if (cached != mseq)
-        return DECLINED;
-
+    int64_t cached = -1;
+    if (cached_meta && PyTuple_Check(meta) && PyTuple_GET_SIZE(meta) == 7) {
+        cached = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
+        if (cached == -1 && PyErr_Occurred())
+            return FAILED;
+    }
     /* A reference of its own: the test hook below runs Python code, which
      * may replace the dict's item. Every return from here drops it but GOT. */
-    out->meta = Py_NewRef(meta);
+    int fresh = cached != mseq;
+    if (fresh) {  /* a value this process has not seen yet (a new key, say) */
+        out->meta = decode_meta(c, e, eq, mseq);
+        if (out->meta == NULL)
+            return PyErr_Occurred() ? FAILED : DECLINED;
+    } else {
+        out->meta = Py_NewRef(meta);
+    }
     out->b = b;
     out->s = out->gen = out->off = 0;
     out->pin = NULL;
@@ -153,6 +212,12 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
         if (out->pin != NULL)
             pin_atomic(out->pin, -1);
         goto declined;
+    }
+    if (fresh) {  /* untorn: cache it, as read.get_optimistic() does (optional) */
+        PyObject *k = PyLong_FromLongLong(e);
+        if (k == NULL || PyDict_SetItem(c->meta, k, out->meta) < 0)
+            PyErr_Clear();
+        Py_XDECREF(k);
     }
     return GOT;
 declined:

@@ -268,3 +268,125 @@ fp_put_impl(Ctl *c, PyObject *const *args)
 }
 
 
+
+/* -- publishing a value made in place (create) ------------------------------ */
+
+/* Under the store lock, with an empty journal: install block b, which this
+ * process filled in place (WRITING, owned by row slot), under a key that is
+ * absent (slot i of the index, from fp_find), in a fresh entry from the free
+ * list, as _install() in write.py does for a new key. Every check comes
+ * before the first store. Returns 1 if done, 0 if declined.
+ *
+ * Invariant kept: the entry is written in full before the index slot that
+ * names it (no reader can reach it before), and every store that others can
+ * see is journaled, so a kill at any point leaves the key absent (rolled
+ * back, the block still WRITING for the reaper) or published whole. */
+static int
+publish_locked(Ctl *c, int64_t i, int64_t slot, const char *kbz, Py_ssize_t n, int64_t hash,
+               int64_t b, int64_t nbytes, PyObject *dt, PyObject *shape, int64_t flags)
+{
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
+    if (blk[f[F_B_STATE]] != f[F_WRITING] || blk[f[F_B_OWNER]] != slot)
+        return 0;
+    int64_t e = h[f[F_H_ENT_FREE]];
+    if (e < 0 || e >= c->max_keys)
+        return 0;  /* a new entry record to back: the Python path */
+    int ndim = (int)PyTuple_GET_SIZE(shape);
+    Py_ssize_t dlen = PyBytes_GET_SIZE(dt);
+    int64_t extents[NPY_MAXDIMS];
+    for (int j = 0; j < ndim; j++) {
+        extents[j] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, j));
+        if (extents[j] < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+    }
+    int64_t *eq = (int64_t *)(c->eb + e * f[F_ENT_SIZE]);
+    char *eb = c->eb + e * f[F_ENT_SIZE];
+    int64_t seq = h[f[F_H_SEQ]] + 1;
+    log_set(c, &h[f[F_H_SEQ]], seq);
+    log_set(c, &h[f[F_H_ENT_FREE]], eq[f[F_E_NEXT]]);
+    /* The fresh entry, unjournaled as Tables.fill_entry() does: nothing names
+     * it yet, and a rollback puts it back on the free list, whose rest hangs
+     * on the link (E_NEXT) left alone here. */
+    fp_step();
+    memcpy(eb + f[F_E_KEY], kbz, n);
+    memcpy(eb + f[F_E_DTYPE], PyBytes_AS_STRING(dt), dlen);
+    for (int j = 0; j < ndim; j++)
+        eq[f[F_E_SHAPE] / 8 + j] = extents[j];
+    eq[f[F_E_META]] = (int64_t)(n - 1) | (int64_t)ndim << 16 | flags << 24 | (int64_t)dlen << 32;
+    eq[f[F_E_BLOCK]] = b;
+    eq[f[F_E_NBYTES]] = nbytes;
+    eq[f[F_E_SEQ]] = seq;
+    eq[f[F_E_MSEQ]] = seq;
+    fp_step();
+    /* link it into the index (the release store orders it after the entry) */
+    log_set(c, &c->ht[i], hash << 32 | (e + 1));
+    log_set(c, &h[f[F_H_NKEYS]], h[f[F_H_NKEYS]] + 1);
+    log_set(c, &blk[f[F_B_STATE]], f[F_LIVE]);
+    log_set(c, &blk[f[F_B_OWNER]], -1);
+    fp_step();
+    __atomic_store_n(&h[f[F_H_LOG_LEN]], 0, __ATOMIC_RELEASE);  /* the commit */
+    return 1;
+}
+
+FP_INTERNAL PyObject *
+fp_publish_impl(Ctl *c, PyObject *const *args)
+{
+    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[7]) || !PyTuple_Check(args[8])) {
+        PyErr_SetString(PyExc_TypeError, "publish(): kbz and dt must be bytes, shape a tuple");
+        return NULL;
+    }
+    if (!ctl_live(c))
+        return NULL;
+    int fd = PyLong_AsLong(args[0]);
+    int64_t epoch = PyLong_AsLongLong(args[1]);
+    int64_t slot = PyLong_AsLongLong(args[2]);
+    int64_t hash = PyLong_AsLongLong(args[4]);
+    int64_t b = PyLong_AsLongLong(args[5]);
+    int64_t nbytes = PyLong_AsLongLong(args[6]);
+    int64_t flags = PyLong_AsLongLong(args[9]);
+    if (PyErr_Occurred())
+        return NULL;
+    const char *kbz = PyBytes_AS_STRING(args[3]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[3]);
+    const int64_t *f = c->f;
+    if (fd < 0 || slot < 0 || slot >= c->max_procs || !key_ok(c, n) || b < 0
+            || b >= c->max_blocks || nbytes <= 0 || flags < 0 || flags > 0xFF
+            || hash < 0 || hash > 0x7FFFFFFF || PyTuple_GET_SIZE(args[8]) > NPY_MAXDIMS
+            || PyTuple_GET_SIZE(args[8]) > (f[F_ENT_SIZE] - f[F_E_SHAPE]) / 8
+            || PyBytes_GET_SIZE(args[7]) < 1
+            || PyBytes_GET_SIZE(args[7]) > f[F_E_SHAPE] - f[F_E_DTYPE])
+        Py_RETURN_FALSE;
+    /* As in fp_put_impl: no thread of this process is in the store (the
+     * caller checked) and the GIL is held to the unlock. */
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        if (errno == EWOULDBLOCK || errno == EINTR)
+            Py_RETURN_FALSE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int64_t *h = c->h;
+    int done = 0;
+    int64_t wseq = h[f[F_H_WSEQ]];
+    if (!h[f[F_H_CLOSED]] && h[f[F_H_EPOCH]] == epoch && !(wseq & 1)
+            && h[f[F_H_LOG_LEN]] == 0 && h[f[F_H_UNLINK_N]] == 0) {
+        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 1, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        /* fp_find gives the entry, not the slot: probe for the empty slot */
+        int64_t e = fp_find(c, kbz, n, hash);
+        if (e == -1) {
+            int64_t i = hash & c->mask;
+            while (LD(&c->ht[i]) != 0)
+                i = (i + 1) & c->mask;
+            done = publish_locked(c, i, slot, kbz, n, hash, b, nbytes, args[7], args[8], flags);
+        }
+        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 2, __ATOMIC_RELEASE);
+    }
+    if (flock(fd, LOCK_UN) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    return PyBool_FromLong(done);
+}

@@ -120,7 +120,9 @@ class Arena(Allocator):
         self.view_dead = self._view_dead
         self.fast = make_ctl(self._whole, layout)
         if self.fast is not None:
-            self.fast.bind(self.meta, self.ro_maps, self.rw_maps, self._refs, self.view_dead)
+            self.fast.bind(
+                self.meta, self.ro_maps, self.rw_maps, self._refs, self.view_dead, ix.DTYPES
+            )
         _all_arenas.add(self)
 
     # -- lifetime ---------------------------------------------------------------

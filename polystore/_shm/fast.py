@@ -1,11 +1,12 @@
 """The optional C fast paths of :class:`~polystore.SharedArrayStore`.
 
 ``polystore._shm._fastpath`` (built from ``_fastpath*.c`` at install time when a C
-compiler is there) repeats the two steady-state cases of the store in C: the
-lock-free lookup and pin of a ``get`` whose value description is cached, and
-a small ``put`` of a key's same dtype and shape into a free block. Every other case, and
-every error, goes through the Python paths in ``read`` and
-``write``, which define the semantics; the C code declines rather than
+compiler is there) repeats the common cases of the store in C: the
+lock-free lookup and pin of a ``get`` (its value description cached, or of a
+dtype this process has met), a small ``put`` of a key's same dtype and shape
+into a free block, and the end of a ``create`` that publishes a new key.
+Every other case, and every error, goes through the Python paths in ``read``
+and ``write``, which define the semantics; the C code declines rather than
 decides.
 
 :data:`ENABLED` says whether the extension is in use. Setting
@@ -39,6 +40,7 @@ _FIELDS = (
     ix.SEG_FIELDS, ix.S_GEN, ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH, ix.H_SEQ,
     ix.H_PROC_HW, ix.H_LOG_LEN, ix.H_UNLINK_N, ix.H_CLASS0, ix.B_STATE, ix.B_NEXT,
     ix.B_PREV, ix.B_OWNER, ix.S_USED, ix.FREE, ix.LIVE, ix.RETIRED, ix.LOG_RECORDS,
+    ix.F_FORTRAN, ix.H_ENT_FREE, ix.E_NEXT, ix.H_NKEYS, ix.WRITING,
 )  # fmt: skip
 
 

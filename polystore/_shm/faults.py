@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 __all__ = ["arm", "step"]
 
@@ -24,16 +25,19 @@ steps = 0
 def arm(at: int) -> int:
     """Count steps from now on and die at step ``at`` (-1: never, 0: stop counting).
 
-    Arms the C fast path too, when it is built. Returns the number of steps
+    With the C fast path built, one count covers the steps of both (an
+    operation may begin in Python and end in C, as ``create`` does);
+    :data:`steps` still counts the Python ones. Returns the number of steps
     taken (Python and C) since the previous call.
     """
-    global kill_at, steps
+    global kill_at, steps, _c_step
     taken = steps
     kill_at, steps = at, 0
     from .fast import AVAILABLE, _fastpath
 
     if AVAILABLE:
-        taken += _fastpath._arm_faults(at)
+        taken = _fastpath._arm_faults(at)
+        _c_step = _fastpath._fault_step
     return taken
 
 
@@ -41,5 +45,11 @@ def step() -> None:
     """One step of a write path: die here if this is the step the test chose."""
     global steps
     steps += 1
-    if steps == kill_at:
+    if _c_step is not None:
+        _c_step()  # the shared count, which dies at the chosen step
+    elif steps == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: the C count's step function, once arm() found the fast path built
+_c_step: Any = None

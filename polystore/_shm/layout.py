@@ -305,6 +305,12 @@ def encode_key(key: object) -> bytes:
     return data
 
 
+#: every dtype text :func:`decode_dtype` decoded (or :func:`encode_dtype` made),
+#: up to 1,024 of them; the C read path looks up here the dtype of a value it
+#: meets for the first time
+DTYPES: dict[bytes, np.dtype[Any]] = {}
+
+
 @functools.lru_cache(maxsize=1024)
 def encode_dtype(dtype: np.dtype[Any]) -> bytes:
     """A text description of ``dtype`` that :func:`decode_dtype` turns back into it."""
@@ -324,20 +330,30 @@ def encode_dtype(dtype: np.dtype[Any]) -> bytes:
             f"dtype {dtype} is too complex to store: its description takes {len(data)} "
             f"bytes, at most {MAX_DTYPE_BYTES} fit"
         )
+    if dtype.fields is None and dtype.subdtype is None and len(DTYPES) < 1024:
+        # What decode_dtype() would make of it (a process reads what it
+        # wrote in C at once); not `dtype` itself, which may carry metadata.
+        DTYPES.setdefault(data, np.dtype(text))
     return data
 
 
-@functools.lru_cache(maxsize=1024)
 def decode_dtype(data: bytes) -> np.dtype[Any]:
     """Inverse of :func:`encode_dtype`."""
+    found = DTYPES.get(data)
+    if found is not None:
+        return found
     text = data.decode("utf-8")
     if not text.startswith("["):
-        return np.dtype(text)
-    import ast
+        dtype = np.dtype(text)
+    else:
+        import ast
 
-    from numpy.lib import format as npformat
+        from numpy.lib import format as npformat
 
-    return npformat.descr_to_dtype(ast.literal_eval(text))
+        dtype = npformat.descr_to_dtype(ast.literal_eval(text))
+    if len(DTYPES) < 1024:
+        DTYPES[data] = dtype
+    return dtype
 
 
 # -- processes -------------------------------------------------------------------------

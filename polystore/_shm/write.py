@@ -16,11 +16,9 @@ alternates between two blocks.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import math
 import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -106,17 +104,7 @@ def put(
         raise
 
 
-@contextlib.contextmanager
-def create(
-    a: _arena.Arena,
-    key: str,
-    parts: tuple[bytes, bytes, int],
-    shape: tuple[int, ...],
-    dtype: np.dtype[Any],
-    flags: int,
-    overwrite: bool,
-    timeout: float | None,
-) -> Iterator[np.ndarray[Any, Any]]:
+class create:
     """Yield a writable array in a block of its own; publish it under ``key`` on exit.
 
     The block is WRITING and owned by this process while the caller fills
@@ -124,47 +112,104 @@ def create(
     dies. Leaving the block installs it as a put would (old or new, never a
     mix); an exception frees it instead. The array is pinned like a view
     from ``get``, and read-only once published.
+
+    A class rather than a generator: leaving the block is the hot path of a
+    hand-off, and with the caches cold after the caller wrote a large array
+    a generator's resume and ``contextlib``'s exit cost tens of
+    microseconds (``benchmarks/pipeline.py``, the 512 MB hand-off).
     """
-    _, kbz, h = parts
-    dt = ix.encode_dtype(dtype)
-    count = math.prod(shape)
-    nbytes = count * dtype.itemsize
-    if a.slot < 0 or not overwrite:  # (publishing checks overwrite=False again)
-        with a.locked:
-            if a.slot < 0:
-                a.my_slot()
-            if not overwrite and a.find(kbz, h)[1] >= 0:
-                raise FileExistsError(errno.EEXIST, "key exists", key)
-    order: Literal["C", "F"] = "F" if flags & ix.F_FORTRAN else "C"
-    if nbytes == 0:
-        arr: np.ndarray[Any, Any] = np.empty(shape, dtype, order=order)
-        yield arr
-        arr.flags.writeable = False
-        _publish(a, key, parts, -1, (0, dtype, dt, shape, flags), overwrite)
-        return
-    b = take(a, ix.class_of(nbytes), timeout)
-    try:
-        s, gen, off = a.block_location(b)
-        item = a.rw_maps.get(s)
-        mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
-        arr = np.frombuffer(mm, dtype, count, off)
-        a.pin_add(a.pin_base + b, 1)  # held like a view: unpinned when the array dies
-        a.track(arr.base, b)
-        if len(shape) != 1:
-            arr = arr.reshape(shape, order=order)
-    except BaseException:
-        abandon(a, b)
-        raise
-    try:
-        yield arr
-        if _faults.kill_at:
-            _faults.step()
-        _publish(a, key, parts, b, (nbytes, dtype, dt, shape, flags), overwrite)
-    except BaseException:
-        abandon(a, b)
-        raise
-    finally:
-        arr.flags.writeable = False
+
+    __slots__ = (
+        "a",
+        "arr",
+        "b",
+        "dt",
+        "dtype",
+        "flags",
+        "key",
+        "nbytes",
+        "overwrite",
+        "parts",
+        "shape",
+        "timeout",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        a: _arena.Arena,
+        key: str,
+        parts: tuple[bytes, bytes, int],
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        flags: int,
+        overwrite: bool,
+        timeout: float | None,
+    ) -> None:
+        self.a, self.key, self.parts, self.shape = a, key, parts, shape
+        self.dtype, self.flags, self.overwrite, self.timeout = dtype, flags, overwrite, timeout
+        self.dt = ix.encode_dtype(dtype)
+        self.nbytes = math.prod(shape) * dtype.itemsize
+        self.b = -1
+        self.arr: np.ndarray[Any, Any] | None = None
+
+    def __enter__(self) -> np.ndarray[Any, Any]:
+        if self.arr is not None:
+            raise RuntimeError("a create() block can be entered once")
+        a, shape, dtype = self.a, self.shape, self.dtype
+        _, kbz, h = self.parts
+        if a.slot < 0 or not self.overwrite:  # (publishing checks overwrite=False again)
+            with a.locked:
+                if a.slot < 0:
+                    a.my_slot()
+                if not self.overwrite and a.find(kbz, h)[1] >= 0:
+                    raise FileExistsError(errno.EEXIST, "key exists", self.key)
+        order: Literal["C", "F"] = "F" if self.flags & ix.F_FORTRAN else "C"
+        if self.nbytes == 0:
+            self.arr = np.empty(shape, dtype, order=order)
+            return self.arr
+        b = take(a, ix.class_of(self.nbytes), self.timeout)
+        try:
+            s, gen, off = a.block_location(b)
+            item = a.rw_maps.get(s)
+            mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
+            arr = np.frombuffer(mm, dtype, math.prod(shape), off)
+            a.pin_add(a.pin_base + b, 1)  # held like a view: unpinned when the array dies
+            a.track(arr.base, b)
+            if len(shape) != 1:
+                arr = arr.reshape(shape, order=order)
+        except BaseException:
+            abandon(a, b)
+            raise
+        self.b, self.arr = b, arr
+        return arr
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        a, b, arr = self.a, self.b, self.arr
+        assert arr is not None
+        try:
+            if exc_type is not None:
+                if b >= 0:
+                    abandon(a, b)
+                return  # the exception goes on
+            if _faults.kill_at:
+                _faults.step()
+            value = (self.nbytes, self.dtype, self.dt, self.shape, self.flags)
+            if b < 0:
+                arr.flags.writeable = False
+                _publish(a, self.key, self.parts, -1, value, self.overwrite)
+                return
+            # A new key in C where it can, else the same install in Python.
+            fast = a.fast
+            if fast is None or not fast.publish(
+                a, self.parts[1], self.parts[2], b, self.nbytes, self.dt, self.shape, self.flags
+            ):
+                _publish(a, self.key, self.parts, b, value, self.overwrite)
+        except BaseException:
+            if b >= 0:
+                abandon(a, b)
+            raise
+        finally:
+            arr.flags.writeable = False
 
 
 def _copy(
