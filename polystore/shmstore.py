@@ -418,9 +418,6 @@ class SharedArrayStore:
         if a.fast is not None and LOCK_FREE_GET and not self._closed:
             # the lock-free read and the view, in C; False: the Python path decides
             view = a.fast.view(a, key)
-            if view is False and type(key) is str and key not in _keys:
-                _key(key)  # a key this process has not used: validated, then in C too
-                view = a.fast.view(a, key)
             if view is not False:
                 if view is None:
                     raise KeyError(key)
@@ -521,8 +518,12 @@ class SharedArrayStore:
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
-        _, kbz, h = _key(key)
         a = self._live()
+        if LOCK_FREE_GET and a.fast is not None:  # the same lock-free lookup in C
+            found = a.fast.contains(key)
+            if found is not None:
+                return found
+        _, kbz, h = _key(key)
         if LOCK_FREE_GET:
             found = contains_optimistic(a, kbz, h)
             if found is not RETRY:

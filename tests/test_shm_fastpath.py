@@ -264,10 +264,9 @@ def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -
     assert view("empty") is False  # a new empty array each time: Python makes it
     assert view("k", mapped=False) is False  # its segment not mapped here yet
     absent = f"absent-{os.urandom(8).hex()}"
-    assert view(absent) is False  # a key never validated: Python checks it
-    with pytest.raises(KeyError):
-        c_store.get(absent)  # validates and caches it
-    assert view(absent) is None
+    assert view(absent) is None  # a valid key met for the first time: told in C
+    assert view("") is False  # not a valid key: Python raises the ValueError
+    assert view("\ud800") is False  # not UTF-8: Python encodes it its own way
     assert view(b"k") is False  # not a str: Python raises the TypeError
     assert not a.pins_np.any() and not refs
     got = view("k")
@@ -439,3 +438,42 @@ def test_views_made_in_c_are_the_views_python_makes(
             del derived
             assert not store._arena.pins_np.any()
     assert views[0] == views[1]
+
+
+@needs_c
+@settings(max_examples=200)
+@given(key=st.text(min_size=0, max_size=300))
+def test_c_makes_a_keys_parts_as_python_does(key: str) -> None:
+    """A key met first in C (``in``, ``get``) is cached with Python's bytes and hash."""
+    from polystore import shmstore
+
+    with SharedArrayStore() as store:
+        fast = store._arena.fast
+        assert fast is not None
+        shmstore._keys.pop(key, None)
+        try:
+            expected = shmstore._key(key)
+        except ValueError:  # empty, too long, or with a NUL: C leaves it to Python
+            shmstore._keys.pop(key, None)
+            assert fast.contains(key) is None and key not in shmstore._keys
+            return
+        shmstore._keys.pop(key, None)
+        found = fast.contains(key)
+        if found is None:  # only a lone surrogate (not UTF-8) is left to Python
+            assert any(0xD800 <= ord(ch) <= 0xDFFF for ch in key)
+        else:
+            assert found is False and shmstore._keys[key] == expected
+
+
+@needs_c
+def test_in_runs_in_c(c_store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    c_store.put("k", np.arange(3.0))
+    spy = Counted(c_store, monkeypatch)
+    assert "k" in c_store and "new key" not in c_store
+    assert not spy.python_ran()
+    a = c_store._arena
+    a.acquire()  # a writer inside: the counter is odd, the lookup goes to the lock
+    try:
+        assert a.fast.contains("k") is None
+    finally:
+        a.release()

@@ -10,6 +10,7 @@
  *       decoded here from its entry when this process knows its dtype text
  *       (layout.DTYPES), as for a key it meets for the first time;
  *   Ctl.get(): the same lookup and pin, for the Python path to make a view;
+ *   Ctl.contains(): the same lookup, nothing pinned (`key in store`);
  *   Ctl.put_small(): a small put of a key's same dtype and shape into a free
  *       block of its size class, the steady state of a value handed over
  *       again and again, journaled like every locked section;
@@ -98,18 +99,58 @@ drop(PyObject **refs, int n)
 /* shmstore's cache of valid keys: str -> (bytes, bytes + NUL, hash) */
 static PyObject *key_cache;
 
-/* The cached parts of a key (a new reference); NULL, without an error, for a
- * key that is not a str or not in the cache (the Python path validates it). */
+/* CRC-32 (IEEE, as zlib.crc32), a bit at a time: keys are short, and a
+ * table would be one more thing to miss in a cold cache. */
+static uint32_t
+crc32_of(const char *data, Py_ssize_t n)
+{
+    uint32_t crc = 0xFFFFFFFFu;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        crc ^= (unsigned char)data[i];
+        for (int k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
+    }
+    return ~crc;
+}
+
+/* The parts of a key, (bytes, bytes + NUL, 31-bit hash) as shmstore._key()
+ * makes them (a new reference): from the cache, or made here and cached for
+ * a str of 1 to max_key UTF-8 bytes without NUL. NULL, without an error, for
+ * anything else (the Python path validates it, and says what is wrong). */
 static PyObject *
-cached_key(PyObject *key)
+key_parts(PyObject *key, Py_ssize_t max_key)
 {
     if (key_cache == NULL || !PyUnicode_CheckExact(key))
         return NULL;
     PyObject *parts = PyDict_GetItemWithError(key_cache, key);  /* borrowed */
-    if (parts == NULL || !PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 3
-            || !PyBytes_Check(PyTuple_GET_ITEM(parts, 1)))
+    if (parts != NULL) {
+        if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 3
+                || !PyBytes_Check(PyTuple_GET_ITEM(parts, 1)))
+            return NULL;
+        return Py_NewRef(parts);
+    }
+    if (PyErr_Occurred())
         return NULL;
-    return Py_NewRef(parts);
+    Py_ssize_t n;
+    const char *text = PyUnicode_AsUTF8AndSize(key, &n);
+    if (text == NULL || n < 1 || n > max_key || memchr(text, 0, n) != NULL) {
+        PyErr_Clear();  /* a lone surrogate, say: Python encodes those its own way */
+        return NULL;
+    }
+    PyObject *kb = PyBytes_FromStringAndSize(text, n);
+    PyObject *kbz = PyBytes_FromStringAndSize(text, n + 1);  /* with its NUL */
+    PyObject *hash = PyLong_FromUnsignedLong(crc32_of(text, n) & 0x7FFFFFFFu);
+    parts = kb && kbz && hash ? PyTuple_Pack(3, kb, kbz, hash) : NULL;
+    Py_XDECREF(kb);
+    Py_XDECREF(kbz);
+    Py_XDECREF(hash);
+    if (parts == NULL || (PyDict_GET_SIZE(key_cache) < 4096
+                          && PyDict_SetItem(key_cache, key, parts) < 0)) {
+        Py_XDECREF(parts);
+        PyErr_Clear();
+        return NULL;
+    }
+    return parts;
 }
 
 static int
@@ -161,11 +202,22 @@ ctl_view(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs(nargs, 2, "view", "the arena and the key") < 0)
         return NULL;
-    PyObject *parts = cached_key(args[1]);
+    PyObject *parts = key_parts(args[1], c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
     PyObject *r = with_row(c, args[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
                            fp_view_impl);
+    Py_DECREF(parts);
+    return r;
+}
+
+static PyObject *
+ctl_contains(Ctl *c, PyObject *key)
+{
+    PyObject *parts = key_parts(key, c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
+    if (parts == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    PyObject *r = fp_contains_impl(c, PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2));
     Py_DECREF(parts);
     return r;
 }
@@ -176,7 +228,7 @@ ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     if (check_nargs(nargs, 3, "put_small", "the arena, the key and the array") < 0)
         return NULL;
     PyObject *arena = args[0];
-    PyObject *parts = cached_key(args[1]);
+    PyObject *parts = key_parts(args[1], c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
     PyObject *names[4] = {s_fd, s_epoch, s_lock, s_pending};
@@ -496,6 +548,11 @@ static PyMethodDef module_methods[] = {
 static PyMethodDef ctl_methods[] = {
     {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
     {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
+    {"contains", (PyCFunction)ctl_contains, METH_O,
+     "contains(key) -> bool | None\n\n"
+     "Whether key is in the store, looked up without the lock (a seqlock read);\n"
+     "None when the Python path must decide (a writer busy or in the way, a\n"
+     "closed store, a key that is not a valid str)."},
     {"put_small", (PyCFunction)(void (*)(void))ctl_put_small, METH_FASTCALL, ctl_put_doc},
     {"publish", (PyCFunction)(void (*)(void))ctl_publish, METH_FASTCALL,
      "publish(arena, kbz, hash, block, nbytes, dt, shape, flags) -> bool\n\n"

@@ -132,6 +132,7 @@ FP_INTERNAL int fp_mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject *
 /* args: the key's bytes and NUL, its hash, the arena's epoch and pin row base */
 FP_INTERNAL PyObject *fp_get_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL PyObject *fp_view_impl(Ctl *c, PyObject *const *args);
+FP_INTERNAL PyObject *fp_contains_impl(Ctl *c, PyObject *kbz, PyObject *hash);
 /* args: the arena's fd, the key's bytes and NUL, its hash, the epoch, the array */
 FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
 /* args: the arena's fd, epoch and slot, the key's bytes and NUL, its hash, the

@@ -360,3 +360,30 @@ fp_view_impl(Ctl *c, PyObject *const *args)
         drop_pin(c, found.pin);
     return view;
 }
+
+/* Whether the key (its bytes and NUL, its hash) is in the store, read as
+ * contains_optimistic() in read.py does: True or False, or None when a
+ * writer was busy or got in the way (the Python path takes the lock). */
+FP_INTERNAL PyObject *
+fp_contains_impl(Ctl *c, PyObject *kbz, PyObject *hash_obj)
+{
+    if (!ctl_live(c))
+        return NULL;
+    int64_t hash = PyLong_AsLongLong(hash_obj);
+    if (hash == -1 && PyErr_Occurred())
+        return NULL;
+    const char *key = PyBytes_AS_STRING(kbz);
+    Py_ssize_t n = PyBytes_GET_SIZE(kbz);
+    if (!key_ok(c, n))
+        Py_RETURN_NONE;
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    int64_t seq = LD(&h[f[F_H_WSEQ]]);
+    if ((seq & 1) || LD(&h[f[F_H_CLOSED]]))
+        Py_RETURN_NONE;
+    int64_t e = fp_find(c, key, n, hash);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (e == -2 || LD(&h[f[F_H_WSEQ]]) != seq)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(e >= 0);
+}
