@@ -14,6 +14,7 @@
  *   Ctl.put_small(): a small put of a key's same dtype and shape into a free
  *       block of its size class, the steady state of a value handed over
  *       again and again, journaled like every locked section;
+ *   Ctl.take(): a block off a free list for create() or a large put;
  *   Ctl.publish(): the end of create() for a new key: a value made in place
  *       installed in a fresh entry, journaled (a pipeline's hand-off);
  *   Ctl.pin_add(): the one way this process changes its row of the pin
@@ -263,35 +264,68 @@ done:
     return r;
 }
 
+static int quiet_arena(PyObject *arena, PyObject **got, int *busy);
+
 static PyObject *
 ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs(nargs, 8, "publish", "the arena, the key's bytes and NUL, its hash, "
                     "the block, nbytes, the dtype text, the shape and the flags") < 0)
         return NULL;
-    PyObject *names[5] = {s_fd, s_epoch, s_slot, s_lock, s_pending};
     PyObject *got[5];
-    if (fetch(args[0], names, got, 5) < 0)
+    int busy;
+    if (quiet_arena(args[0], got, &busy) < 0)
         return NULL;
-    PyObject *r = NULL;
-    /* as in put_small: another thread of ours in the store, or unpins waiting */
-    if (!PyList_Check(got[4]) || PyList_GET_SIZE(got[4]) > 0) {
-        r = Py_NewRef(Py_False);
-        goto done;
-    }
-    PyObject *held = PyObject_CallMethodNoArgs(got[3], str_locked);
-    if (held == NULL)
-        goto done;
-    int busy = held != Py_False;
-    Py_DECREF(held);
+    PyObject *r;
     if (busy) {
         r = Py_NewRef(Py_False);
-        goto done;
+    } else {
+        PyObject *inner[10] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4],
+                               args[5], args[6], args[7]};
+        r = fp_publish_impl(c, inner);
     }
-    PyObject *inner[10] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4], args[5],
-                           args[6], args[7]};
-    r = fp_publish_impl(c, inner);
-done:
+    drop(got, 5);
+    return r;
+}
+
+/* The arena's fd, epoch and slot in got[0..2] if no thread of this process is
+ * in the store and no unpins wait (else *busy is set): 0, or -1 with an
+ * exception. got holds five new references either way but on error. */
+static int
+quiet_arena(PyObject *arena, PyObject **got, int *busy)
+{
+    PyObject *names[5] = {s_fd, s_epoch, s_slot, s_lock, s_pending};
+    if (fetch(arena, names, got, 5) < 0)
+        return -1;
+    *busy = 1;
+    if (!PyList_Check(got[4]) || PyList_GET_SIZE(got[4]) > 0)
+        return 0;
+    PyObject *held = PyObject_CallMethodNoArgs(got[3], str_locked);
+    if (held == NULL) {
+        drop(got, 5);
+        return -1;
+    }
+    *busy = held != Py_False;
+    Py_DECREF(held);
+    return 0;
+}
+
+static PyObject *
+ctl_take(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (check_nargs(nargs, 2, "take", "the arena and the size class") < 0)
+        return NULL;
+    PyObject *got[5];
+    int busy;
+    if (quiet_arena(args[0], got, &busy) < 0)
+        return NULL;
+    PyObject *r;
+    if (busy) {
+        r = PyLong_FromLong(-1);
+    } else {
+        PyObject *inner[4] = {got[0], got[1], got[2], args[1]};
+        r = fp_take_impl(c, inner);
+    }
     drop(got, 5);
     return r;
 }
@@ -548,6 +582,11 @@ static PyMethodDef module_methods[] = {
 static PyMethodDef ctl_methods[] = {
     {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
     {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
+    {"take", (PyCFunction)(void (*)(void))ctl_take, METH_FASTCALL,
+     "take(arena, cls) -> int\n\n"
+     "Take the block at the head of size class cls's free list for this process\n"
+     "to fill (WRITING), in one journaled section under the flock; -1, having\n"
+     "changed nothing, when the list is empty or in the cases publish() declines."},
     {"contains", (PyCFunction)ctl_contains, METH_O,
      "contains(key) -> bool | None\n\n"
      "Whether key is in the store, looked up without the lock (a seqlock read);\n"

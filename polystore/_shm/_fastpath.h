@@ -41,7 +41,7 @@ enum {
     F_SEG_FIELDS, F_S_GEN, F_H_WSEQ, F_H_CLOSED, F_H_EPOCH, F_H_SEQ,
     F_H_PROC_HW, F_H_LOG_LEN, F_H_UNLINK_N, F_H_CLASS0, F_B_STATE, F_B_NEXT,
     F_B_PREV, F_B_OWNER, F_S_USED, F_FREE, F_LIVE, F_RETIRED, F_LOG_RECORDS,
-    F_F_FORTRAN, F_H_ENT_FREE, F_E_NEXT, F_H_NKEYS, F_WRITING,
+    F_F_FORTRAN, F_H_ENT_FREE, F_E_NEXT, F_H_NKEYS, F_WRITING, F_H_IDLE, F_S_SIZE,
     N_FIELDS
 };
 
@@ -138,5 +138,7 @@ FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
 /* args: the arena's fd, epoch and slot, the key's bytes and NUL, its hash, the
  * block, its value's nbytes, dtype text, shape and flags */
 FP_INTERNAL PyObject *fp_publish_impl(Ctl *c, PyObject *const *args);
+/* args: the arena's fd, epoch and slot, the size class */
+FP_INTERNAL PyObject *fp_take_impl(Ctl *c, PyObject *const *args);
 
 #endif

@@ -90,6 +90,48 @@ pinned(Ctl *c, int64_t b)
     return 0;
 }
 
+/* Begin a locked section in C: take the flock without waiting and check that
+ * no dead holder left work (an odd counter, a journal, unlinks: then
+ * Arena.acquire() must finish it first) and that the store is as the caller
+ * last saw it. 1 if begun (end it with end_section), 0 if declined, -1 with
+ * an exception set. The caller saw no thread of this process in the store,
+ * and the GIL is held from here to the unlock, so none can come in: the
+ * flock, shared by the threads of a process, is ours alone. Another process
+ * holding it sends the caller to the Python path, which waits. */
+static int
+begin_section(Ctl *c, int fd, int64_t epoch, int64_t *wseq)
+{
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        if (errno == EWOULDBLOCK || errno == EINTR)
+            return 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    *wseq = h[f[F_H_WSEQ]];
+    if (h[f[F_H_CLOSED]] || h[f[F_H_EPOCH]] != epoch || (*wseq & 1)
+            || h[f[F_H_LOG_LEN]] != 0 || h[f[F_H_UNLINK_N]] != 0) {
+        flock(fd, LOCK_UN);
+        return 0;
+    }
+    /* Tell lock-free readers a writer is in, as Arena.acquire() does. */
+    __atomic_store_n(&h[f[F_H_WSEQ]], *wseq + 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return 1;
+}
+
+static int
+end_section(Ctl *c, int fd, int64_t wseq)
+{
+    __atomic_store_n(&c->h[c->f[F_H_WSEQ]], wseq + 2, __ATOMIC_RELEASE);
+    if (flock(fd, LOCK_UN) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
 /* Under the store lock, with an empty journal: put src under entry e into the
  * free block at the head of its class's list, as put() in write.py would.
  * Every check comes before the first store. Returns 1 if done, 0 if declined,
@@ -228,40 +270,18 @@ fp_put_impl(Ctl *c, PyObject *const *args)
         Py_DECREF(dtype);
         Py_RETURN_FALSE;
     }
-    /* The caller saw no thread of this process in the store, and the GIL is
-     * not given up from here to the unlock, so none can come in: the flock,
-     * shared by the threads of a process, is ours alone. Another process
-     * holding it sends this put to the Python path, which waits. */
-    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
-        PyBuffer_Release(&src);
-        Py_DECREF(dtype);
-        if (errno == EWOULDBLOCK || errno == EINTR)
-            Py_RETURN_FALSE;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    const int64_t *f = c->f;
-    int64_t *h = c->h;
-    int done = 0;
-    int64_t wseq = h[f[F_H_WSEQ]];
-    /* An odd counter, a journal or unlinks left: a lock holder died, and
-     * Arena.acquire() must finish its work first. */
-    if (!h[f[F_H_CLOSED]] && h[f[F_H_EPOCH]] == epoch && !(wseq & 1)
-            && h[f[F_H_LOG_LEN]] == 0 && h[f[F_H_UNLINK_N]] == 0) {
-        /* Tell lock-free readers a writer is in, as Arena.acquire() does. */
-        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 1, __ATOMIC_SEQ_CST);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int64_t wseq;
+    int begun = begin_section(c, fd, epoch, &wseq);
+    int done = begun;
+    if (begun > 0) {
         int64_t e = fp_find(c, kbz, n, hash);
-        if (e >= 0)
-            done = swap_locked(c, e, &src, dtype, c->meta, c->rw_maps);
-        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 2, __ATOMIC_RELEASE);
+        done = e >= 0 ? swap_locked(c, e, &src, dtype, c->meta, c->rw_maps) : 0;
+        /* an error of the copy stays set through the unlock */
+        if (end_section(c, fd, wseq) < 0 && done >= 0)
+            done = -1;
     }
     PyBuffer_Release(&src);
     Py_DECREF(dtype);
-    /* flock() leaves Python's error state alone: an error of the copy stays set */
-    if (flock(fd, LOCK_UN) < 0 && done >= 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return NULL;
-    }
     if (done < 0)
         return NULL;
     return PyBool_FromLong(done);
@@ -332,6 +352,68 @@ publish_locked(Ctl *c, int64_t i, int64_t slot, const char *kbz, Py_ssize_t n, i
     return 1;
 }
 
+/* -- taking a block (create, a large put) ----------------------------------- */
+
+/* Under the store lock, with an empty journal: take the block at the head of
+ * class cls's free list for row slot to fill, as pop_free() in alloc.py does
+ * when that list is not empty. Returns the block, or -1 if declined.
+ *
+ * Invariant kept: the block moves from its free list to WRITING, owned by
+ * this process, in one journaled section, so it is on the list or owned
+ * (and taken back by the reaper if this process dies), never lost. */
+static int64_t
+take_locked(Ctl *c, int64_t cls, int64_t slot)
+{
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    if (cls < 0 || cls >= c->n_classes)
+        return -1;
+    int64_t *head = &h[f[F_H_CLASS0] + cls];
+    int64_t b = *head;
+    if (b < 0 || b >= c->max_blocks)
+        return -1;
+    int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
+    int64_t next = blk[f[F_B_NEXT]], s = blk[f[F_B_SEG]];
+    if (blk[f[F_B_STATE]] != f[F_FREE] || next >= c->max_blocks || s < 0 || s >= c->max_segs)
+        return -1;
+    int64_t *seg = c->sq + s * f[F_SEG_FIELDS];
+    log_set(c, head, next);
+    if (next >= 0)
+        log_set(c, &c->bq[next * f[F_BLK_FIELDS] + f[F_B_PREV]], -1);
+    log_set(c, &blk[f[F_B_STATE]], f[F_WRITING]);
+    log_set(c, &blk[f[F_B_OWNER]], slot);
+    int64_t used = seg[f[F_S_USED]] + 1;
+    log_set(c, &seg[f[F_S_USED]], used);
+    if (used == 1)  /* the segment was idle: it leaves the reuse cache */
+        log_set(c, &h[f[F_H_IDLE]], h[f[F_H_IDLE]] - seg[f[F_S_SIZE]]);
+    fp_step();
+    __atomic_store_n(&h[f[F_H_LOG_LEN]], 0, __ATOMIC_RELEASE);  /* the commit */
+    return b;
+}
+
+FP_INTERNAL PyObject *
+fp_take_impl(Ctl *c, PyObject *const *args)
+{
+    if (!ctl_live(c))
+        return NULL;
+    int fd = PyLong_AsLong(args[0]);
+    int64_t epoch = PyLong_AsLongLong(args[1]);
+    int64_t slot = PyLong_AsLongLong(args[2]);
+    int64_t cls = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (fd < 0 || slot < 0 || slot >= c->max_procs)
+        return PyLong_FromLong(-1);
+    int64_t wseq;
+    int begun = begin_section(c, fd, epoch, &wseq);
+    if (begun <= 0)
+        return begun < 0 ? NULL : PyLong_FromLong(-1);
+    int64_t b = take_locked(c, cls, slot);
+    if (end_section(c, fd, wseq) < 0)
+        return NULL;  /* (taken, if b >= 0: the block stays WRITING, for the reaper) */
+    return PyLong_FromLongLong(b);
+}
+
 FP_INTERNAL PyObject *
 fp_publish_impl(Ctl *c, PyObject *const *args)
 {
@@ -360,33 +442,19 @@ fp_publish_impl(Ctl *c, PyObject *const *args)
             || PyBytes_GET_SIZE(args[7]) < 1
             || PyBytes_GET_SIZE(args[7]) > f[F_E_SHAPE] - f[F_E_DTYPE])
         Py_RETURN_FALSE;
-    /* As in fp_put_impl: no thread of this process is in the store (the
-     * caller checked) and the GIL is held to the unlock. */
-    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
-        if (errno == EWOULDBLOCK || errno == EINTR)
-            Py_RETURN_FALSE;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    int64_t *h = c->h;
+    int64_t wseq;
+    int begun = begin_section(c, fd, epoch, &wseq);
+    if (begun <= 0)
+        return begun < 0 ? NULL : Py_NewRef(Py_False);
     int done = 0;
-    int64_t wseq = h[f[F_H_WSEQ]];
-    if (!h[f[F_H_CLOSED]] && h[f[F_H_EPOCH]] == epoch && !(wseq & 1)
-            && h[f[F_H_LOG_LEN]] == 0 && h[f[F_H_UNLINK_N]] == 0) {
-        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 1, __ATOMIC_SEQ_CST);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        /* fp_find gives the entry, not the slot: probe for the empty slot */
-        int64_t e = fp_find(c, kbz, n, hash);
-        if (e == -1) {
-            int64_t i = hash & c->mask;
-            while (LD(&c->ht[i]) != 0)
-                i = (i + 1) & c->mask;
-            done = publish_locked(c, i, slot, kbz, n, hash, b, nbytes, args[7], args[8], flags);
-        }
-        __atomic_store_n(&h[f[F_H_WSEQ]], wseq + 2, __ATOMIC_RELEASE);
+    /* fp_find gives the entry, not the slot: probe for the empty slot */
+    if (fp_find(c, kbz, n, hash) == -1) {
+        int64_t i = hash & c->mask;
+        while (LD(&c->ht[i]) != 0)
+            i = (i + 1) & c->mask;
+        done = publish_locked(c, i, slot, kbz, n, hash, b, nbytes, args[7], args[8], flags);
     }
-    if (flock(fd, LOCK_UN) < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    if (end_section(c, fd, wseq) < 0)
         return NULL;
-    }
     return PyBool_FromLong(done);
 }

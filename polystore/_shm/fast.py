@@ -40,7 +40,7 @@ _FIELDS = (
     ix.SEG_FIELDS, ix.S_GEN, ix.H_WSEQ, ix.H_CLOSED, ix.H_EPOCH, ix.H_SEQ,
     ix.H_PROC_HW, ix.H_LOG_LEN, ix.H_UNLINK_N, ix.H_CLASS0, ix.B_STATE, ix.B_NEXT,
     ix.B_PREV, ix.B_OWNER, ix.S_USED, ix.FREE, ix.LIVE, ix.RETIRED, ix.LOG_RECORDS,
-    ix.F_FORTRAN, ix.H_ENT_FREE, ix.E_NEXT, ix.H_NKEYS, ix.WRITING,
+    ix.F_FORTRAN, ix.H_ENT_FREE, ix.E_NEXT, ix.H_NKEYS, ix.WRITING, ix.H_IDLE, ix.S_SIZE,
 )  # fmt: skip
 
 
