@@ -190,6 +190,19 @@ class MemoryBackend(StorageBackend):
             return "dir"
         return None
 
+    def _check_new_file(self, path: Any, overwrite: bool) -> None:
+        # As the base class's, with one lookup per ancestor: this tree keeps
+        # no directory under a file, so "no ancestor is a file" is the test.
+        text = as_str(path)
+        vpath = virtual(text)
+        found = self._kind_of(vpath)
+        if found == "dir":
+            raise os_error(IsADirectoryError, text)
+        if found == "file" and not overwrite:
+            raise os_error(FileExistsError, text)
+        if found is None:
+            self._check_parents(vpath, create=False)
+
     def _check_parents(self, vpath: str, create: bool) -> list[str]:
         """Refuse a file among the ancestors; return the directory keys to create."""
         missing = []
@@ -304,13 +317,10 @@ class MemoryBackend(StorageBackend):
                 yield arr
             return
         meta = normalize_metadata(metadata, text)
-        self._check_parents(vpath, create=False)
         timeout = kwargs.pop("timeout", 0)
         # The store refuses overwrite=False if another large value was saved
         # at the path meanwhile (it has the same key in the store).
-        made = store.create(
-            vpath, spec.shape, spec.dtype, order=spec.order, overwrite=overwrite, timeout=timeout
-        )
+        made = store._create(vpath, spec, overwrite, timeout)
         with made as arr:
             yield arr
         # Published in the store: the file now appears in the tree.

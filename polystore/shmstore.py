@@ -66,7 +66,7 @@ from ._shm.read import (
     view_of,
 )
 from .exceptions import ShmFullError, StorageError, StoreClosedError
-from .formats import array_spec
+from .formats import ArraySpec, array_spec
 
 __all__ = ["EntryInfo", "SharedArrayStore"]
 
@@ -351,8 +351,14 @@ class SharedArrayStore:
                 block starts or when it ends (the first to publish wins).
             ShmFullError: no room within ``timeout`` seconds (as for :meth:`put`).
         """
+        return self._create(key, array_spec(shape, dtype, order), overwrite, timeout)
+
+    def _create(
+        self, key: str, spec: ArraySpec, overwrite: bool, timeout: float | None
+    ) -> contextlib.AbstractContextManager[np.ndarray[Any, Any]]:
+        """:meth:`create` of an array ``spec`` already checked (the backends' way in)."""
         parts = _key(key)
-        dims, dt, order = array_spec(shape, dtype, order)
+        dims, dt, order = spec
         if len(dims) > ix.MAX_NDIM:
             raise ValueError(f"shape {dims} has more than {ix.MAX_NDIM} dimensions")
         ix.encode_dtype(dt)  # refuses descriptions too long to keep
