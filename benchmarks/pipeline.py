@@ -26,9 +26,15 @@ viewed by another) against a target of 50 us.
 Each method makes two passes over the images on one pool: the first meets
 cold memory (shared memory the workers meet for the first time, fresh
 work buffers), the second is the steady state of a long-running pipeline;
-both are reported. The machine is noisy, so polystore runs on ``--repeat``
-fresh pools and the ideal ``--repeat`` times, and medians are reported; the
-Manager dict, at ten seconds a pass, runs on one pool.
+both are reported. The machine is noisy, so every variant but the Manager
+dict runs ``--repeat`` times, round after round on fresh pools so that a
+change in load weighs on all alike, and medians are reported; the Manager
+dict, at ten seconds a pass, runs on one pool.
+
+One more variant separates the hand-offs' cost from the schedule's: the
+pipeline's own tasks, in the same order on the same kind of pool, with every
+hand-off left out (each worker computes into warm private buffers and reads
+warm private buffers in place of another process's output).
 Run: ``python benchmarks/pipeline.py [--images N --side S]``.
 """
 
@@ -258,16 +264,30 @@ def main() -> None:
     context = multiprocessing.get_context(args.start_method)
     repeat = max(1, args.repeat)
 
-    cold, ours, setup, final = polystore_runs(plan, args.workers, context, repeat, True)
-    bare_cold, bare, bare_setup, _ = polystore_runs(plan, args.workers, context, repeat, False)
+    # Round after round of every variant (on fresh pools), so that a change
+    # in the machine's load meanwhile weighs on all of them alike.
+    rounds: dict[str, list[float]] = {}
+
+    def note(name: str, *seconds: float) -> None:
+        for i, value in enumerate(seconds):
+            rounds.setdefault(f"{name}{i}", []).append(value)
+
+    for _ in range(repeat):
+        *times, final = polystore_runs(plan, args.workers, context, 1, True)
+        note("prepared", *times)
+        note("bare", *polystore_runs(plan, args.workers, context, 1, False)[:3])
+        note("ideal", ideal_seconds(plan, args.workers, context, 1))
+        note("no_handoff", no_handoff_seconds(plan, args.workers, context, 1))
+    med = {name: statistics.median(times) for name, times in rounds.items()}
+    cold, ours, setup = med["prepared0"], med["prepared1"], med["prepared2"]
+    bare_cold, bare, bare_setup = med["bare0"], med["bare1"], med["bare2"]
+    ideal, no_handoff = med["ideal0"], med["no_handoff0"]
     with context.Manager() as manager_process:
         backend = MemoryBackend(shared_dict=manager_process.dict(), store=None)
         manager_cold, manager, final_m = two_passes(
             FileManagerFactory({"memory": backend}), plan, args.workers, context, []
         )
     assert np.array_equal(final, final_m), "both pipelines must compute the same result"
-    ideal = ideal_seconds(plan, args.workers, context, repeat)
-    no_handoff = no_handoff_seconds(plan, args.workers, context, repeat)
 
     gib = plan.moved_bytes / 2**30
     print(

@@ -275,12 +275,13 @@ class MemoryBackend(StorageBackend):
         timeout: float | None,
     ) -> None:
         """Write a file's entries (its value and new directories) and metadata to the mapping."""
-        with self._waiting(timeout):
-            self._data.update(updates)
-            if meta is None:
-                self._data.pop(_META + vpath, None)
-            else:
-                self._data[_META + vpath] = meta
+        if updates or meta is not None:  # puts, which may wait for room
+            with self._waiting(timeout):
+                self._data.update(updates)
+                if meta is not None:
+                    self._data[_META + vpath] = meta
+        if meta is None:
+            self._data.pop(_META + vpath, None)
         if isinstance(old, ShmRef) and old != new:
             self._drop_payload(old)
 
