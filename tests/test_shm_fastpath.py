@@ -328,12 +328,18 @@ VALUES = st.builds(
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("put"), KEYS, VALUES),
+        st.tuples(st.just("create"), KEYS, VALUES),  # made in place, published on exit
+        st.tuples(st.just("abandon"), KEYS, VALUES),  # made in place, abandoned
         st.tuples(st.just("get"), KEYS, st.booleans()),  # True: hold the view
         st.tuples(st.just("delete"), KEYS, st.none()),
         st.tuples(st.just("drop"), st.none(), st.none()),  # drop every held view
     ),
     max_size=40,
 )
+
+
+class _Abandoned(Exception):
+    """Raised inside a create() block to abandon it."""
 
 
 def _run(store: SharedArrayStore, ops: list[tuple[str, Any, Any]]) -> list[Any]:
@@ -343,6 +349,16 @@ def _run(store: SharedArrayStore, ops: list[tuple[str, Any, Any]]) -> list[Any]:
         try:
             if op == "put":
                 store.put(key, arg)
+                out.append(None)
+            elif op in ("create", "abandon"):
+                try:
+                    with store.create(key, arg.shape, arg.dtype) as made:
+                        made[...] = arg
+                        if op == "abandon":
+                            raise _Abandoned
+                except _Abandoned:
+                    pass
+                del made
                 out.append(None)
             elif op == "get":
                 view = store.get(key)
