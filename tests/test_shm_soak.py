@@ -1,8 +1,8 @@
 """A randomized soak: writer processes SIGKILLed at random moments, a reader checking every value.
 
-Writers put (small, large and mixed sizes, some through the C fast path and
-some through Python) and delete random keys until the test kills them, after
-a random delay, and starts another. A reader process meanwhile reads every
+Writers put or create in place (small, large and mixed sizes, some through
+the C fast path and some through Python) and delete random keys until the
+test kills them, after a random delay, and starts another. A reader process meanwhile reads every
 key over and over and checks each value it gets: values are self-describing
 (element 0 names the key, every other element is the version), so a torn or
 foreign value is seen at once. At the end the store must pass its full
@@ -59,11 +59,16 @@ def _writer(name: str, seed: int, use_c: bool) -> None:  # pragma: no cover - ki
     while True:
         version += 1
         kid = rng.randrange(len(KEYS))
-        if rng.random() < 0.2:
+        roll = rng.random()
+        if roll < 0.2:
             try:
                 store.delete(KEYS[kid])
             except KeyError:
                 pass
+        elif roll < 0.5:  # made in place: taken, filled, published (C or Python)
+            with store.create(KEYS[kid], rng.choice(sizes), np.int64) as out:
+                out.fill(version)
+                out[0] = kid
         else:
             store.put(KEYS[kid], _value(kid, version, rng.choice(sizes)))
 
