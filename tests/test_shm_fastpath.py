@@ -16,10 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polystore import SharedArrayStore
+from polystore import SharedArrayStore, shmstore
 from polystore._shm import fast as _shm_fast
 from polystore._shm import layout as ix
 from polystore._shm import write as _shm_write
+from polystore._shm.check import problems
 from polystore._shm.tables import Tables
 
 needs_c = pytest.mark.skipif(not _shm_fast.AVAILABLE, reason="the C fast path is not built")
@@ -241,6 +242,61 @@ def test_a_small_put_in_c_declines_what_python_must_decide(c_store: SharedArrayS
         assert (c_store.get("k") == 5).all()
     finally:
         os.close(other)
+
+
+@needs_c
+def test_take_and_publish_in_c_decline_what_python_must_decide(
+    c_store: SharedArrayStore,
+) -> None:
+    a = c_store._arena
+    shape, dt = (512, 512), ix.encode_dtype(np.dtype(np.float32))
+    nbytes, cls = 512 * 512 * 4, ix.class_of(512 * 512 * 4)
+    for i in range(3):  # free blocks of the class, and free entry records
+        c_store.put(f"w{i}", np.zeros(shape, np.float32))
+    for i in range(3):
+        c_store.delete(f"w{i}")
+    parts = shmstore._key("new")
+
+    def publish(b: int) -> bool:
+        return a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0)
+
+    def declines() -> None:
+        before = (a.h.tolist(), a.blk_np.copy())
+        assert a.fast.take(a, cls) == -1
+        assert publish(0) is False  # (block 0 is not this process's: refused anyway)
+        assert a.h.tolist() == before[0]  # nothing changed, not even the counter
+        assert np.array_equal(a.blk_np, before[1])
+
+    # no free block of the class, or a class out of range: Python decides
+    assert a.fast.take(a, ix.N_CLASSES) == -1 and a.fast.take(a, -1) == -1
+    with a._lock:  # another thread of this process is in the store
+        declines()
+    a.q[ix.H_WSEQ] += 1  # a lock holder died inside a section
+    declines()
+    a.q[ix.H_WSEQ] += 1
+    a.q[ix.H_LOG_LEN] = 1  # ... and left a journal
+    a.q[a.L0], a.q[a.L0 + 1] = ix.H_SEQ, a.h[ix.H_SEQ]  # undoing it changes nothing
+    declines()
+    c_store.put("k", np.ones(3))  # Python recovers
+    assert a.h[ix.H_LOG_LEN] == 0
+    other = os.open(a.path, os.O_RDWR)  # another process holds the lock
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        declines()
+        fcntl.flock(other, fcntl.LOCK_UN)
+    finally:
+        os.close(other)
+    # all clear: a block taken in C is this process's to fill, and published in C
+    b = a.fast.take(a, cls)
+    assert b >= 0 and a.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.WRITING
+    assert a.bq[b * ix.BLK_FIELDS + ix.B_OWNER] == a.slot
+    assert publish(b) is True and "new" in c_store
+    assert a.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.LIVE
+    assert c_store.get("new").shape == shape
+    b2 = a.fast.take(a, cls)
+    assert publish(b2) is False  # the key exists now: Python replaces it
+    _shm_write.abandon(a, b2)
+    assert not problems(a)
 
 
 @needs_c
