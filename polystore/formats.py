@@ -66,14 +66,16 @@ def array_spec(shape: object, dtype: object, order: object = "C") -> ArraySpec:
             write in place).
         ValueError: a negative size, or ``order`` not "C" or "F".
     """
-    dims = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    # No generator expressions: this runs for every array made in place, with
+    # the caches cold from the last one (benchmarks/pipeline.py).
+    dims = shape if isinstance(shape, (tuple, list)) else (shape,)
     try:
-        sizes = tuple(operator.index(d) for d in dims)
+        sizes = tuple([operator.index(d) for d in dims])
     except TypeError:
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
-    if any(d < 0 for d in sizes):
+    if sizes and min(sizes) < 0:
         raise ValueError(f"negative size in shape {sizes}")
-    dt: np.dtype[Any] = np.dtype(dtype)  # type: ignore[call-overload]
+    dt: np.dtype[Any] = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)  # type: ignore[call-overload]
     if dt.hasobject:
         raise TypeError(f"arrays of dtype {dt} hold Python objects; they cannot be made in place")
     if order not in ("C", "F"):

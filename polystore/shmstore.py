@@ -93,9 +93,14 @@ class EntryInfo(NamedTuple):
 _shm_fast.set_key_cache(_keys)  # the C paths look keys up there too
 
 
+_c_key_parts = _shm_fast.key_parts
+
+
 def _key(key: object) -> tuple[bytes, bytes, int]:
     """(key bytes, key bytes + NUL, 31-bit hash) of a valid key."""
     found = _keys.get(key) if type(key) is str else None
+    if found is None and _c_key_parts is not None:
+        found = _c_key_parts(key)  # made and cached in C (a fraction of the cold cost)
     if found is None:
         kb = ix.encode_key(key)
         found = (kb, kb + b"\0", zlib.crc32(kb) & 0x7FFFFFFF)

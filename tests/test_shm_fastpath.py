@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -523,12 +524,13 @@ def test_c_makes_a_keys_parts_as_python_does(key: str) -> None:
         fast = store._arena.fast
         assert fast is not None
         shmstore._keys.pop(key, None)
-        try:
-            expected = shmstore._key(key)
+        try:  # what Python makes of it, on its own
+            kb = ix.encode_key(key)
         except ValueError:  # empty, too long, or with a NUL: C leaves it to Python
-            shmstore._keys.pop(key, None)
             assert fast.contains(key) is None and key not in shmstore._keys
+            assert _shm_fast.key_parts is not None and _shm_fast.key_parts(key) is None
             return
+        expected = (kb, kb + b"\0", zlib.crc32(kb) & 0x7FFFFFFF)
         shmstore._keys.pop(key, None)
         found = fast.contains(key)
         if found is None:  # only a lone surrogate (not UTF-8) is left to Python

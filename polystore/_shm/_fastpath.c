@@ -525,15 +525,30 @@ ctl_dealloc(Ctl *c)
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
+static Py_ssize_t max_key_bytes;  /* layout.MAX_KEY_BYTES, from set_key_cache() */
+
 static PyObject *
-set_key_cache(PyObject *Py_UNUSED(module), PyObject *cache)
+set_key_cache(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyDict_Check(cache)) {
-        PyErr_SetString(PyExc_TypeError, "the key cache must be a dict");
+    if (nargs != 2 || !PyDict_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "set_key_cache(cache: dict, max_key_bytes: int)");
         return NULL;
     }
-    Py_XSETREF(key_cache, Py_NewRef(cache));
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    Py_XSETREF(key_cache, Py_NewRef(args[0]));
+    max_key_bytes = n;
     Py_RETURN_NONE;
+}
+
+static PyObject *
+module_key_parts(PyObject *Py_UNUSED(module), PyObject *key)
+{
+    PyObject *parts = key_parts(key, max_key_bytes);
+    if (parts == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return parts;
 }
 
 static PyObject *
@@ -570,9 +585,15 @@ static PyMethodDef module_methods[] = {
      "Tests only: count the steps of the write path from now on and SIGKILL this "
      "process at step n (-1: never, 0: stop counting); returns the steps taken since "
      "the previous call."},
-    {"set_key_cache", set_key_cache, METH_O,
-     "The dict of valid keys that view() and put_small() look keys up in: "
-     "str -> (bytes, bytes + NUL, hash), as polystore.shmstore keeps it."},
+    {"set_key_cache", (PyCFunction)(void (*)(void))set_key_cache, METH_FASTCALL,
+     "set_key_cache(cache, max_key_bytes): the dict of valid keys that the C "
+     "paths look keys up in and add keys to, str -> (bytes, bytes + NUL, hash), "
+     "as polystore.shmstore keeps it, and the longest key in UTF-8 bytes."},
+    {"key_parts", module_key_parts, METH_O,
+     "key_parts(key) -> tuple | None\n\n"
+     "(bytes, bytes + NUL, 31-bit hash) of a str of 1 to 255 UTF-8 bytes\n"
+     "without NUL, from the key cache or made and cached there; None for\n"
+     "anything else (the Python path validates it)."},
     {"_set_test_hook", set_test_hook, METH_O,
      "Tests only: call hook() inside every get(), between the pin and the check "
      "(None removes it)."},

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import layout as ix
 
-__all__ = ["AVAILABLE", "ENABLED", "make_ctl", "set_key_cache"]
+__all__ = ["AVAILABLE", "ENABLED", "key_parts", "make_ctl", "set_key_cache"]
 
 try:
     from . import _fastpath
@@ -47,7 +47,12 @@ _FIELDS = (
 def set_key_cache(cache: dict[Any, tuple[bytes, bytes, int]]) -> None:
     """Tell the C paths where the store keeps its validated keys and their hashes."""
     if AVAILABLE:
-        _fastpath.set_key_cache(cache)
+        _fastpath.set_key_cache(cache, ix.MAX_KEY_BYTES)
+
+
+#: ``key_parts(key)``: a key's (bytes, bytes + NUL, hash) made and cached in C,
+#: ``None`` for what only the Python path decides; ``None`` itself without C
+key_parts = _fastpath.key_parts if AVAILABLE else None
 
 
 def make_ctl(whole: memoryview, layout: ix.Layout) -> Any:
