@@ -1,0 +1,194 @@
+"""Where the pipeline's time goes: its stages and its FileManager calls, timed inside the workers.
+
+Runs the steady pass of ``examples/pipeline.py`` two ways on pools of the
+same kind: with polystore (as ``benchmarks/pipeline.py`` runs it, working set
+reserved and workers premapped), and as that benchmark's "same tasks, no
+hand-off" variant, where every output goes into warm private buffers. Each
+worker adds up the time of every stage call (generate, smooth, project) and,
+inside them, of every ``create_array`` (entering and leaving the block),
+``load`` and ``delete``. The difference between the two runs splits the
+hand-offs' cost in two: the store's own code (the FileManager calls) and the
+stages' compute on shared memory written by other processes (the rest).
+
+Medians over ``--repeat`` rounds (fresh pools each) of worker time summed over
+the workers, in ms per pass. Run: ``python benchmarks/pipeline_breakdown.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib.util
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import polystore
+from polystore import FileManager
+
+_spec = importlib.util.spec_from_file_location(
+    "pipeline_benchmark", Path(__file__).resolve().parent / "pipeline.py"
+)
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["pipeline_benchmark"] = bench
+_spec.loader.exec_module(bench)
+pipeline = bench.pipeline
+
+STAGES = ("generate", "smooth", "project")
+CALLS = ("create_array (enter)", "create_array (exit)", "load", "delete")
+
+#: this worker's totals, in seconds, since the last report
+_spent: collections.defaultdict[str, float] = collections.defaultdict(float)
+
+
+def _timed(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            _spent[name] += time.perf_counter() - start
+
+    return run
+
+
+def _timed_create(func: Callable[..., Any]) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def create_array(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        start = time.perf_counter()
+        block = func(*args, **kwargs)
+        array = block.__enter__()
+        _spent["create_array (enter)"] += time.perf_counter() - start
+        try:
+            yield array
+        except BaseException:
+            if not block.__exit__(*sys.exc_info()):
+                raise
+            return
+        start = time.perf_counter()
+        block.__exit__(None, None, None)
+        _spent["create_array (exit)"] += time.perf_counter() - start
+
+    return create_array
+
+
+def _instrument(manager_type: type) -> None:
+    """In this worker: time the example's stages and ``manager_type``'s calls."""
+    for stage in STAGES:
+        setattr(pipeline, stage, _timed(stage, getattr(pipeline, stage)))
+    for call in ("load", "delete"):
+        setattr(manager_type, call, _timed(call, getattr(manager_type, call)))
+    manager_type.create_array = _timed_create(manager_type.create_array)  # type: ignore[attr-defined]
+
+
+def _polystore_worker(factory: polystore.FileManagerFactory) -> None:
+    factory.initializer()
+    _instrument(FileManager)
+
+
+def _no_handoff_worker(side: int) -> None:
+    bench._no_handoff_worker(side)
+    _instrument(bench._NoHandOff)
+
+
+def _report(pause: float) -> tuple[int, dict[str, float]]:
+    import os
+
+    time.sleep(pause)  # so that every worker of the pool gets one of these
+    spent = dict(_spent)
+    _spent.clear()
+    return os.getpid(), spent
+
+
+def _collect(pool: Executor, workers: int) -> dict[str, float]:
+    """The workers' totals since their last report, summed."""
+    seen: dict[int, dict[str, float]] = {}
+    for _ in range(50):
+        for pid, spent in pool.map(_report, [0.02] * (2 * workers)):
+            if pid not in seen or spent:
+                seen[pid] = spent
+        if len(seen) >= workers:
+            break
+    total: collections.defaultdict[str, float] = collections.defaultdict(float)
+    for spent in seen.values():
+        for name, seconds in spent.items():
+            total[name] += seconds
+    return dict(total)
+
+
+def _steady_pass(
+    pool: Executor, fm: Any, plan: Any, workers: int
+) -> tuple[float, dict[str, float]]:
+    """One untimed pass, then (wall seconds, worker totals) of the next."""
+    pipeline.start_workers(pool, workers)
+    pipeline.stream(pool, fm, plan, window=4 * workers, progress=False)
+    _collect(pool, workers)
+    start = time.perf_counter()
+    pipeline.stream(pool, fm, plan, window=4 * workers, progress=False)
+    wall = time.perf_counter() - start
+    return wall, _collect(pool, workers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--side", type=int, default=2048)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--start-method", default="forkserver")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    plan = pipeline.Plan(args.images, args.side, args.group)
+    context = multiprocessing.get_context(args.start_method)
+    runs: dict[str, list[dict[str, float]]] = {"polystore": [], "no hand-off": []}
+    for _ in range(max(1, args.repeat)):
+        with polystore.shared_registry() as registry:
+            pipeline.reserve(registry, plan, args.workers)
+            factory = polystore.FileManagerFactory(registry, premap=True)
+            with ProcessPoolExecutor(
+                args.workers, mp_context=context, initializer=_polystore_worker,
+                initargs=(factory,),
+            ) as pool:  # fmt: skip
+                wall, spent = _steady_pass(pool, factory(), plan, args.workers)
+        runs["polystore"].append({"wall": wall, **spent})
+        with ProcessPoolExecutor(
+            args.workers, mp_context=context, initializer=_no_handoff_worker,
+            initargs=(plan.side,),
+        ) as pool:  # fmt: skip
+            wall, spent = _steady_pass(pool, bench._NoHandOff(plan.side), plan, args.workers)
+        runs["no hand-off"].append({"wall": wall, **spent})
+
+    def med(run: str, name: str) -> float:
+        return 1e3 * statistics.median(r.get(name, 0.0) for r in runs[run])
+
+    print(
+        f"{plan.images} images of {args.side}x{args.side} float32, {args.workers} workers "
+        f"({args.start_method}), steady pass; ms, medians of {max(1, args.repeat)} rounds"
+    )
+    print(f"{'':28}{'polystore':>12}{'no hand-off':>13}{'difference':>12}")
+    rows = [("wall time of the pass", "wall"), *[(s, s) for s in STAGES]]
+    rows += [(f"  {c}", c) for c in CALLS]
+    for label, name in rows:
+        ours, theirs = med("polystore", name), med("no hand-off", name)
+        print(f"{label:28}{ours:12.1f}{theirs:13.1f}{ours - theirs:12.1f}")
+    stages = {run: sum(med(run, s) for s in STAGES) for run in runs}
+    calls = {run: sum(med(run, c) for c in CALLS) for run in runs}
+    extra_calls = calls["polystore"] - calls["no hand-off"]
+    extra_compute = stages["polystore"] - stages["no hand-off"] - extra_calls
+    print(
+        f"worker time in the stages: {stages['polystore']:.0f} ms against "
+        f"{stages['no hand-off']:.0f} ms; of the {stages['polystore'] - stages['no hand-off']:.0f} "
+        f"ms more, FileManager calls {extra_calls:.0f} ms, the stages' compute "
+        f"{extra_compute:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
