@@ -551,3 +551,29 @@ def test_in_runs_in_c(c_store: SharedArrayStore, monkeypatch: pytest.MonkeyPatch
         assert a.fast.contains("k") is None
     finally:
         a.release()
+
+
+@needs_c
+def test_a_get_in_c_never_trusts_what_it_did_not_check(c_store: SharedArrayStore) -> None:
+    """Whatever the shared entry says (written by any process, or torn), C uses
+    a cached description only if it is one and its sequence number matches."""
+    c_store.put("k", np.arange(6.0))
+    c_store.get("k")
+    a = c_store._arena
+    e = a.find(*shmstore._key("k")[1:])[1]
+    k = e * ix.ENT_SIZE // 8 + ix.E_MSEQ
+    saved = a.eq[k]
+    a.meta.clear()
+    a.q[a.E0 + k] = -1  # nothing cached, and a sequence number of -1
+    try:
+        view = c_store.get("k")
+        assert np.array_equal(view, np.arange(6.0))
+        del view
+        a.meta[e] = "not a description"  # type: ignore[assignment]
+        view = c_store.get("k")
+        assert np.array_equal(view, np.arange(6.0))
+        del view
+    finally:
+        a.q[a.E0 + k] = saved
+        a.meta.clear()
+    assert np.array_equal(c_store.get("k"), np.arange(6.0))

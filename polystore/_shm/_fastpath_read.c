@@ -167,15 +167,16 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
     int cached_meta = fp_item_of(c->meta, e, &meta);
     if (cached_meta < 0)
         return FAILED;
-    int64_t cached = -1;
-    if (cached_meta && PyTuple_Check(meta) && PyTuple_GET_SIZE(meta) == 7) {
-        cached = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
+    int usable = cached_meta && PyTuple_Check(meta) && PyTuple_GET_SIZE(meta) == 7;
+    if (usable) {
+        int64_t cached = PyLong_AsLongLong(PyTuple_GET_ITEM(meta, 0));
         if (cached == -1 && PyErr_Occurred())
             return FAILED;
+        usable = cached == mseq;
     }
     /* A reference of its own: the test hook below runs Python code, which
      * may replace the dict's item. Every return from here drops it but GOT. */
-    int fresh = cached != mseq;
+    int fresh = !usable;
     if (fresh) {  /* a value this process has not seen yet (a new key, say) */
         out->meta = decode_meta(c, e, eq, mseq);
         if (out->meta == NULL)
