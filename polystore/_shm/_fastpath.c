@@ -223,48 +223,56 @@ ctl_contains(Ctl *c, PyObject *key)
     return r;
 }
 
+/* The arena's fd, epoch and slot in got[0..2], and *busy set when a thread of
+ * this process is in the store (it holds the thread lock, perhaps while it
+ * waits for the flock) or unpins wait: then the C writes leave the work to
+ * the Python path. 0, or -1 with an exception; got holds five new
+ * references unless -1. */
+static int
+quiet_arena(PyObject *arena, PyObject **got, int *busy)
+{
+    PyObject *names[5] = {s_fd, s_epoch, s_slot, s_lock, s_pending};
+    if (fetch(arena, names, got, 5) < 0)
+        return -1;
+    *busy = 1;
+    if (!PyList_Check(got[4]) || PyList_GET_SIZE(got[4]) > 0)
+        return 0;
+    PyObject *held = PyObject_CallMethodNoArgs(got[3], str_locked);
+    if (held == NULL) {
+        drop(got, 5);
+        return -1;
+    }
+    *busy = held != Py_False;
+    Py_DECREF(held);
+    return 0;
+}
+
 static PyObject *
 ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
     if (check_nargs(nargs, 3, "put_small", "the arena, the key and the array") < 0)
         return NULL;
-    PyObject *arena = args[0];
     PyObject *parts = key_parts(args[1], c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-    PyObject *names[4] = {s_fd, s_epoch, s_lock, s_pending};
-    PyObject *got[4];
-    if (fetch(arena, names, got, 4) < 0) {
+    PyObject *got[5];
+    int busy;
+    if (quiet_arena(args[0], got, &busy) < 0) {
         Py_DECREF(parts);
         return NULL;
     }
-    PyObject *lock = got[2], *pending = got[3];
-    PyObject *r = NULL;
-    /* A thread of ours in the store (it holds the thread lock, perhaps while
-     * it waits for the flock), or unpins waiting: the Python path. */
-    if (!PyList_Check(pending) || PyList_GET_SIZE(pending) > 0) {
-        r = Py_NewRef(Py_False);
-        goto done;
-    }
-    PyObject *held = PyObject_CallMethodNoArgs(lock, str_locked);
-    if (held == NULL)
-        goto done;
-    int busy = held != Py_False;
-    Py_DECREF(held);
+    PyObject *r;
     if (busy) {
         r = Py_NewRef(Py_False);
-        goto done;
+    } else {
+        PyObject *inner[5] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
+                              got[1], args[2]};
+        r = fp_put_impl(c, inner);
     }
-    PyObject *inner[5] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), got[1],
-                          args[2]};
-    r = fp_put_impl(c, inner);
-done:
-    drop(got, 4);
+    drop(got, 5);
     Py_DECREF(parts);
     return r;
 }
-
-static int quiet_arena(PyObject *arena, PyObject **got, int *busy);
 
 static PyObject *
 ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
@@ -286,28 +294,6 @@ ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     }
     drop(got, 5);
     return r;
-}
-
-/* The arena's fd, epoch and slot in got[0..2] if no thread of this process is
- * in the store and no unpins wait (else *busy is set): 0, or -1 with an
- * exception. got holds five new references either way but on error. */
-static int
-quiet_arena(PyObject *arena, PyObject **got, int *busy)
-{
-    PyObject *names[5] = {s_fd, s_epoch, s_slot, s_lock, s_pending};
-    if (fetch(arena, names, got, 5) < 0)
-        return -1;
-    *busy = 1;
-    if (!PyList_Check(got[4]) || PyList_GET_SIZE(got[4]) > 0)
-        return 0;
-    PyObject *held = PyObject_CallMethodNoArgs(got[3], str_locked);
-    if (held == NULL) {
-        drop(got, 5);
-        return -1;
-    }
-    *busy = held != Py_False;
-    Py_DECREF(held);
-    return 0;
 }
 
 static PyObject *
