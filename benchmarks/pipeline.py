@@ -251,18 +251,22 @@ def polystore_runs(
     return med(firsts), med(seconds), med(setups), final
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_run(description: str) -> tuple[argparse.Namespace, Any, Any, int]:
+    """The command line of a pipeline benchmark: (arguments, plan, start context, repeat)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--side", type=int, default=2048)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--start-method", default="forkserver")
-    parser.add_argument("--repeat", type=int, default=3, help="fresh pools per polystore variant")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of fresh pools")
     args = parser.parse_args()
     plan = pipeline.Plan(args.images, args.side, args.group)
-    context = multiprocessing.get_context(args.start_method)
-    repeat = max(1, args.repeat)
+    return args, plan, multiprocessing.get_context(args.start_method), max(1, args.repeat)
+
+
+def main() -> None:
+    args, plan, context, repeat = parse_run(__doc__.splitlines()[0])
 
     # Round after round of every variant (on fresh pools), so that a change
     # in the machine's load meanwhile weighs on all of them alike.

@@ -16,11 +16,9 @@ the workers, in ms per pass. Run: ``python benchmarks/pipeline_breakdown.py``.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import importlib.util
-import multiprocessing
 import statistics
 import sys
 import time
@@ -137,18 +135,9 @@ def _steady_pass(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--side", type=int, default=2048)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--start-method", default="forkserver")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    plan = pipeline.Plan(args.images, args.side, args.group)
-    context = multiprocessing.get_context(args.start_method)
+    args, plan, context, repeat = bench.parse_run(__doc__.splitlines()[0])
     runs: dict[str, list[dict[str, float]]] = {"polystore": [], "no hand-off": []}
-    for _ in range(max(1, args.repeat)):
+    for _ in range(repeat):
         with polystore.shared_registry() as registry:
             pipeline.reserve(registry, plan, args.workers)
             factory = polystore.FileManagerFactory(registry, premap=True)
@@ -170,7 +159,7 @@ def main() -> None:
 
     print(
         f"{plan.images} images of {args.side}x{args.side} float32, {args.workers} workers "
-        f"({args.start_method}), steady pass; ms, medians of {max(1, args.repeat)} rounds"
+        f"({args.start_method}), steady pass; ms, medians of {repeat} rounds"
     )
     print(f"{'':28}{'polystore':>12}{'no hand-off':>13}{'difference':>12}")
     rows = [("wall time of the pass", "wall"), *[(s, s) for s in STAGES]]
