@@ -123,6 +123,7 @@ class create:
         "a",
         "arr",
         "b",
+        "count",
         "dt",
         "dtype",
         "flags",
@@ -148,7 +149,8 @@ class create:
         self.a, self.key, self.parts, self.shape = a, key, parts, shape
         self.dtype, self.flags, self.overwrite, self.timeout = dtype, flags, overwrite, timeout
         self.dt = ix.encode_dtype(dtype)
-        self.nbytes = math.prod(shape) * dtype.itemsize
+        self.count = math.prod(shape)
+        self.nbytes = self.count * dtype.itemsize
         self.b = -1
         self.arr: np.ndarray[Any, Any] | None = None
 
@@ -172,7 +174,7 @@ class create:
             s, gen, off = a.block_location(b)
             item = a.rw_maps.get(s)
             mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
-            arr = np.frombuffer(mm, dtype, math.prod(shape), off)
+            arr = np.frombuffer(mm, dtype, self.count, off)
             a.pin_add(a.pin_base + b, 1)  # held like a view: unpinned when the array dies
             a.track(arr.base, b)
             if len(shape) != 1:
