@@ -34,7 +34,10 @@ dict, at ten seconds a pass, runs on one pool.
 One more variant separates the hand-offs' cost from the schedule's: the
 pipeline's own tasks, in the same order on the same kind of pool, with every
 hand-off left out (each worker computes into warm private buffers and reads
-warm private buffers in place of another process's output).
+warm private buffers in place of another process's output). Its twin in
+shared memory is the floor of any hand-off through shared memory on this
+schedule: the same tasks computing in a store's kind of pages (files in
+``/dev/shm`` or ``POLYSTORE_SHM_DIR``), with no store code at all.
 Run: ``python benchmarks/pipeline.py [--images N --side S]``.
 """
 
@@ -44,6 +47,7 @@ import argparse
 import contextlib
 import fcntl
 import importlib.util
+import mmap
 import multiprocessing
 import statistics
 import sys
@@ -58,6 +62,7 @@ import numpy as np
 
 import polystore
 from polystore import FileManagerFactory, MemoryBackend
+from polystore._shm.layout import default_dir
 
 _spec = importlib.util.spec_from_file_location(
     "pipeline_example", Path(__file__).resolve().parent.parent / "examples" / "pipeline.py"
@@ -125,24 +130,50 @@ class _NoHandOff(_ComputeOnly):
         self.data.pop(path, None)
 
 
-def _no_handoff_worker(side: int) -> None:
-    """Pool initializer: the example's stage tasks in this worker get a :class:`_NoHandOff`."""
+def _shared_pages(count: int, side: int) -> list[np.ndarray]:
+    """``count`` zeroed images in shared memory of the kind a store gets, in its directory.
+
+    A file in the store's directory (``/dev/shm`` unless ``POLYSTORE_SHM_DIR``
+    says otherwise), mapped shared and unlinked at once: the same pages, of
+    the same size, as a store's blocks, with no store code around them.
+    """
+    nbytes = count * side * side * 4
+    with tempfile.TemporaryFile(dir=default_dir()) as file:
+        file.truncate(nbytes)
+        memory = mmap.mmap(file.fileno(), nbytes)
+    images = np.frombuffer(memory, np.float32).reshape(count, side, side)
+    images[:] = 0
+    return list(images)
+
+
+def _no_handoff_worker(side: int, shared: bool = False) -> None:
+    """Pool initializer: the example's stage tasks in this worker get a :class:`_NoHandOff`.
+
+    ``shared``: its buffers are shared memory (:func:`_shared_pages`), not private.
+    """
     stand_in = _NoHandOff(side)
+    if shared:
+        stand_in.made = _shared_pages(len(stand_in.made), side)
+        stand_in.foreign = _shared_pages(len(stand_in.foreign), side)
     polystore.current_filemanager = lambda: stand_in  # type: ignore[assignment,return-value]
 
 
-def no_handoff_seconds(plan: Any, workers: int, context: Any, repeat: int) -> float:
+def no_handoff_seconds(
+    plan: Any, workers: int, context: Any, repeat: int, shared: bool = False
+) -> float:
     """The pipeline's own schedule (``stream``) with every hand-off left out.
 
     Median of ``repeat`` passes after one untimed pass, on one pool. The gap
     between this and the ideal is the schedule's (fine-grained tasks, the
     parent's loop and fold on the same cores); between this and polystore,
-    the hand-offs'.
+    the hand-offs'. ``shared``: the workers compute in shared memory instead
+    of private memory, which is the floor of any hand-off through shared
+    memory on this schedule: its pages, with no store code at all.
     """
     parent = _NoHandOff(plan.side)
     times = []
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_no_handoff_worker, initargs=(plan.side,)
+        workers, mp_context=context, initializer=_no_handoff_worker, initargs=(plan.side, shared)
     ) as pool:
         pipeline.start_workers(pool, workers)
         for _ in range(repeat + 1):
@@ -282,10 +313,11 @@ def main() -> None:
         note("bare", *polystore_runs(plan, args.workers, context, 1, False)[:3])
         note("ideal", ideal_seconds(plan, args.workers, context, 1))
         note("no_handoff", no_handoff_seconds(plan, args.workers, context, 1))
+        note("floor", no_handoff_seconds(plan, args.workers, context, 1, shared=True))
     med = {name: statistics.median(times) for name, times in rounds.items()}
     cold, ours, setup = med["prepared0"], med["prepared1"], med["prepared2"]
     bare_cold, bare, bare_setup = med["bare0"], med["bare1"], med["bare2"]
-    ideal, no_handoff = med["ideal0"], med["no_handoff0"]
+    ideal, no_handoff, floor = med["ideal0"], med["no_handoff0"], med["floor0"]
     with context.Manager() as manager_process:
         backend = MemoryBackend(shared_dict=manager_process.dict(), store=None)
         manager_cold, manager, final_m = two_passes(
@@ -308,6 +340,7 @@ def main() -> None:
         ("Manager().dict(), first pass", manager_cold),
         ("Manager().dict(), second pass", manager),
         ("same tasks, no hand-off (steady)", no_handoff),
+        ("  the same in shared memory (floor)", floor),
         ("ideal: the compute alone", ideal),
     ]:
         rate = plan.moved_bytes / seconds / 1e6
@@ -320,7 +353,9 @@ def main() -> None:
     )
     print(
         f"hand-offs' share: polystore's steady pass takes {ours / no_handoff:.2f}x the same "
-        f"tasks with no hand-off; that schedule takes {no_handoff / ideal:.2f}x the ideal"
+        f"tasks with no hand-off; that schedule takes {no_handoff / ideal:.2f}x the ideal; "
+        f"in shared memory {floor / ideal:.2f}x (the floor of any hand-off through it: "
+        f"polystore takes {ours / floor:.2f}x that)"
     )
     print(
         f"set-up before the clock (reserve + pool start): {setup:.2f} s as the example, "
