@@ -1,14 +1,16 @@
 """Where the pipeline's time goes: its stages and its FileManager calls, timed inside the workers.
 
-Runs the steady pass of ``examples/pipeline.py`` two ways on pools of the
+Runs the steady pass of ``examples/pipeline.py`` three ways on pools of the
 same kind: with polystore (as ``benchmarks/pipeline.py`` runs it, working set
-reserved and workers premapped), and as that benchmark's "same tasks, no
-hand-off" variant, where every output goes into warm private buffers. Each
-worker adds up the time of every stage call (generate, smooth, project) and,
-inside them, of every ``create_array`` (entering and leaving the block),
-``load`` and ``delete``. The difference between the two runs splits the
-hand-offs' cost in two: the store's own code (the FileManager calls) and the
-stages' compute on shared memory written by other processes (the rest).
+reserved and workers premapped); as that benchmark's "same tasks, no
+hand-off" variant, where every output goes into warm private buffers; and as
+its floor, the same in shared memory. Each worker adds up the time of every
+stage call (generate, smooth, project) and, inside them, of every
+``create_array`` (entering and leaving the block), ``load`` and ``delete``.
+The differences split the hand-offs' cost: the store's own code (the
+FileManager calls), the stages' compute on shared memory pages (the floor's
+extra compute) and the rest of their compute (data written by other
+processes, other blocks).
 
 Medians over ``--repeat`` rounds (fresh pools each) of worker time summed over
 the workers, in ms per pass. Run: ``python benchmarks/pipeline_breakdown.py``.
@@ -91,8 +93,8 @@ def _polystore_worker(factory: polystore.FileManagerFactory) -> None:
     _instrument(FileManager)
 
 
-def _no_handoff_worker(side: int) -> None:
-    bench._no_handoff_worker(side)
+def _no_handoff_worker(side: int, shared: bool) -> None:
+    bench._no_handoff_worker(side, shared)
     _instrument(bench._NoHandOff)
 
 
@@ -136,7 +138,7 @@ def _steady_pass(
 
 def main() -> None:
     args, plan, context, repeat = bench.parse_run(__doc__.splitlines()[0])
-    runs: dict[str, list[dict[str, float]]] = {"polystore": [], "no hand-off": []}
+    runs: dict[str, list[dict[str, float]]] = {"polystore": [], "no hand-off": [], "floor": []}
     for _ in range(repeat):
         with polystore.shared_registry() as registry:
             pipeline.reserve(registry, plan, args.workers)
@@ -147,12 +149,13 @@ def main() -> None:
             ) as pool:  # fmt: skip
                 wall, spent = _steady_pass(pool, factory(), plan, args.workers)
         runs["polystore"].append({"wall": wall, **spent})
-        with ProcessPoolExecutor(
-            args.workers, mp_context=context, initializer=_no_handoff_worker,
-            initargs=(plan.side,),
-        ) as pool:  # fmt: skip
-            wall, spent = _steady_pass(pool, bench._NoHandOff(plan.side), plan, args.workers)
-        runs["no hand-off"].append({"wall": wall, **spent})
+        for run, shared in (("no hand-off", False), ("floor", True)):
+            with ProcessPoolExecutor(
+                args.workers, mp_context=context, initializer=_no_handoff_worker,
+                initargs=(plan.side, shared),
+            ) as pool:  # fmt: skip
+                wall, spent = _steady_pass(pool, bench._NoHandOff(plan.side), plan, args.workers)
+            runs[run].append({"wall": wall, **spent})
 
     def med(run: str, name: str) -> float:
         return 1e3 * statistics.median(r.get(name, 0.0) for r in runs[run])
@@ -161,21 +164,24 @@ def main() -> None:
         f"{plan.images} images of {args.side}x{args.side} float32, {args.workers} workers "
         f"({args.start_method}), steady pass; ms, medians of {repeat} rounds"
     )
-    print(f"{'':28}{'polystore':>12}{'no hand-off':>13}{'difference':>12}")
+    print(f"{'':28}{'polystore':>12}{'no hand-off':>13}{'difference':>12}{'floor':>9}")
     rows = [("wall time of the pass", "wall"), *[(s, s) for s in STAGES]]
     rows += [(f"  {c}", c) for c in CALLS]
     for label, name in rows:
         ours, theirs = med("polystore", name), med("no hand-off", name)
-        print(f"{label:28}{ours:12.1f}{theirs:13.1f}{ours - theirs:12.1f}")
+        floor = med("floor", name)
+        print(f"{label:28}{ours:12.1f}{theirs:13.1f}{ours - theirs:12.1f}{floor:9.1f}")
     stages = {run: sum(med(run, s) for s in STAGES) for run in runs}
     calls = {run: sum(med(run, c) for c in CALLS) for run in runs}
     extra_calls = calls["polystore"] - calls["no hand-off"]
     extra_compute = stages["polystore"] - stages["no hand-off"] - extra_calls
+    pages = stages["floor"] - calls["floor"] - (stages["no hand-off"] - calls["no hand-off"])
     print(
         f"worker time in the stages: {stages['polystore']:.0f} ms against "
         f"{stages['no hand-off']:.0f} ms; of the {stages['polystore'] - stages['no hand-off']:.0f} "
         f"ms more, FileManager calls {extra_calls:.0f} ms, the stages' compute "
-        f"{extra_compute:.0f} ms"
+        f"{extra_compute:.0f} ms, of which the floor (shared memory pages, no store) "
+        f"took {pages:.0f} ms"
     )
 
 

@@ -17,6 +17,9 @@ IMAGE_EXTENSIONS = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
 
 __all__ = ["IMAGE_EXTENSIONS", "FileManager"]
 
+#: classes already found to be StorageBackends (see FileManager.get_backend)
+_BACKEND_TYPES: set[type] = set()
+
 
 class FileManager:
     """Routes ``save``, ``load``, listing and path queries to named backends.
@@ -68,10 +71,14 @@ class FileManager:
             if not isinstance(exc, KeyError):
                 raise
             found = self._registry[self._name_ignoring_case(backend)]
-        if not isinstance(found, StorageBackend):
-            raise TypeError(
-                f"registry entry {backend!r} is a {type(found).__name__}, not a StorageBackend"
-            )
+        # Every call starts here: an ABC's isinstance costs tens of microseconds
+        # with cold caches (benchmarks/pipeline_breakdown.py), a set lookup does not.
+        if type(found) not in _BACKEND_TYPES:
+            if not isinstance(found, StorageBackend):
+                raise TypeError(
+                    f"registry entry {backend!r} is a {type(found).__name__}, not a StorageBackend"
+                )
+            _BACKEND_TYPES.add(type(found))
         return found
 
     def _name_ignoring_case(self, backend: str) -> str:

@@ -48,9 +48,11 @@ def test_unknown_backend_name(fm: FileManager) -> None:
 
 
 def test_entries_must_be_backends() -> None:
-    fm = FileManager({"memory": object()})  # type: ignore[dict-item]
-    with pytest.raises(TypeError, match="not a StorageBackend"):
-        fm.exists("x", backend="memory")
+    fm = FileManager({"memory": object(), "real": MemoryBackend()})  # type: ignore[dict-item]
+    for _ in range(2):  # checked at every call, not only the first (get_backend's type cache)
+        with pytest.raises(TypeError, match="not a StorageBackend"):
+            fm.exists("x", backend="memory")
+        assert not fm.exists("x", backend="real")
 
 
 def test_spec_examples_on_disk(
