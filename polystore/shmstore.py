@@ -46,7 +46,7 @@ import math
 import os
 import weakref
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -109,6 +109,37 @@ def _key(key: object) -> tuple[bytes, bytes, int]:
                 _keys.clear()
             _keys[key] = found
     return found
+
+
+def _staged(
+    values: Mapping[str, Any] | None, remove: Iterable[str], exclude: str | None = None
+) -> tuple[
+    list[tuple[tuple[bytes, bytes, int], np.ndarray[Any, Any], int]],
+    list[tuple[bytes, bytes, int]],
+]:
+    """The puts and removals of :meth:`SharedArrayStore.update`, checked: (puts, removals).
+
+    Each put is (key parts, array, flags): bytes-like values become byte
+    arrays flagged F_BYTES. ``exclude``: a key that may be in neither.
+    """
+    if isinstance(remove, (str, bytes)):
+        raise TypeError(f"remove must be an iterable of keys, not one key: {remove!r}")
+    gone = list(remove)
+    puts = []
+    for key, value in (values or {}).items():
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            arr = np.frombuffer(memoryview(value).cast("B"), dtype=np.uint8)
+            puts.append((_key(key), arr, ix.F_BYTES))
+        else:
+            arr = value if type(value) is np.ndarray else np.asarray(value)
+            puts.append((_key(key), arr, 0))
+    removals = [_key(key) for key in gone]
+    both = set(values or ()) & set(gone)
+    if exclude is not None:
+        both |= {exclude} & (set(values or ()) | set(gone))
+    if both:
+        raise ValueError(f"keys both put and removed in one update: {sorted(both)}")
+    return puts, removals
 
 
 def _check_timeout(timeout: object) -> float | None:
@@ -359,10 +390,21 @@ class SharedArrayStore:
         return self._create(key, array_spec(shape, dtype, order), overwrite, timeout)
 
     def _create(
-        self, key: str, spec: ArraySpec, overwrite: bool, timeout: float | None
+        self,
+        key: str,
+        spec: ArraySpec,
+        overwrite: bool,
+        timeout: float | None,
+        also: Mapping[str, Any] | None = None,
+        remove: Iterable[str] = (),
     ) -> contextlib.AbstractContextManager[np.ndarray[Any, Any]]:
-        """:meth:`create` of an array ``spec`` already checked (the backends' way in)."""
+        """:meth:`create` of an array ``spec`` already checked (the backends' way in).
+
+        ``also`` and ``remove``: more keys to put and to remove, as
+        :meth:`update` does, in the same step as the array is published.
+        """
         parts = _key(key)
+        puts, removals = _staged(also, remove, exclude=key)
         dims, dt, order = spec
         if len(dims) > ix.MAX_NDIM:
             raise ValueError(f"shape {dims} has more than {ix.MAX_NDIM} dimensions")
@@ -377,8 +419,51 @@ class SharedArrayStore:
             )
         flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
         return _shm_write.create(
-            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout)
+            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), puts, removals
         )
+
+    def update(
+        self,
+        values: Mapping[str, Any] | None = None,
+        *,
+        remove: Iterable[str] = (),
+        timeout: float | None = 0,
+    ) -> None:
+        """Put every value of ``values`` and remove every key of ``remove``, in one step.
+
+        Other processes see all of the change or none of it, and so does
+        everyone else if this process is killed at any point: the next
+        process to take the store's lock rolls a half-done change back.
+        Arrays are stored as by :meth:`put` (a copy), bytes-like values as by
+        :meth:`put_bytes`; keys of ``remove`` that are absent are skipped.
+        ``timeout`` is as for :meth:`put`.
+
+        Raises:
+            ValueError: a key both in ``values`` and in ``remove``, or a bad key.
+            TypeError: ``remove`` is a single ``str``, or a key is not one.
+            NotShareableError: an object array.
+            ShmFullError: no room (within ``timeout``); nothing was changed.
+        """
+        timeout = _check_timeout(timeout)
+        gone = remove if isinstance(remove, (str, bytes)) else list(remove)  # (str: refused)
+        puts, removals = _staged(values, gone)
+        if not puts and not removals:
+            return
+        a = self._arena
+        if (
+            len(puts) == 1
+            and len(removals) <= 1
+            and puts[0][2] == 0
+            and a.fast is not None
+            and not self._closed
+        ):
+            # One array, at most one key to remove: in C when the removed key
+            # is absent (checked in the same section), the steady state of a
+            # file saved again with no metadata (polystore.shm_backend).
+            key = next(iter(values or {}))
+            if a.fast.put_small(a, key, puts[0][1], gone[0] if gone else None):
+                return
+        _shm_write.commit(self._live(), puts, removals, timeout)
 
     def put_bytes(
         self, key: str, data: bytes | bytearray | memoryview, *, timeout: float | None = 0
@@ -412,11 +497,7 @@ class SharedArrayStore:
             i, e = a.find(kbz, h)
             if e < 0:
                 raise KeyError(key)
-            old = a.eq[e * _EQ + ix.E_BLOCK]
-            a.remove(i, e)
-            a.meta.pop(e, None)
-            if old >= 0:
-                a.retire(old)
+            _shm_write.remove(a, i, e)
 
     # -- reading ---------------------------------------------------------------------
     def get(self, key: str) -> np.ndarray[Any, Any]:

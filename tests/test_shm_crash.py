@@ -11,7 +11,8 @@ every step ``n``, a fresh child runs it again and SIGKILLs itself at step
 * the keys the child did not touch hold exactly their values;
 * the key it touched holds its old value or its new one, never a mix (values
   are self-describing: element 0 names the key, every other element is the
-  version);
+  version); keys it changed together (``SharedArrayStore.update``, a create
+  published with more keys) are all old or all new;
 * a probe put, get and delete works.
 
 Then it puts the old state back for the next step.
@@ -36,6 +37,7 @@ from polystore._shm import faults
 from polystore._shm import layout as ix
 from polystore._shm.check import problems
 from polystore._shm.tables import Tables
+from polystore.formats import array_spec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,6 +102,8 @@ class Scenario:
     prepare: Callable[[SharedArrayStore], Any] | None = None
     #: run in the survivor before each try, e.g. to leave a dead writer
     before: Callable[[SharedArrayStore], Any] | None = None
+    #: the versions the touched keys may hold together (None: any combination)
+    outcomes: list[dict[str, int | None]] | None = None
 
 
 def _put(key: str, kid: int, version: int, n: int = N_SMALL) -> Callable[[SharedArrayStore], None]:
@@ -136,6 +140,30 @@ def _delete(key: str) -> Callable[[SharedArrayStore], None]:
     return run
 
 
+def _update(
+    values: dict[str, tuple[int, int, int]], remove: tuple[str, ...] = ()
+) -> Callable[[SharedArrayStore], None]:
+    """store.update of ``values`` (key -> (id, version, elements)) and ``remove``."""
+
+    def run(store: SharedArrayStore) -> None:
+        store.update({k: value(*v) for k, v in values.items()}, remove=remove)
+
+    return run
+
+
+def _pair(store: SharedArrayStore) -> None:
+    """A file and its metadata at version 1 (in the child, before it is armed)."""
+    store.update({"f": value(110, 1, N_SMALL), "fm": value(111, 1, 8)})
+
+
+def _create_with(store: SharedArrayStore) -> None:
+    """A create published with a key put and a key removed, as a file with its metadata."""
+    spec = array_spec(N_LARGE, np.int64)
+    with store._create("c", spec, True, 0, {"cm": value(112, 1, 8)}, ["fm"]) as out:
+        out[:] = 1
+        out[0] = 104
+
+
 def _hold_view(store: SharedArrayStore) -> Any:
     return store.get("t")
 
@@ -158,6 +186,7 @@ def _dead_writer(store: SharedArrayStore) -> None:
     _wait(pid)
 
 
+# fmt: off
 SCENARIOS = [
     Scenario("small put", _base, _put("t", 100, 2), {"t": (100, {1, 2})}),
     Scenario(
@@ -186,7 +215,35 @@ SCENARIOS = [
         "spilled put", _base, _put("g", 103, 1, 5 << 17), {"g": (103, {None, 1})},
         store_kwargs={"cache_bytes": 0, "max_bytes": 8 << 20, "spill_dir": SPILL},
     ),
+    # Keys changed together: all old or all new.
+    Scenario(
+        "update a pair", _base, _update({"f": (110, 2, N_SMALL), "fm": (111, 2, 8)}),
+        {"f": (110, {1, 2}), "fm": (111, {1, 2})}, prepare=_pair,
+        outcomes=[{"f": 1, "fm": 1}, {"f": 2, "fm": 2}],
+    ),
+    Scenario(
+        "update and remove", _base, _update({"f": (110, 2, N_LARGE)}, ("fm",)),
+        {"f": (110, {1, 2}), "fm": (111, {1, None})}, prepare=_pair,
+        outcomes=[{"f": 1, "fm": 1}, {"f": 2, "fm": None}],
+    ),
+    Scenario(
+        "remove a pair", _base, _update({}, ("f", "fm")),
+        {"f": (110, {1, None}), "fm": (111, {1, None})}, prepare=_pair,
+        outcomes=[{"f": 1, "fm": 1}, {"f": None, "fm": None}],
+    ),
+    Scenario(
+        "create with more keys", _base, _create_with,
+        {"c": (104, {None, 1}), "cm": (112, {None, 1}), "fm": (111, {1, None})},
+        prepare=_pair, outcomes=[{"c": None, "cm": None, "fm": 1}, {"c": 1, "cm": 1, "fm": None}],
+    ),
+    # The steady state of a file saved again with no metadata: in C, which
+    # checks in the same section that there is no metadata to remove.
+    Scenario(
+        "small put, nothing to remove", _base, _update({"t": (100, 2, N_SMALL)}, ("fm",)),
+        {"t": (100, {1, 2})},
+    ),
 ]
+# fmt: on
 
 
 def _wait(pid: int) -> int:
@@ -196,9 +253,7 @@ def _wait(pid: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def _in_child(
-    store: SharedArrayStore, sc: Scenario, at: int, c_path: bool
-) -> tuple[int, int, int]:
+def _in_child(store: SharedArrayStore, sc: Scenario, at: int, c_path: bool) -> tuple[int, int, int]:
     """Run the scenario's operation in a forked child armed to die at step ``at``.
 
     Returns how the child ended, and the steps it counted in Python and in C
@@ -248,9 +303,12 @@ def _survivor_checks(store: SharedArrayStore, sc: Scenario, label: str) -> None:
     for key, (kid, n) in STABLE.items():
         assert version_of(store, key, kid) == 7, f"{label}: untouched key {key} changed"
         assert store.info(key).shape == (n,)
+    held = {}
     for key, (kid, versions) in sc.allowed.items():
-        got = version_of(store, key, kid)
+        got = held[key] = version_of(store, key, kid)
         assert got in versions, f"{label}: {key} holds version {got}, allowed {versions}"
+    if sc.outcomes is not None:
+        assert held in sc.outcomes, f"{label}: the keys hold {held}, allowed {sc.outcomes}"
     store.put("probe", np.arange(5))
     assert np.array_equal(store.get("probe"), np.arange(5))
     store.delete("probe")
@@ -260,7 +318,7 @@ def _restore(store: SharedArrayStore) -> None:
     """Put the state every scenario starts from back (after _base)."""
     with store._arena.locked as a:
         a.reap()  # what a killed child held, at once, so that every try starts alike
-    for key in ("n", "g", "x", "y", "c"):
+    for key in ("n", "g", "x", "y", "c", "f", "fm", "cm"):
         if key in store:
             store.delete(key)
     if "t" not in store:  # "t" goes back before the keys that collide with it

@@ -246,6 +246,45 @@ def test_a_small_put_in_c_declines_what_python_must_decide(c_store: SharedArrayS
 
 
 @needs_c
+def test_c_writes_decline_while_the_key_to_remove_is_present(c_store: SharedArrayStore) -> None:
+    """The guard of SharedArrayStore.update and of a create published with a removal.
+
+    A put or publish that must also remove a key runs in C only when that
+    key is absent (nothing to remove), checked in the same locked section.
+    """
+    a = c_store._arena
+    value = np.ones(2048, np.float32)
+    c_store.put("k", value)
+    c_store.put_bytes("k.meta", b"{}")
+    seq = a.h[ix.H_SEQ]
+    assert a.fast.put_small(a, "k", value * 2, "k.meta") is False
+    assert a.h[ix.H_SEQ] == seq and (c_store.get("k") == 1).all()  # nothing changed
+    assert a.fast.put_small(a, "k", value * 2, None) is True  # no guard
+    assert a.fast.put_small(a, "k", value * 3, "other") is True  # an absent key
+    assert a.fast.put_small(a, "k", value, "") is False  # not a key: Python refuses it
+    with pytest.raises(ValueError):
+        c_store.update({"k": value}, remove=[""])
+    c_store.update({"k": value * 4}, remove=["k.meta"])  # Python removes it, in one step
+    assert (c_store.get("k") == 4).all() and "k.meta" not in c_store
+    c_store.update({"k": value * 5}, remove=["k.meta"])  # in C now
+    assert (c_store.get("k") == 5).all() and a.h[ix.H_SEQ] == seq + 4
+
+    # the same for a create's publish
+    shape, dt, nbytes = (8, 8), ix.encode_dtype(np.dtype(np.float64)), 512
+    parts, guard = shmstore._key("new"), shmstore._key("new.meta")
+    c_store.put_bytes("new.meta", b"{}")
+    b = _shm_write.take(a, ix.class_of(nbytes), 0)
+    assert a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, *guard[1:]) is False
+    assert "new" not in c_store
+    c_store.delete("new.meta")
+    assert a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, *guard[1:]) is True
+    assert c_store.get("new").shape == shape
+    with pytest.raises(TypeError):
+        a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, guard[1])  # 9 arguments
+    assert not problems(a)
+
+
+@needs_c
 def test_take_and_publish_in_c_decline_what_python_must_decide(
     c_store: SharedArrayStore,
 ) -> None:

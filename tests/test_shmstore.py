@@ -132,6 +132,54 @@ def test_object_arrays_refused(store: SharedArrayStore) -> None:
     assert "o" not in store
 
 
+# -- update: several keys in one step -----------------------------------------------------
+
+
+def test_update_puts_and_removes_together(store: SharedArrayStore) -> None:
+    from polystore._shm.check import problems
+
+    store.put("old", np.zeros(3))
+    store.update({"a": np.arange(4), "b": b"bytes", "c": np.ones((2, 3), order="F")},
+                 remove=["old", "absent"])  # fmt: skip
+    assert np.array_equal(store.get("a"), np.arange(4)) and store.get_bytes("b") == b"bytes"
+    assert store.get("c").flags.f_contiguous and "old" not in store
+    store.update(remove=iter(["a", "b"]))  # any iterable of keys
+    assert "a" not in store and "b" not in store and "c" in store
+    store.update({})  # nothing to do
+    assert not problems(store._arena)
+
+
+def test_a_refused_update_changes_nothing(store: SharedArrayStore) -> None:
+    from polystore._shm.check import problems
+
+    store.put("a", np.zeros(3))
+    stats = store.stats()
+    with pytest.raises(ValueError, match="both put and removed"):
+        store.update({"a": np.ones(3)}, remove=["a"])
+    with pytest.raises(TypeError, match="not one key"):
+        store.update({"b": np.ones(3)}, remove="a")
+    with pytest.raises(NotShareableError):  # the second value is refused: the first is not put
+        store.update({"b": np.ones(3), "c": np.array([1, "x"], dtype=object)}, remove=["a"])
+    with pytest.raises(ValueError):
+        store.update({"b": np.ones(3), "": np.ones(3)})
+    assert "b" not in store and np.array_equal(store.get("a"), np.zeros(3))
+    assert store.stats()["keys"] == stats["keys"] == 1
+    assert not problems(store._arena)
+
+
+def test_an_update_with_no_room_changes_nothing() -> None:
+    from polystore._shm.check import problems
+
+    with SharedArrayStore(max_bytes=8 << 20) as store:
+        store.put("a", np.zeros(3))
+        with pytest.raises(ShmFullError):  # the first value fits, the second does not
+            store.update({"b": np.ones(1 << 19), "c": np.ones(1 << 20)}, remove=["a"])
+        assert "b" not in store and "c" not in store and "a" in store
+        assert not problems(store._arena)
+        store.update({"b": np.ones(1 << 19)}, remove=["a"])  # the room was given back
+        assert "a" not in store
+
+
 # -- views ---------------------------------------------------------------------------------
 
 

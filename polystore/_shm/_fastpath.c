@@ -57,7 +57,7 @@ PyDoc_STRVAR(ctl_view_doc,
 "at its current generation).");
 
 PyDoc_STRVAR(ctl_put_doc,
-"put_small(arena, key, array) -> bool\n\n"
+"put_small(arena, key, array[, absent]) -> bool\n\n"
 "Take the store lock (flock on arena._fd, without waiting) and put a\n"
 "C-contiguous array under a key in the key cache when the Python path would\n"
 "do just that: the key's current description, cached in arena.meta, has the\n"
@@ -66,8 +66,9 @@ PyDoc_STRVAR(ctl_put_doc,
 "or idle. The array is copied into that block, the key pointed at it and the\n"
 "old block retired, every change journaled (see polystore._shm.tables).\n"
 "Returns False, having changed nothing, in every other case: for arrays of\n"
-"over small_put bytes or empty ones, while another thread of this process is\n"
-"in the store, while another process holds the lock, and when a dead lock\n"
+"over small_put bytes or empty ones, when the key absent (a str; None: no\n"
+"such check) is in the store, while another thread of this process is in\n"
+"the store, while another process holds the lock, and when a dead lock\n"
 "holder left work to finish.");
 
 /* -- entry points: the arena's state read in C ------------------------------ */
@@ -250,36 +251,55 @@ quiet_arena(PyObject *arena, PyObject **got, int *busy)
 static PyObject *
 ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs(nargs, 3, "put_small", "the arena, the key and the array") < 0)
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "put_small() takes the arena, the key, the array and an absent key");
         return NULL;
-    PyObject *parts = key_parts(args[1], c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
+    }
+    Py_ssize_t max_key = c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1;
+    PyObject *parts = key_parts(args[1], max_key);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+    PyObject *guard = NULL;  /* the absent key's parts, if one is given */
+    if (nargs == 4 && args[3] != Py_None) {
+        guard = key_parts(args[3], max_key);
+        if (guard == NULL) {
+            Py_DECREF(parts);
+            return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
+        }
+    }
     PyObject *got[5];
     int busy;
     if (quiet_arena(args[0], got, &busy) < 0) {
         Py_DECREF(parts);
+        Py_XDECREF(guard);
         return NULL;
     }
     PyObject *r;
     if (busy) {
         r = Py_NewRef(Py_False);
     } else {
-        PyObject *inner[5] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
-                              got[1], args[2]};
+        PyObject *inner[7] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
+                              got[1], args[2],
+                              guard ? PyTuple_GET_ITEM(guard, 1) : NULL,
+                              guard ? PyTuple_GET_ITEM(guard, 2) : NULL};
         r = fp_put_impl(c, inner);
     }
     drop(got, 5);
     Py_DECREF(parts);
+    Py_XDECREF(guard);
     return r;
 }
 
 static PyObject *
 ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs(nargs, 8, "publish", "the arena, the key's bytes and NUL, its hash, "
-                    "the block, nbytes, the dtype text, the shape and the flags") < 0)
+    if (nargs != 8 && nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "publish() takes the arena, the key's bytes and NUL, "
+                        "its hash, the block, nbytes, the dtype text, the shape and the flags, "
+                        "then perhaps an absent key's bytes and NUL and its hash");
         return NULL;
+    }
     PyObject *got[5];
     int busy;
     if (quiet_arena(args[0], got, &busy) < 0)
@@ -288,8 +308,9 @@ ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     if (busy) {
         r = Py_NewRef(Py_False);
     } else {
-        PyObject *inner[10] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4],
-                               args[5], args[6], args[7]};
+        PyObject *inner[12] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4],
+                               args[5], args[6], args[7],
+                               nargs == 10 ? args[8] : NULL, nargs == 10 ? args[9] : NULL};
         r = fp_publish_impl(c, inner);
     }
     drop(got, 5);
@@ -601,12 +622,13 @@ static PyMethodDef ctl_methods[] = {
      "closed store, a key that is not a valid str)."},
     {"put_small", (PyCFunction)(void (*)(void))ctl_put_small, METH_FASTCALL, ctl_put_doc},
     {"publish", (PyCFunction)(void (*)(void))ctl_publish, METH_FASTCALL,
-     "publish(arena, kbz, hash, block, nbytes, dt, shape, flags) -> bool\n\n"
+     "publish(arena, kbz, hash, block, nbytes, dt, shape, flags[, akbz, ahash]) -> bool\n\n"
      "Install block, which this process filled in place (create), under a new\n"
      "key, in one journaled section under the flock. Returns False, having\n"
-     "changed nothing, in every other case: a key that exists, no free entry\n"
-     "record, another thread of this process or another process in the store,\n"
-     "or work a dead lock holder left to finish."},
+     "changed nothing, in every other case: a key that exists, the key akbz\n"
+     "(bytes and NUL, hash ahash) present, no free entry record, another\n"
+     "thread of this process or another process in the store, or work a dead\n"
+     "lock holder left to finish."},
     {"bind", (PyCFunction)(void (*)(void))ctl_bind, METH_FASTCALL,
      "bind(meta, ro_maps, rw_maps, refs, view_dead, dtypes): the arena's objects that never "
      "change, which get(), view() and put_small() use."},

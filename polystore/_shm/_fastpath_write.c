@@ -121,6 +121,30 @@ begin_section(Ctl *c, int fd, int64_t epoch, int64_t *wseq)
     return 1;
 }
 
+/* Under the store lock: whether the key akbz (its bytes and NUL; NULL: no
+ * key to check) with hash ahash is absent. 0 when it is present, or when the
+ * arguments or the index cannot be read: the caller declines, and the Python
+ * path does the work in a section of its own (SharedArrayStore.update).
+ *
+ * Invariant kept: a value whose file has metadata is never replaced in C
+ * apart from that metadata (polystore.shm_backend removes the old metadata
+ * in the same section as it installs the new value). */
+static int
+absent_locked(Ctl *c, PyObject *akbz, PyObject *ahash)
+{
+    if (akbz == NULL)
+        return 1;
+    if (!PyBytes_Check(akbz) || !PyLong_Check(ahash))
+        return 0;
+    int64_t hash = PyLong_AsLongLong(ahash);
+    if (hash < 0 || hash > 0x7FFFFFFF) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(akbz);
+    return key_ok(c, n) && fp_find(c, PyBytes_AS_STRING(akbz), n, hash) == -1;
+}
+
 static int
 end_section(Ctl *c, int fd, int64_t wseq)
 {
@@ -275,7 +299,8 @@ fp_put_impl(Ctl *c, PyObject *const *args)
     int done = begun;
     if (begun > 0) {
         int64_t e = fp_find(c, kbz, n, hash);
-        done = e >= 0 ? swap_locked(c, e, &src, dtype, c->meta, c->rw_maps) : 0;
+        done = e >= 0 && absent_locked(c, args[5], args[6])
+                   ? swap_locked(c, e, &src, dtype, c->meta, c->rw_maps) : 0;
         /* an error of the copy stays set through the unlock */
         if (end_section(c, fd, wseq) < 0 && done >= 0)
             done = -1;
@@ -448,7 +473,7 @@ fp_publish_impl(Ctl *c, PyObject *const *args)
         return begun < 0 ? NULL : Py_NewRef(Py_False);
     int done = 0;
     /* fp_find gives the entry, not the slot: probe for the empty slot */
-    if (fp_find(c, kbz, n, hash) == -1) {
+    if (fp_find(c, kbz, n, hash) == -1 && absent_locked(c, args[10], args[11])) {
         int64_t i = hash & c->mask;
         while (LD(&c->ht[i]) != 0)
             i = (i + 1) & c->mask;

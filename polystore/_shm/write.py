@@ -12,6 +12,12 @@ by this process), copies without the lock, and installs in a second; if it
 dies in between, the reaper frees the block. Either way the old block is
 retired, and freed once no reader pins it; a key put again and again
 alternates between two blocks.
+
+:func:`commit` extends this to several keys changed together (a file, its
+metadata and its new directories in :mod:`polystore.shm_backend`): every
+value is copied into a block of its own first, then one locked section
+installs them all and removes what goes, so a kill leaves all of the old
+state or all of the new.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from . import layout as ix
 from .alloc import unlink_quietly
 from .read import make_meta as _meta
 
-__all__ = ["SMALL_PUT", "abandon", "create", "grow", "put", "take"]
+__all__ = ["SMALL_PUT", "abandon", "commit", "create", "grow", "put", "remove", "take"]
 
 #: puts up to this size copy while holding the store lock (one lock round trip)
 SMALL_PUT = ix.SMALL_PUT
@@ -56,21 +62,9 @@ def put(
     ``timeout``: how long to wait for room (see :func:`take`).
     """
     _, kbz, h = parts
-    dt = ix.encode_dtype(arr.dtype)
-    nbytes = arr.nbytes
-    # A C-contiguous array exports its bytes as a plain buffer, whatever its
-    # dtype; the transpose of a Fortran-ordered one is C-contiguous.
-    layout = arr.flags
-    src: Any = None  # None: copied element by element, into C order
-    if layout.c_contiguous:
-        src = arr
-    elif layout.f_contiguous:
-        flags |= ix.F_FORTRAN
-        src = arr.T
-    if nbytes > ix.CLASS_SIZES[-1]:
-        raise ShmFullError(nbytes, ix.CLASS_SIZES[-1], f"shared array store {name!r}")
+    src, value = _describe(name, arr, flags)
+    nbytes = value[0]
     cls = ix.class_of(nbytes) if nbytes else -1
-    value = (nbytes, arr.dtype, dt, arr.shape, flags)
     b = -1
     with a.locked:
         if a.slot < 0:
@@ -131,6 +125,8 @@ class create:
         "nbytes",
         "overwrite",
         "parts",
+        "puts",
+        "removals",
         "shape",
         "timeout",
     )  # fmt: skip
@@ -145,7 +141,10 @@ class create:
         flags: int,
         overwrite: bool,
         timeout: float | None,
+        puts: list[tuple[tuple[bytes, bytes, int], np.ndarray[Any, Any], int]] | None = None,
+        removals: list[tuple[bytes, bytes, int]] | None = None,
     ) -> None:
+        self.puts, self.removals = puts or [], removals or []
         self.a, self.key, self.parts, self.shape = a, key, parts, shape
         self.dtype, self.flags, self.overwrite, self.timeout = dtype, flags, overwrite, timeout
         self.dt = ix.encode_dtype(dtype)
@@ -196,15 +195,21 @@ class create:
             if _faults.kill_at:
                 _faults.step()
             value = (self.nbytes, self.dtype, self.dt, self.shape, self.flags)
+            puts, removals = self.puts, self.removals
+            fast = a.fast
+            if b >= 0 and fast is not None and not puts and len(removals) <= 1:
+                # A new key in C where it can; the key to remove, if any, must
+                # be absent, which C checks in the same section.
+                guard = removals[0][1:] if removals else ()
+                _, kbz, h = self.parts
+                if fast.publish(a, kbz, h, b, self.nbytes, self.dt, self.shape, self.flags, *guard):
+                    return
             if b < 0:
                 arr.flags.writeable = False
-                _publish(a, self.key, self.parts, -1, value, self.overwrite)
-                return
-            # A new key in C where it can, else the same install in Python.
-            fast = a.fast
-            if fast is None or not fast.publish(
-                a, self.parts[1], self.parts[2], b, self.nbytes, self.dt, self.shape, self.flags
-            ):
+            if puts or removals:  # all in one section
+                exclusive = None if self.overwrite else self.key
+                commit(a, puts, removals, self.timeout, (self.parts, b, value), exclusive)
+            else:
                 _publish(a, self.key, self.parts, b, value, self.overwrite)
         except BaseException:
             if b >= 0:
@@ -233,12 +238,107 @@ def _copy(
         np.copyto(dst, arr, casting="no")
 
 
+#: (nbytes, dtype, dtype text, shape, flags): what an entry says of its value
+Value = tuple[int, np.dtype[Any], bytes, tuple[int, ...], int]
+
+
+def _describe(name: str, arr: np.ndarray[Any, Any], flags: int) -> tuple[Any, Value]:
+    """(what to copy from, description) of an array to store (``flags``: F_BYTES or 0).
+
+    Raises ShmFullError for a value larger than any block.
+    """
+    nbytes = arr.nbytes
+    # A C-contiguous array exports its bytes as a plain buffer, whatever its
+    # dtype; the transpose of a Fortran-ordered one is C-contiguous.
+    layout = arr.flags
+    src: Any = None  # None: copied element by element, into C order
+    if layout.c_contiguous:
+        src = arr
+    elif layout.f_contiguous:
+        flags |= ix.F_FORTRAN
+        src = arr.T
+    dt = ix.encode_dtype(arr.dtype)
+    if nbytes > ix.CLASS_SIZES[-1]:
+        raise ShmFullError(nbytes, ix.CLASS_SIZES[-1], f"shared array store {name!r}")
+    return src, (nbytes, arr.dtype, dt, arr.shape, flags)
+
+
+#: a key to install: (its parts, the block filled for it or -1 if empty, its description)
+Install = tuple[tuple[bytes, bytes, int], int, Value]
+
+
+def commit(
+    a: _arena.Arena,
+    puts: list[tuple[tuple[bytes, bytes, int], np.ndarray[Any, Any], int]],
+    removals: list[tuple[bytes, bytes, int]],
+    timeout: float | None,
+    filled: Install | None = None,
+    exclusive: str | None = None,
+) -> None:
+    """Install ``filled`` and ``puts`` and remove ``removals``, in one locked section.
+
+    ``puts``: (key parts, array, flags) to copy in; ``filled``: a block this
+    process already filled (a ``create``), installed first, and freed by
+    the caller if this raises; ``removals``:
+    key parts, skipped when absent. ``exclusive``: the first install's key,
+    which must be absent (``FileExistsError`` otherwise, nothing changed).
+
+    Invariant kept: all or nothing. Each value is copied into a block taken
+    off a free list (WRITING, owned by this process: no key names it), and
+    only then does one section point every key at its block and remove the
+    others. A kill before the section leaves the blocks to the reaper; a
+    kill inside it leaves the section to the next lock holder, who rolls it
+    back; an exception inside it rolls it back at once (``Arena.abort``).
+    Either way every block not installed is freed.
+    """
+    installs: list[Install] = [] if filled is None else [filled]
+    described = [(parts, arr, *_describe(a.name, arr, flags)) for parts, arr, flags in puts]
+    mine = []  # blocks taken here (the caller frees ``filled``'s if this raises)
+    try:
+        for parts, arr, src, value in described:
+            b = -1
+            if value[0]:
+                b = take(a, ix.class_of(value[0]), timeout)
+                mine.append(b)
+                if _faults.kill_at:
+                    _faults.step()
+                _copy(a, b, arr, src, value[0])  # outside the lock: no one else sees b
+            installs.append((parts, b, value))
+        if _faults.kill_at:
+            _faults.step()
+        with a.locked:
+            if a.slot < 0:
+                a.my_slot()
+            for n, (parts, b, value) in enumerate(installs):
+                i, e = a.find(parts[1], parts[2])
+                if e >= 0 and n == 0 and exclusive is not None:
+                    raise FileExistsError(errno.EEXIST, "key exists", exclusive)
+                _install(a, i, e, parts, b, value)
+            for _, kbz, h in removals:
+                i, e = a.find(kbz, h)
+                if e >= 0:
+                    remove(a, i, e)
+    except BaseException:
+        for b in mine:
+            abandon(a, b)  # (a block installed before the exception is live: left alone)
+        raise
+
+
+def remove(a: _arena.Arena, i: int, e: int) -> None:
+    """Remove the key in slot ``i`` (entry ``e``) and retire its block (locked)."""
+    old = a.eq[e * _EQ + _E_BLOCK]
+    a.remove(i, e)
+    a.meta.pop(e, None)
+    if old >= 0:
+        a.retire(old)
+
+
 def _publish(
     a: _arena.Arena,
     key: str,
     parts: tuple[bytes, bytes, int],
     b: int,
-    value: tuple[int, np.dtype[Any], bytes, tuple[int, ...], int],
+    value: Value,
     overwrite: bool,
 ) -> None:
     """Point ``key`` at block ``b``, filled outside the lock, in a section of its own."""
@@ -255,7 +355,7 @@ def _install(
     e: int,
     parts: tuple[bytes, bytes, int],
     b: int,
-    value: tuple[int, np.dtype[Any], bytes, tuple[int, ...], int],
+    value: Value,
 ) -> None:
     """Point the key (slot ``i``, entry ``e`` from find) at block ``b`` (locked).
 
