@@ -37,7 +37,14 @@ from .exceptions import (
     UnsupportedFormatError,
     os_error,
 )
-from .formats import FormatRegistry, NpyFormat, array_spec, default_formats, normalize_metadata
+from .formats import (
+    ArraySpec,
+    FormatRegistry,
+    NpyFormat,
+    array_spec,
+    default_formats,
+    normalize_metadata,
+)
 from .paths import as_str, join_listing, virtual, virtual_parents
 
 if TYPE_CHECKING:
@@ -321,9 +328,11 @@ class MemoryBackend(StorageBackend):
         timeout = kwargs.pop("timeout", 0)
         # The store refuses overwrite=False if another large value was saved
         # at the path meanwhile (it has the same key in the store).
-        made = store._create(vpath, spec, overwrite, timeout)
+        made, whole = self._made_in(store, vpath, spec, overwrite, timeout, meta)
         with made as arr:
             yield arr
+        if whole:
+            return
         # Published in the store: the file now appears in the tree.
         ref = self._stored_as(store, vpath)
         old = self._data.get(vpath) if ref is not None else None
@@ -334,6 +343,26 @@ class MemoryBackend(StorageBackend):
         if ref is not None:
             updates[vpath] = ref
         self._commit_file(vpath, updates, meta, old, ref, timeout)
+
+    def _made_in(
+        self,
+        store: SharedArrayStore,
+        vpath: str,
+        spec: ArraySpec,
+        overwrite: bool,
+        timeout: float | None,
+        meta: dict[str, Any] | None,
+    ) -> tuple[contextlib.AbstractContextManager[Any], bool]:
+        """The store's block for an array made in place at ``vpath``, and whether
+        publishing it also commits the file's entries (its directories and
+        metadata); if not, :meth:`create_array` writes them after it."""
+        return store._create(vpath, spec, overwrite, timeout), False
+
+    def _remove_file(self, vpath: str) -> None:
+        """Remove the file ``vpath`` (known to be one) and its metadata."""
+        value = self._data.pop(vpath, None)
+        self._data.pop(_META + vpath, None)
+        self._drop_payload(value)
 
     def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
         """Where the mapping itself lives in shared memory: let its puts wait for room."""
@@ -453,9 +482,7 @@ class MemoryBackend(StorageBackend):
         if kind is None:
             raise self._missing(text, vpath)
         if kind == "file":
-            value = self._data.pop(vpath, None)
-            self._data.pop(_META + vpath, None)
-            self._drop_payload(value)
+            self._remove_file(vpath)
             return
         if vpath == "/":
             raise SandboxError(text, "/")
@@ -464,9 +491,7 @@ class MemoryBackend(StorageBackend):
         if inside and not recursive:
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
         for key in sorted(inside, key=len, reverse=True):
-            value = self._data.pop(key, None)
-            self._data.pop(_META + key, None)
-            self._drop_payload(value)
+            self._remove_file(key)
         self._data.pop(prefix, None)
 
     def _same_path(self, a: Any, b: Any) -> bool:

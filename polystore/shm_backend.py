@@ -20,15 +20,15 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
 
 from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError
-from .formats import FormatRegistry
-from .memory import Link, MemoryBackend
+from .formats import ArraySpec, FormatRegistry
+from .memory import _META, Link, MemoryBackend
 from .shmstore import SharedArrayStore
 
 __all__ = ["SharedMemoryBackend", "node_id"]
@@ -90,6 +90,19 @@ def _decode(blob: bytes) -> Any:
     return json.loads(body.decode("utf-8"))
 
 
+def _storable(key: str, value: Any) -> Any:
+    """What the store keeps for ``value``: an array as it is, anything else encoded."""
+    if not isinstance(value, np.ndarray):
+        return _encode(value)
+    if value.dtype.hasobject:
+        raise UnsupportedFormatError(
+            key,
+            reason="shared memory holds no Python objects, so object arrays "
+            "(which need pickle) cannot be stored in the shm backend",
+        )
+    return value
+
+
 class _StoreDict(MutableMapping[str, Any]):
     """The mapping interface :class:`MemoryBackend` needs, over a shared array store.
 
@@ -120,16 +133,19 @@ class _StoreDict(MutableMapping[str, Any]):
 
     def __setitem__(self, key: str, value: Any) -> None:
         timeout = getattr(self._calls, "timeout", 0)
-        if isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
-                raise UnsupportedFormatError(
-                    key,
-                    reason="shared memory holds no Python objects, so object arrays "
-                    "(which need pickle) cannot be stored in the shm backend",
-                )
-            self.store.put(key, value, timeout=timeout)
+        stored = _storable(key, value)
+        if isinstance(stored, np.ndarray):
+            self.store.put(key, stored, timeout=timeout)
         else:
-            self.store.put_bytes(key, _encode(value), timeout=timeout)
+            self.store.put_bytes(key, stored, timeout=timeout)
+
+    def staged(self, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """What the store keeps for each of ``updates``: arrays as they are, the rest encoded."""
+        return {key: _storable(key, value) for key, value in updates.items()}
+
+    def commit(self, updates: Mapping[str, Any], remove: list[str], timeout: float | None) -> None:
+        """Set every key of ``updates`` and remove every key of ``remove``, in one step."""
+        self.store.update(self.staged(updates), remove=remove, timeout=timeout)
 
     def __delitem__(self, key: str) -> None:
         self.store.delete(key)
@@ -200,6 +216,50 @@ class SharedMemoryBackend(MemoryBackend):
 
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         return self._shm
+
+    # A file, its new directories and its metadata change in one step of the
+    # store (SharedArrayStore.update, or the create block's publish): a
+    # process killed at any point leaves the old file with its old metadata
+    # or the new file with the new, as the disk backend commits a file with
+    # its sidecar. Without metadata, the old metadata goes in the same step.
+
+    def _entries(self, vpath: str, meta: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+        """(keys to set, keys to remove) of a file's metadata."""
+        if meta is None:
+            return {}, [_META + vpath]
+        return {_META + vpath: meta}, []
+
+    def _commit_file(
+        self,
+        vpath: str,
+        updates: dict[str, Any],
+        meta: dict[str, Any] | None,
+        old: Any,
+        new: Any,
+        timeout: float | None,
+    ) -> None:
+        assert isinstance(self._data, _StoreDict)
+        more, remove = self._entries(vpath, meta)
+        self._data.commit({**updates, **more}, remove, timeout)
+
+    def _made_in(
+        self,
+        store: SharedArrayStore,
+        vpath: str,
+        spec: ArraySpec,
+        overwrite: bool,
+        timeout: float | None,
+        meta: dict[str, Any] | None,
+    ) -> tuple[contextlib.AbstractContextManager[Any], bool]:
+        assert isinstance(self._data, _StoreDict)
+        more, remove = self._entries(vpath, meta)
+        updates = {**dict.fromkeys(self._check_parents(vpath, create=True)), **more}
+        also = self._data.staged(updates)
+        return store._create(vpath, spec, overwrite, timeout, also, remove), True
+
+    def _remove_file(self, vpath: str) -> None:
+        assert isinstance(self._data, _StoreDict)
+        self._data.commit({}, [vpath, _META + vpath], 0)
 
     def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
         assert isinstance(self._data, _StoreDict)

@@ -66,8 +66,10 @@ class RawStore:
             store.put_bytes(key, b"S" + value.encode("utf-8"))
         elif isinstance(value, bytes):
             store.put_bytes(key, b"B" + value)
-        elif isinstance(value, dict) and value and all(
-            isinstance(v, np.ndarray) for v in value.values()
+        elif (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(v, np.ndarray) for v in value.values())
         ):
             buf = io.BytesIO()
             np.savez(buf, **value)
@@ -135,3 +137,98 @@ def test_a_backend_over_a_store_in_another_directory_pickles_with_it(tmp_path: P
         assert clone.array_store.directory == str(tmp_path)
         assert_same_value(clone.load("a.npy"), np.arange(4))
         clone.close()
+
+
+# -- a file and its metadata change in one step -----------------------------------------
+
+
+def _killed_at(step: int, work: Any) -> int:
+    """Run ``work()`` in a forked child that SIGKILLs itself at fault step ``step``.
+
+    Returns the steps the child counted when it did not die (``step=-1``: count).
+    """
+    import os
+    import struct
+
+    from polystore._shm import faults
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            faults.arm(step)
+            work()
+            os.write(w, struct.pack("q", faults.arm(0)))
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    data = os.read(r, 8)
+    os.close(r)
+    return struct.unpack("q", data)[0] if data else 0
+
+
+def _file_and_metadata(backend: SharedMemoryBackend, path: str) -> tuple[Any, Any]:
+    """(version in the file, version in its metadata); None for what is missing."""
+    from polystore.exceptions import MetadataNotFoundError
+
+    version = int(backend.load(path)[0]) if backend.exists(path) else None
+    try:
+        meta = backend.load_metadata(path)["v"]
+    except (MetadataNotFoundError, FileNotFoundError):
+        meta = None
+    return version, meta
+
+
+def _save(version: int, meta: bool) -> Any:
+    def run(backend: SharedMemoryBackend) -> None:
+        value = np.full(50_000, version)  # 400 KB: copied outside the lock
+        backend.save(value, "d/f.npy", metadata={"v": version} if meta else None)
+
+    return run
+
+
+def _create(backend: SharedMemoryBackend) -> None:
+    with backend.create_array("d/f.npy", 50_000, np.int64, metadata={"v": 2}) as out:
+        out[:] = 2
+
+
+def _delete(backend: SharedMemoryBackend) -> None:
+    backend.delete("d/f.npy")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "name, op, outcomes",
+    [
+        ("save with metadata", _save(2, True), [(1, 1), (2, 2)]),
+        ("save without", _save(2, False), [(1, 1), (2, None)]),
+        ("create_array with metadata", _create, [(1, 1), (2, 2)]),
+        ("delete", _delete, [(1, 1), (None, None)]),
+    ],
+)
+def test_a_kill_leaves_a_file_with_its_own_metadata(name: str, op: Any, outcomes: list) -> None:
+    """Killed at any step, a write leaves the old file and metadata or the new file and metadata.
+
+    As on disk (a file and its sidecar commit together): the store puts the
+    file, its metadata and its new directories in one locked section.
+    """
+    with SharedMemoryBackend() as backend:
+        steps = 0
+        for at in range(-1, 10_000):
+            if at == 0:
+                continue
+            if at > steps:
+                break
+            if backend.exists("d"):
+                backend.delete("d", recursive=True)
+            _save(1, True)(backend)
+            counted = _killed_at(at, lambda: op(backend))
+            if at == -1:
+                steps = counted
+                assert steps > 3, "no step counted"
+                assert _file_and_metadata(backend, "d/f.npy") == outcomes[1]
+                continue
+            got = _file_and_metadata(backend, "d/f.npy")
+            assert got in outcomes, f"{name}, killed at step {at} of {steps}: {got}"
