@@ -186,7 +186,9 @@ class SharedMemoryBackend(MemoryBackend):
 
     The backend pickles to the name of its store, so a registry holding it can
     be sent to spawned workers, which then see the same files. Arrays load as
-    read-only views of shared memory.
+    read-only views of shared memory. A file changes with its metadata and
+    its new directories in one step of the store: whatever a writer is
+    killed at, the path holds the old file and metadata or the new ones.
     """
 
     name = "shm"

@@ -22,7 +22,8 @@ Guarantees:
 
 * A ``put`` is atomic: readers see the old value or the new one, never a mix,
   also when the writer is killed at any instruction (the next process to
-  take the store's lock rolls its unfinished change back).
+  take the store's lock rolls its unfinished change back). So is an
+  :meth:`~SharedArrayStore.update` of several keys: all old or all new.
 * A view stays valid and unchanged after its key is overwritten or deleted,
   and after the store is closed; its memory is recycled when the last view of
   it dies, in whichever process that is.
