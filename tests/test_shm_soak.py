@@ -1,8 +1,11 @@
 """A randomized soak: writer processes SIGKILLed at random moments, a reader checking every value.
 
 Writers put or create in place (small, large and mixed sizes, some through
-the C fast path and some through Python) and delete random keys until the
-test kills them, after a random delay, and starts another. A reader process meanwhile reads every
+the C fast path and some through Python), delete random keys, and change
+pairs of keys together (``update``: a value and its "metadata") until the
+test kills them, after a random delay, and starts another. After each kill
+every pair must still be a pair: its metadata absent or of its value's
+version, never without its value. A reader process meanwhile reads every
 key over and over and checks each value it gets: values are self-describing
 (element 0 names the key, every other element is the version), so a torn or
 foreign value is seen at once. At the end the store must pass its full
@@ -31,6 +34,7 @@ pytestmark = pytest.mark.timeout(900)
 
 KEYS = [f"k{i}" for i in range(12)]
 STABLE = [f"stable{i}" for i in range(4)]
+PAIRS = [(f"p{i}", f"p{i}.meta") for i in range(4)]  # changed only together
 SIZES = [16, 1000, 20_000, 200_000, 600_000]  # int64 elements: 128 B to 4.8 MB
 
 
@@ -65,12 +69,39 @@ def _writer(name: str, seed: int, use_c: bool) -> None:  # pragma: no cover - ki
                 store.delete(KEYS[kid])
             except KeyError:
                 pass
-        elif roll < 0.5:  # made in place: taken, filled, published (C or Python)
+        elif roll < 0.35:  # a pair: both new, the value new and no metadata, or neither
+            key, meta = PAIRS[kid % len(PAIRS)]
+            n = rng.choice(sizes)
+            if roll < 0.27:
+                store.update({key: _value(kid, version, n), meta: _value(kid, version, 16)})
+            elif roll < 0.32:
+                store.update({key: _value(kid, version, n)}, remove=[meta])
+            else:
+                store.update(remove=[key, meta])
+        elif roll < 0.55:  # made in place: taken, filled, published (C or Python)
             with store.create(KEYS[kid], rng.choice(sizes), np.int64) as out:
                 out.fill(version)
                 out[0] = kid
         else:
             store.put(KEYS[kid], _value(kid, version, rng.choice(sizes)))
+
+
+def _pair_problems(store: SharedArrayStore) -> list[str]:
+    """What is wrong with the pairs: metadata without its value, or of another version."""
+    found = []
+    for key, meta in PAIRS:
+        value = store.get(key) if key in store else None
+        tag = store.get(meta) if meta in store else None
+        for got in (value, tag):
+            if got is not None and _check(got, int(got[0])):
+                found.append(f"{key}: {_check(got, int(got[0]))}")
+        if tag is None:
+            continue
+        if value is None:
+            found.append(f"{meta} without {key}")
+        elif value[1] != tag[1]:
+            found.append(f"{key} holds version {value[1]}, {meta} version {tag[1]}")
+    return found
 
 
 def _reader(name: str, stop: Any, report: Any) -> None:  # pragma: no cover - child
@@ -116,6 +147,8 @@ def test_writers_killed_at_random_never_show_a_reader_a_bad_value(
                 writer.join(10)
                 assert writer.exitcode == -signal.SIGKILL, "a writer failed before it was killed"
                 kills += 1
+                broken = _pair_problems(store)  # (the first read repairs what it left)
+                assert not broken, f"after kill {kills}: {broken}"
         finally:
             stop.set()
             reads, errors = report.get(timeout=60)
