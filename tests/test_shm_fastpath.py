@@ -429,6 +429,8 @@ OPS = st.lists(
         st.tuples(st.just("get"), KEYS, st.booleans()),  # True: hold the view
         st.tuples(st.just("delete"), KEYS, st.none()),
         st.tuples(st.just("drop"), st.none(), st.none()),  # drop every held view
+        # update: put one key and remove another (in C when that one is absent)
+        st.tuples(st.just("update"), KEYS, st.tuples(VALUES, KEYS)),
     ),
     max_size=40,
 )
@@ -463,6 +465,11 @@ def _run(store: SharedArrayStore, ops: list[tuple[str, Any, Any]]) -> list[Any]:
                     held.append(view)
             elif op == "delete":
                 store.delete(key)
+                out.append(None)
+            elif op == "update":
+                value, gone = arg
+                if gone != key:
+                    store.update({key: value}, remove=[gone])
                 out.append(None)
             else:
                 held.clear()
