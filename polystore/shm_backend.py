@@ -253,11 +253,16 @@ class SharedMemoryBackend(MemoryBackend):
         timeout: float | None,
         meta: dict[str, Any] | None,
     ) -> tuple[contextlib.AbstractContextManager[Any], bool]:
-        assert isinstance(self._data, _StoreDict)
+        data = self._data
+        assert isinstance(data, _StoreDict)
         more, remove = self._entries(vpath, meta)
-        updates = {**dict.fromkeys(self._check_parents(vpath, create=True)), **more}
-        also = self._data.staged(updates)
-        return store._create(vpath, spec, overwrite, timeout, also, remove), True
+
+        def extra() -> tuple[dict[str, Any], list[str]]:
+            # at the end of the block: the directories missing by then
+            updates = dict.fromkeys(self._check_parents(vpath, create=True))
+            return data.staged({**updates, **more}), remove
+
+        return store._create(vpath, spec, overwrite, timeout, extra), True
 
     def _remove_file(self, vpath: str) -> None:
         assert isinstance(self._data, _StoreDict)

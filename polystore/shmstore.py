@@ -47,7 +47,7 @@ import math
 import os
 import weakref
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -114,10 +114,7 @@ def _key(key: object) -> tuple[bytes, bytes, int]:
 
 def _staged(
     values: Mapping[str, Any] | None, remove: Iterable[str], exclude: str | None = None
-) -> tuple[
-    list[tuple[tuple[bytes, bytes, int], np.ndarray[Any, Any], int]],
-    list[tuple[bytes, bytes, int]],
-]:
+) -> tuple[list[_shm_write.Put], list[_shm_write.Parts]]:
     """The puts and removals of :meth:`SharedArrayStore.update`, checked: (puts, removals).
 
     Each put is (key parts, array, flags): bytes-like values become byte
@@ -396,16 +393,15 @@ class SharedArrayStore:
         spec: ArraySpec,
         overwrite: bool,
         timeout: float | None,
-        also: Mapping[str, Any] | None = None,
-        remove: Iterable[str] = (),
+        extra: Callable[[], tuple[Mapping[str, Any], list[str]]] | None = None,
     ) -> contextlib.AbstractContextManager[np.ndarray[Any, Any]]:
         """:meth:`create` of an array ``spec`` already checked (the backends' way in).
 
-        ``also`` and ``remove``: more keys to put and to remove, as
-        :meth:`update` does, in the same step as the array is published.
+        ``extra``: called when the block ends, it returns more keys to put
+        and to remove, as :meth:`update` takes them, in the same step as the
+        array is published (a file's metadata and directories).
         """
         parts = _key(key)
-        puts, removals = _staged(also, remove, exclude=key)
         dims, dt, order = spec
         if len(dims) > ix.MAX_NDIM:
             raise ValueError(f"shape {dims} has more than {ix.MAX_NDIM} dimensions")
@@ -419,8 +415,15 @@ class SharedArrayStore:
                 f"store {self._name!r} holds values of at most {min(limit, ix.CLASS_SIZES[-1])}"
             )
         flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
+        staged = None
+        if extra is not None:
+
+            def staged() -> tuple[list[_shm_write.Put], list[_shm_write.Parts]]:
+                values, remove = extra()
+                return _staged(values, remove, exclude=key)
+
         return _shm_write.create(
-            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), puts, removals
+            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), staged
         )
 
     def update(

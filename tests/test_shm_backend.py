@@ -232,3 +232,17 @@ def test_a_kill_leaves_a_file_with_its_own_metadata(name: str, op: Any, outcomes
                 continue
             got = _file_and_metadata(backend, "d/f.npy")
             assert got in outcomes, f"{name}, killed at step {at} of {steps}: {got}"
+
+
+def test_create_array_finds_the_missing_directories_when_it_publishes() -> None:
+    """A directory removed while the array is being filled is made again with the file."""
+    with SharedMemoryBackend() as backend:
+        backend.ensure_directory("d/e")
+        with backend.create_array("d/e/f.npy", 4, np.int64, metadata={"v": 1}) as out:
+            out[:] = 1
+            backend.delete("d", recursive=True)  # (another process could do this)
+        assert backend.list_dir("d/e") == ["f.npy"] and backend.kind("d") == "dir"
+        assert backend.load_metadata("d/e/f.npy") == {"v": 1}
+        with pytest.raises(ValueError), backend.create_array("d/g.npy", 4, np.int64) as out:
+            raise ValueError  # abandoned: neither the file nor a directory appears
+        assert backend.list_dir("d") == ["e"]

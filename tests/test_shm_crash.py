@@ -159,7 +159,7 @@ def _pair(store: SharedArrayStore) -> None:
 def _create_with(store: SharedArrayStore) -> None:
     """A create published with a key put and a key removed, as a file with its metadata."""
     spec = array_spec(N_LARGE, np.int64)
-    with store._create("c", spec, True, 0, {"cm": value(112, 1, 8)}, ["fm"]) as out:
+    with store._create("c", spec, True, 0, lambda: ({"cm": value(112, 1, 8)}, ["fm"])) as out:
         out[:] = 1
         out[0] = 104
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -120,13 +121,12 @@ class create:
         "count",
         "dt",
         "dtype",
+        "extra",
         "flags",
         "key",
         "nbytes",
         "overwrite",
         "parts",
-        "puts",
-        "removals",
         "shape",
         "timeout",
     )  # fmt: skip
@@ -141,10 +141,9 @@ class create:
         flags: int,
         overwrite: bool,
         timeout: float | None,
-        puts: list[tuple[tuple[bytes, bytes, int], np.ndarray[Any, Any], int]] | None = None,
-        removals: list[tuple[bytes, bytes, int]] | None = None,
+        extra: Callable[[], tuple[list[Put], list[Parts]]] | None = None,
     ) -> None:
-        self.puts, self.removals = puts or [], removals or []
+        self.extra = extra
         self.a, self.key, self.parts, self.shape = a, key, parts, shape
         self.dtype, self.flags, self.overwrite, self.timeout = dtype, flags, overwrite, timeout
         self.dt = ix.encode_dtype(dtype)
@@ -195,7 +194,9 @@ class create:
             if _faults.kill_at:
                 _faults.step()
             value = (self.nbytes, self.dtype, self.dt, self.shape, self.flags)
-            puts, removals = self.puts, self.removals
+            # More keys to change in the same step (a file's metadata and
+            # directories), found now rather than when the block began.
+            puts, removals = self.extra() if self.extra is not None else ([], [])
             fast = a.fast
             if b >= 0 and fast is not None and not puts and len(removals) <= 1:
                 # A new key in C where it can; the key to remove, if any, must
@@ -240,6 +241,10 @@ def _copy(
 
 #: (nbytes, dtype, dtype text, shape, flags): what an entry says of its value
 Value = tuple[int, np.dtype[Any], bytes, tuple[int, ...], int]
+#: a key's (bytes, bytes and NUL, hash)
+Parts = tuple[bytes, bytes, int]
+#: a value to put: (key parts, array, flags)
+Put = tuple[Parts, np.ndarray[Any, Any], int]
 
 
 def _describe(name: str, arr: np.ndarray[Any, Any], flags: int) -> tuple[Any, Value]:
@@ -269,8 +274,8 @@ Install = tuple[tuple[bytes, bytes, int], int, Value]
 
 def commit(
     a: _arena.Arena,
-    puts: list[tuple[tuple[bytes, bytes, int], np.ndarray[Any, Any], int]],
-    removals: list[tuple[bytes, bytes, int]],
+    puts: list[Put],
+    removals: list[Parts],
     timeout: float | None,
     filled: Install | None = None,
     exclusive: str | None = None,
@@ -282,6 +287,7 @@ def commit(
     the caller if this raises; ``removals``:
     key parts, skipped when absent. ``exclusive``: the first install's key,
     which must be absent (``FileExistsError`` otherwise, nothing changed).
+    ``timeout``: how long to wait for room, for all the values together.
 
     Invariant kept: all or nothing. Each value is copied into a block taken
     off a free list (WRITING, owned by this process: no key names it), and
@@ -294,11 +300,13 @@ def commit(
     installs: list[Install] = [] if filled is None else [filled]
     described = [(parts, arr, *_describe(a.name, arr, flags)) for parts, arr, flags in puts]
     mine = []  # blocks taken here (the caller frees ``filled``'s if this raises)
+    deadline = None if timeout is None else time.monotonic() + timeout  # for all the values
     try:
         for parts, arr, src, value in described:
             b = -1
             if value[0]:
-                b = take(a, ix.class_of(value[0]), timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                b = take(a, ix.class_of(value[0]), 0.0 if timeout == 0 else left)
                 mine.append(b)
                 if _faults.kill_at:
                     _faults.step()
