@@ -73,6 +73,9 @@ __all__ = ["EntryInfo", "SharedArrayStore"]
 
 #: memory kept in idle segments for reuse before they are unlinked
 DEFAULT_CACHE_BYTES = 1 << 30
+#: keys one update may put and remove: a change of 512 keys with the longest
+#: names journals about 4,500 of the journal's 16,384 records
+MAX_UPDATE_KEYS = 1024
 
 # Table geometry and field numbers, bound here for the hot paths.
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
@@ -123,6 +126,11 @@ def _staged(
     if isinstance(remove, (str, bytes)):
         raise TypeError(f"remove must be an iterable of keys, not one key: {remove!r}")
     gone = list(remove)
+    if len(gone) + len(values or ()) > MAX_UPDATE_KEYS:
+        raise ValueError(
+            f"one update changes at most {MAX_UPDATE_KEYS} keys (its undo journal must fit "
+            f"in the store's), got {len(gone) + len(values or ())}: split it"
+        )
     puts = []
     for key, value in (values or {}).items():
         if isinstance(value, (bytes, bytearray, memoryview)):
@@ -443,7 +451,8 @@ class SharedArrayStore:
         ``timeout`` is as for :meth:`put`.
 
         Raises:
-            ValueError: a key both in ``values`` and in ``remove``, or a bad key.
+            ValueError: a key both in ``values`` and in ``remove``, a bad key,
+                or more than 1,024 keys in all (split such an update).
             TypeError: ``remove`` is a single ``str``, or a key is not one.
             NotShareableError: an object array.
             ShmFullError: no room (within ``timeout``); nothing was changed.

@@ -162,6 +162,8 @@ def test_a_refused_update_changes_nothing(store: SharedArrayStore) -> None:
         store.update({"b": np.ones(3), "c": np.array([1, "x"], dtype=object)}, remove=["a"])
     with pytest.raises(ValueError):
         store.update({"b": np.ones(3), "": np.ones(3)})
+    with pytest.raises(ValueError, match="at most 1024 keys"):  # its journal must fit
+        store.update({"b": np.ones(3)}, remove=[f"x{i}" for i in range(1024)])
     assert "b" not in store and np.array_equal(store.get("a"), np.zeros(3))
     assert store.stats()["keys"] == stats["keys"] == 1
     assert not problems(store._arena)
