@@ -227,6 +227,13 @@ SCENARIOS = [
         outcomes=[{"f": 1, "fm": 1}, {"f": 2, "fm": None}],
     ),
     Scenario(
+        # f's old entry record is freed by its new shape before fn takes one
+        "update: a new shape and a new key", _base,
+        _update({"f": (110, 2, 3 * N_SMALL), "fn": (113, 1, 8)}),
+        {"f": (110, {1, 2}), "fn": (113, {None, 1})}, prepare=_pair,
+        outcomes=[{"f": 1, "fn": None}, {"f": 2, "fn": 1}],
+    ),
+    Scenario(
         "remove a pair", _base, _update({}, ("f", "fm")),
         {"f": (110, {1, None}), "fm": (111, {1, None})}, prepare=_pair,
         outcomes=[{"f": 1, "fm": 1}, {"f": None, "fm": None}],
@@ -318,7 +325,7 @@ def _restore(store: SharedArrayStore) -> None:
     """Put the state every scenario starts from back (after _base)."""
     with store._arena.locked as a:
         a.reap()  # what a killed child held, at once, so that every try starts alike
-    for key in ("n", "g", "x", "y", "c", "f", "fm", "cm"):
+    for key in ("n", "g", "x", "y", "c", "f", "fm", "fn", "cm"):
         if key in store:
             store.delete(key)
     if "t" not in store:  # "t" goes back before the keys that collide with it

@@ -72,8 +72,9 @@ def _writer(name: str, seed: int, use_c: bool) -> None:  # pragma: no cover - ki
         elif roll < 0.35:  # a pair: both new, the value new and no metadata, or neither
             key, meta = PAIRS[kid % len(PAIRS)]
             n = rng.choice(sizes)
-            if roll < 0.27:
-                store.update({key: _value(kid, version, n), meta: _value(kid, version, 16)})
+            if roll < 0.27:  # (new shapes for both: entry records freed and taken in one step)
+                tag = _value(kid, version, rng.choice((8, 16)))
+                store.update({key: _value(kid, version, n), meta: tag})
             elif roll < 0.32:
                 store.update({key: _value(kid, version, n)}, remove=[meta])
             else:

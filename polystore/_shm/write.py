@@ -317,11 +317,18 @@ def commit(
         with a.locked:
             if a.slot < 0:
                 a.my_slot()
+            # Every fresh entry is taken and written before any entry is
+            # freed (see _prepare); slots are found again before linking, as
+            # an earlier insert may have taken the empty slot a find gave.
+            prepared = []
             for n, (parts, b, value) in enumerate(installs):
-                i, e = a.find(parts[1], parts[2])
+                e = a.find(parts[1], parts[2])[1]
                 if e >= 0 and n == 0 and exclusive is not None:
                     raise FileExistsError(errno.EEXIST, "key exists", exclusive)
-                _install(a, i, e, parts, b, value)
+                prepared.append(_prepare(a, e, parts, b, value))
+            for (parts, b, value), (seq, fresh) in zip(installs, prepared, strict=True):
+                i, e = a.find(parts[1], parts[2])
+                _link(a, i, e, parts, b, value, seq, fresh)
             for _, kbz, h in removals:
                 i, e = a.find(kbz, h)
                 if e >= 0:
@@ -371,25 +378,52 @@ def _install(
     replaces the old one in the hash table, so no entry a key names is ever
     rewritten in place.
     """
-    nbytes, dtype, dt, shape, flags = value
+    seq, fresh = _prepare(a, e, parts, b, value)
+    _link(a, i, e, parts, b, value, seq, fresh)
+
+
+def _prepare(a: _arena.Arena, e: int, parts: Parts, b: int, value: Value) -> tuple[int, int]:
+    """First half of an install: (its sequence number, the fresh entry written, or -1).
+
+    Invariant kept: the fresh entry is taken and written before the install
+    frees any entry, and so are those of every install of the same section
+    (:func:`commit` prepares them all before it links any): an entry freed
+    in a section and taken again in it would be rewritten without a journal
+    (``fill_entry``), and a rollback would give its old key a clobbered
+    record.
+    """
+    nbytes, _, dt, shape, flags = value
     seq = a.h[_H_SEQ] + 1
     a.set(_H_SEQ, seq)
-    old = -1
-    if e >= 0:
-        old = a.eq[e * _EQ + _E_BLOCK]
-        if _same_description(a, e, dt, shape, flags):
-            a.write_value(e, b, seq, nbytes)
-            _swap(a, old, b)
-            return
-    kb, _, h = parts
+    if e >= 0 and _same_description(a, e, dt, shape, flags):
+        return seq, -1  # the value changes in place of the old one
     fresh = a.new_entry()
-    a.fill_entry(fresh, kb, (b, seq, nbytes, dt, shape, flags))
-    if e >= 0:
-        a.replace(i, h, fresh, e)
-        a.meta.pop(e, None)
+    a.fill_entry(fresh, parts[0], (b, seq, nbytes, dt, shape, flags))
+    return seq, fresh
+
+
+def _link(
+    a: _arena.Arena,
+    i: int,
+    e: int,
+    parts: Parts,
+    b: int,
+    value: Value,
+    seq: int,
+    fresh: int,
+) -> None:
+    """Second half of an install: the key (slot ``i``, entry ``e`` from find) names ``b``."""
+    nbytes, dtype, dt, shape, flags = value
+    old = a.eq[e * _EQ + _E_BLOCK] if e >= 0 else -1
+    if fresh < 0:
+        a.write_value(e, b, seq, nbytes)
     else:
-        a.insert(i, h, fresh)
-    a.meta[fresh] = _meta(seq, dtype, shape, flags, dt)
+        if e >= 0:
+            a.replace(i, parts[2], fresh, e)  # frees e
+            a.meta.pop(e, None)
+        else:
+            a.insert(i, parts[2], fresh)
+        a.meta[fresh] = _meta(seq, dtype, shape, flags, dt)
     _swap(a, old, b)
 
 
