@@ -38,6 +38,7 @@ from polystore._shm import layout as ix
 from polystore._shm.check import problems
 from polystore._shm.tables import Tables
 from polystore.formats import array_spec
+from polystore.shmstore import _key as store_key
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -454,3 +455,19 @@ def test_a_garbled_journal_is_refused_not_replayed() -> None:
         q[ix.H_LOG_LEN] = ix.LOG_RECORDS + 10  # a count no section can reach
         assert problems(a) == before and a.h[ix.H_LOG_LEN] == 0
         _survivor_checks(store, SCENARIOS[0], "after a garbled journal")
+
+
+def test_an_entry_freed_in_a_section_is_not_written_again_in_it() -> None:
+    """fill_entry refuses a record freed in the same section: a rollback would restore its key
+    to a record rewritten without a journal (the order write._prepare keeps)."""
+    with SharedArrayStore() as store:
+        store.put("a", np.zeros(3))
+        _, kbz, h = store_key("a")
+        with pytest.raises(RuntimeError, match="freed in this section"), store._arena.locked as a:
+            i, e = a.find(kbz, h)
+            a.remove(i, e)  # frees e
+            fresh = a.new_entry()
+            assert fresh == e
+            a.fill_entry(fresh, b"b", (-1, 1, 0, b"<f8", (0,), 0))
+        assert np.array_equal(store.get("a"), np.zeros(3))  # rolled back whole
+        assert not problems(store._arena)

@@ -107,6 +107,7 @@ class Allocator(Tables):
             if _faults.kill_at:
                 _faults.step()
             q[ix.H_LOG_LEN] = 0
+        self.freed_now.clear()
         if q[ix.H_UNLINK_N]:
             self.unlink_dropped()
 

@@ -115,6 +115,8 @@ class Tables:
         self.pins_np = np.frombuffer(self.pins, dtype=np.int32).reshape(layout.max_procs, -1)
         #: the C view of the segment (polystore._shm.fast), set by the arena
         self.fast: Any = None
+        #: entries freed in the section under way, which fill_entry refuses
+        self.freed_now: set[int] = set()
 
     def release_views(self) -> None:
         """Release the views of the tables, as far as nothing else holds them."""
@@ -187,6 +189,7 @@ class Tables:
                     _faults.step()
                 q[i] = q[r + 1]
         q[_H_LOG_LEN] = 0
+        self.freed_now.clear()
         return n
 
     # -- the key index -------------------------------------------------------------------
@@ -242,8 +245,17 @@ class Tables:
 
         Not journaled: ``e`` came from :meth:`new_entry` in this section and
         no slot names it yet. Its free-list link is left alone, since a
-        rollback makes it a free entry again.
+        rollback makes it a free entry again. Invariant kept (and checked
+        here): ``e`` was not freed earlier in the same section, or a rollback
+        would give the key it belonged to a record rewritten without a
+        journal; a section takes all its fresh entries before it frees any
+        (``write._prepare``).
         """
+        if e in self.freed_now:
+            raise RuntimeError(
+                f"entry {e} of shared array store {self.name!r} was freed in this section "
+                "and cannot be rewritten in it (a bug in polystore)"
+            )
         b, seq, nbytes, dt, shape, flags = value
         eq, eb = self._ent_wq, self._ent_w
         k = e * _EQ
@@ -295,6 +307,7 @@ class Tables:
     def _free_entry(self, e: int) -> None:
         self.set(self.E0 + e * _EQ + ix.E_NEXT, self.h[ix.H_ENT_FREE])
         self.set(ix.H_ENT_FREE, e)
+        self.freed_now.add(e)
 
     def entries(self) -> list[int]:
         """Entries of every stored key."""
