@@ -43,6 +43,7 @@ order; any other layout is stored in C order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import weakref
@@ -477,6 +478,46 @@ class SharedArrayStore:
             if a.fast.put_small(a, key, puts[0][1], gone[0] if gone else None):
                 return
         _shm_write.commit(self._live(), puts, removals, timeout)
+
+    def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
+        """Give ``src``'s value to ``dst`` in one step, without copying it; ``src`` goes.
+
+        ``dst``'s old value, if any, is replaced as by :meth:`put`. Views of
+        either key's value stay valid and unchanged. Renaming a key onto
+        itself changes nothing.
+
+        Raises:
+            KeyError: ``src`` is not in the store (nothing changed).
+            FileExistsError: ``overwrite=False`` and ``dst`` exists.
+        """
+        source, target = _key(src), _key(dst)
+        if src == dst:
+            if src not in self:
+                raise KeyError(src)
+            if not overwrite:
+                raise FileExistsError(errno.EEXIST, "key exists", dst)
+            return
+        exclusive = None if overwrite else (target, dst)
+        _shm_write.commit(self._live(), [], [], 0, None, exclusive, [(source, target, src)])
+
+    def _move(
+        self,
+        moves: list[tuple[str, str, bool]],
+        values: Mapping[str, Any],
+        exclusive: str | None,
+    ) -> None:
+        """Moves (source, destination, required) and puts in one step (the backends' way in).
+
+        An absent source that is not required removes its destination
+        (a file's metadata: none at the source, none at the destination).
+        """
+        puts, _ = _staged(values, [])
+        keys = [k for m in moves for k in m[:2]] + list(values)
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"a key is named twice in one step: {sorted(keys)}")
+        parts = [(_key(src), _key(dst), src if required else None) for src, dst, required in moves]
+        guard = None if exclusive is None else (_key(exclusive), exclusive)
+        _shm_write.commit(self._live(), puts, [], 0, None, guard, parts)
 
     def put_bytes(
         self, key: str, data: bytes | bytearray | memoryview, *, timeout: float | None = 0

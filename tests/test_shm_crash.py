@@ -152,6 +152,18 @@ def _update(
     return run
 
 
+def _rename(src: str, dst: str) -> Callable[[SharedArrayStore], None]:
+    def run(store: SharedArrayStore) -> None:
+        store.rename(src, dst)
+
+    return run
+
+
+def _old_r(store: SharedArrayStore) -> None:
+    """A key for "t" to be renamed onto, of another shape (in the child, before it is armed)."""
+    store.put("r", value(100, 0, 16))
+
+
 def _pair(store: SharedArrayStore) -> None:
     """A file and its metadata at version 1 (in the child, before it is armed)."""
     store.update({"f": value(110, 1, N_SMALL), "fm": value(111, 1, 8)})
@@ -233,6 +245,16 @@ SCENARIOS = [
         _update({"f": (110, 2, 3 * N_SMALL), "fn": (113, 1, 8)}),
         {"f": (110, {1, 2}), "fn": (113, {None, 1})}, prepare=_pair,
         outcomes=[{"f": 1, "fn": None}, {"f": 2, "fn": 1}],
+    ),
+    Scenario(
+        "rename to a new key", _base, _rename("t", "r"),
+        {"t": (100, {1, None}), "r": (100, {None, 1})},
+        outcomes=[{"t": 1, "r": None}, {"t": None, "r": 1}],
+    ),
+    Scenario(
+        "rename onto a key", _base, _rename("t", "r"),
+        {"t": (100, {1, None}), "r": (100, {0, 1})}, prepare=_old_r,
+        outcomes=[{"t": 1, "r": 0}, {"t": None, "r": 1}],
     ),
     Scenario(
         "remove a pair", _base, _update({}, ("f", "fm")),
@@ -326,7 +348,7 @@ def _restore(store: SharedArrayStore) -> None:
     """Put the state every scenario starts from back (after _base)."""
     with store._arena.locked as a:
         a.reap()  # what a killed child held, at once, so that every try starts alike
-    for key in ("n", "g", "x", "y", "c", "f", "fm", "fn", "cm"):
+    for key in ("n", "g", "x", "y", "c", "f", "fm", "fn", "cm", "r"):
         if key in store:
             store.delete(key)
     if "t" not in store:  # "t" goes back before the keys that collide with it

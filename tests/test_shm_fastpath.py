@@ -431,6 +431,7 @@ OPS = st.lists(
         st.tuples(st.just("drop"), st.none(), st.none()),  # drop every held view
         # update: put one key and remove another (in C when that one is absent)
         st.tuples(st.just("update"), KEYS, st.tuples(VALUES, KEYS)),
+        st.tuples(st.just("rename"), KEYS, KEYS),
     ),
     max_size=40,
 )
@@ -470,6 +471,9 @@ def _run(store: SharedArrayStore, ops: list[tuple[str, Any, Any]]) -> list[Any]:
                 value, gone = arg
                 if gone != key:
                     store.update({key: value}, remove=[gone])
+                out.append(None)
+            elif op == "rename":
+                store.rename(key, arg)
                 out.append(None)
             else:
                 held.clear()

@@ -182,6 +182,32 @@ def test_an_update_with_no_room_changes_nothing() -> None:
         assert "a" not in store
 
 
+def test_rename_moves_a_value_without_copying_it(store: SharedArrayStore) -> None:
+    from polystore._shm.check import problems
+
+    store.put("a", np.arange(1000.0))
+    held = store.get("a")
+    store.rename("a", "b")
+    assert "a" not in store and np.shares_memory(held, store.get("b"))
+    store.put("c", np.zeros((3, 3), np.int8))  # another description: replaced
+    store.rename("b", "c")
+    assert np.array_equal(store.get("c"), np.arange(1000.0)) and len(store) == 1
+    store.rename("c", "c")  # onto itself: nothing changes
+    with pytest.raises(KeyError):
+        store.rename("missing", "c")
+    with pytest.raises(KeyError):
+        store.rename("missing", "missing")
+    store.put("d", np.ones(2))
+    with pytest.raises(FileExistsError):
+        store.rename("c", "d", overwrite=False)
+    with pytest.raises(FileExistsError):
+        store.rename("c", "c", overwrite=False)
+    assert np.array_equal(store.get("d"), np.ones(2)) and "c" in store
+    assert (held == np.arange(1000.0)).all()  # the view never changed
+    del held
+    assert not problems(store._arena)
+
+
 # -- views ---------------------------------------------------------------------------------
 
 

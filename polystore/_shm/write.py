@@ -208,7 +208,7 @@ class create:
             if b < 0:
                 arr.flags.writeable = False
             if puts or removals:  # all in one section
-                exclusive = None if self.overwrite else self.key
+                exclusive = None if self.overwrite else (self.parts, self.key)
                 commit(a, puts, removals, self.timeout, (self.parts, b, value), exclusive)
             else:
                 _publish(a, self.key, self.parts, b, value, self.overwrite)
@@ -278,16 +278,21 @@ def commit(
     removals: list[Parts],
     timeout: float | None,
     filled: Install | None = None,
-    exclusive: str | None = None,
+    exclusive: tuple[Parts, str] | None = None,
+    moves: list[tuple[Parts, Parts, str | None]] | None = None,
 ) -> None:
-    """Install ``filled`` and ``puts`` and remove ``removals``, in one locked section.
+    """Install ``filled`` and ``puts``, make ``moves`` and remove ``removals``, in one section.
 
     ``puts``: (key parts, array, flags) to copy in; ``filled``: a block this
     process already filled (a ``create``), installed first, and freed by
-    the caller if this raises; ``removals``:
-    key parts, skipped when absent. ``exclusive``: the first install's key,
-    which must be absent (``FileExistsError`` otherwise, nothing changed).
-    ``timeout``: how long to wait for room, for all the values together.
+    the caller if this raises; ``removals``: key parts, skipped when
+    absent; ``moves``: (source, destination, name) key parts: the source's
+    block and description go to the destination, without a copy, and the
+    source is removed; an absent source raises ``KeyError(name)``, or, if
+    ``name`` is None, removes the destination. ``exclusive``: (parts, name)
+    of a key that must be absent (``FileExistsError`` otherwise, nothing
+    changed). ``timeout``: how long to wait for room, for all the values
+    together.
 
     Invariant kept: all or nothing. Each value is copied into a block taken
     off a free list (WRITING, owned by this process: no key names it), and
@@ -315,28 +320,60 @@ def commit(
         if _faults.kill_at:
             _faults.step()
         with a.locked:
-            if a.slot < 0:
-                a.my_slot()
-            # Every fresh entry is taken and written before any entry is
-            # freed (see _prepare); slots are found again before linking, as
-            # an earlier insert may have taken the empty slot a find gave.
-            prepared = []
-            for n, (parts, b, value) in enumerate(installs):
-                e = a.find(parts[1], parts[2])[1]
-                if e >= 0 and n == 0 and exclusive is not None:
-                    raise FileExistsError(errno.EEXIST, "key exists", exclusive)
-                prepared.append(_prepare(a, e, parts, b, value))
-            for (parts, b, value), (seq, fresh) in zip(installs, prepared, strict=True):
-                i, e = a.find(parts[1], parts[2])
-                _link(a, i, e, parts, b, value, seq, fresh)
-            for _, kbz, h in removals:
-                i, e = a.find(kbz, h)
-                if e >= 0:
-                    remove(a, i, e)
+            _commit_section(a, installs, removals, exclusive, moves or [])
     except BaseException:
         for b in mine:
             abandon(a, b)  # (a block installed before the exception is live: left alone)
         raise
+
+
+def _commit_section(
+    a: _arena.Arena,
+    installs: list[Install],
+    removals: list[Parts],
+    exclusive: tuple[Parts, str] | None,
+    moves: list[tuple[Parts, Parts, str | None]],
+) -> None:
+    """The locked section of :func:`commit`."""
+    if a.slot < 0:
+        a.my_slot()
+    if exclusive is not None and a.find(exclusive[0][1], exclusive[0][2])[1] >= 0:
+        raise FileExistsError(errno.EEXIST, "key exists", exclusive[1])
+    installs, removals, moved = list(installs), list(removals), []
+    for source, target, name in moves:
+        e = a.find(source[1], source[2])[1]
+        if e < 0:
+            if name is not None:
+                raise KeyError(name)
+            removals.append(target)  # no source: no destination either
+            continue
+        installs.append((target, a.eq[e * _EQ + _E_BLOCK], _value_of(a, e)))
+        moved.append(source)
+    # Every fresh entry is taken and written before any entry is freed (see
+    # _prepare); slots are found again before linking, as an earlier insert
+    # may have taken the empty slot a find gave.
+    prepared = [_prepare(a, a.find(p[1], p[2])[1], p, b, v) for p, b, v in installs]
+    for (parts, b, value), (seq, fresh) in zip(installs, prepared, strict=True):
+        i, e = a.find(parts[1], parts[2])
+        _link(a, i, e, parts, b, value, seq, fresh)
+    # Invariant kept: a block has one owner. A moved block is named by its
+    # source and its destination only inside this section (lock-free readers
+    # see the write counter odd and wait); its source leaves the index
+    # without retiring it, as the destination holds it now.
+    for _, kbz, h in moved:
+        i, e = a.find(kbz, h)
+        a.remove(i, e)
+        a.meta.pop(e, None)
+    for _, kbz, h in removals:
+        i, e = a.find(kbz, h)
+        if e >= 0:
+            remove(a, i, e)
+
+
+def _value_of(a: _arena.Arena, e: int) -> Value:
+    """The description of the value entry ``e`` holds (locked)."""
+    dt, shape, flags = a.read_entry(e)
+    return a.eq[e * _EQ + ix.E_NBYTES], ix.decode_dtype(dt), dt, shape, flags
 
 
 def remove(a: _arena.Arena, i: int, e: int) -> None:
