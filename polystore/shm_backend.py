@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from .base import StorageBackend, UnavailableBackend
-from .exceptions import UnsupportedFormatError
+from .exceptions import UnsupportedFormatError, os_error
 from .formats import ArraySpec, FormatRegistry
 from .memory import _META, Link, MemoryBackend
+from .paths import as_str, virtual
 from .shmstore import SharedArrayStore
 
 __all__ = ["SharedMemoryBackend", "node_id"]
@@ -267,6 +268,40 @@ class SharedMemoryBackend(MemoryBackend):
     def _remove_file(self, vpath: str) -> None:
         assert isinstance(self._data, _StoreDict)
         self._data.commit({}, [vpath, _META + vpath], 0)
+
+    def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+        """Move the file ``src`` to ``dst`` in one step of the store, without a copy.
+
+        Its metadata goes with it, and directories missing above ``dst`` are
+        made in the same step: a process killed at any point leaves the file
+        at ``src`` or at ``dst``, never at both or neither. A link, a format
+        conversion (``dst`` of another format) or extra keywords take the
+        general way: a copy, then a delete.
+        """
+        s_text, d_text = as_str(src), as_str(dst)
+        s, d = virtual(s_text), virtual(d_text)
+        if kwargs or s == d or not self._renames(s_text, d_text):
+            super().move(src, dst, overwrite=overwrite, **kwargs)
+            return
+        self._check_new_file(d_text, overwrite)
+        assert isinstance(self._data, _StoreDict)
+        dirs = self._data.staged(dict.fromkeys(self._check_parents(d, create=True)))
+        moves = [(s, d, True), (_META + s, _META + d, False)]  # no metadata: none at dst either
+        try:
+            self._shm._move(moves, dirs, None if overwrite else d)
+        except KeyError:  # removed meanwhile
+            raise self._missing(s_text, s) from None
+        except FileExistsError:  # saved meanwhile
+            raise os_error(FileExistsError, d_text) from None
+
+    def _renames(self, s_text: str, d_text: str) -> bool:
+        """Whether moving ``s_text`` to ``d_text`` is a rename of the store's keys."""
+        try:
+            same_format = type(self.formats.for_path(s_text)) is type(self.formats.for_path(d_text))
+        except UnsupportedFormatError:
+            return False
+        s = virtual(s_text)
+        return same_format and s in self._data and not isinstance(self._data.get(s), Link)
 
     def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
         assert isinstance(self._data, _StoreDict)

@@ -15,6 +15,7 @@ import pytest
 
 from polystore import FileManager, NotShareableError, SharedArrayStore, SharedMemoryBackend
 from polystore.base import StorageBackend
+from polystore.exceptions import MetadataNotFoundError
 from polystore.testing import BackendTests, assert_same_value
 
 # every test with and without the C fast path
@@ -246,3 +247,54 @@ def test_create_array_finds_the_missing_directories_when_it_publishes() -> None:
         with pytest.raises(ValueError), backend.create_array("d/g.npy", 4, np.int64) as out:
             raise ValueError  # abandoned: neither the file nor a directory appears
         assert backend.list_dir("d") == ["e"]
+
+
+def test_a_move_is_a_rename_of_the_stores_keys() -> None:
+    """No copy: the view read before the move is the value at the destination."""
+    with SharedMemoryBackend() as backend:
+        backend.save(np.arange(1 << 20), "a/f.npy", metadata={"v": 1})
+        before = backend.load("a/f.npy")
+        mapped = backend._shm.stats()["mapped_bytes"]
+        backend.move("a/f.npy", "b/c/g.npy")
+        after = backend.load("b/c/g.npy")
+        assert np.shares_memory(before, after) and backend.load_metadata("b/c/g.npy") == {"v": 1}
+        assert not backend.exists("a/f.npy") and backend.list_dir("b") == ["c"]
+        assert backend._shm.stats()["mapped_bytes"] == mapped
+        backend.save(np.zeros(3), "a/h.npy")  # no metadata: the destination's goes
+        backend.move("a/h.npy", "b/c/g.npy")
+        with pytest.raises(MetadataNotFoundError):
+            backend.load_metadata("b/c/g.npy")
+        backend.save(np.ones(2), "a/i.npy")
+        with pytest.raises(FileExistsError):
+            backend.move("a/i.npy", "b/c/g.npy", overwrite=False)
+        with pytest.raises(FileNotFoundError):
+            backend.move("a/missing.npy", "b/x.npy")
+        backend.save({"k": 1}, "a/j.json")  # another format: converted the general way
+        with pytest.raises(Exception):  # noqa: B017 - whatever the format refuses
+            backend.move("a/j.json", "b/j.npy")
+        assert backend.exists("a/j.json")
+
+
+def _two_files(backend: SharedMemoryBackend) -> tuple[Any, Any]:
+    return _file_and_metadata(backend, "d/f.npy"), _file_and_metadata(backend, "e/g.npy")
+
+
+@pytest.mark.timeout(120)
+def test_a_kill_leaves_a_moved_file_at_one_place_with_its_metadata() -> None:
+    with SharedMemoryBackend() as backend:
+        steps = 0
+        for at in [-1, *range(1, 10_000)]:
+            if at > steps > 0:
+                break
+            for directory in ("d", "e"):
+                if backend.exists(directory):
+                    backend.delete(directory, recursive=True)
+            _save(1, True)(backend)
+            backend.save(np.full(10, 0), "e/g.npy", metadata={"v": 0})
+            counted = _killed_at(at, lambda: backend.move("d/f.npy", "e/g.npy"))
+            got = _two_files(backend)
+            if at == -1:
+                steps = counted
+                assert steps > 3 and got == ((None, None), (1, 1))
+                continue
+            assert got in [((1, 1), (0, 0)), ((None, None), (1, 1))], f"step {at}: {got}"
