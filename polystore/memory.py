@@ -550,9 +550,13 @@ class MemoryBackend(StorageBackend):
 
         For reusing one backend between runs without the old files.
         """
-        for key in list(self._data.keys()):
-            if not key.endswith("/"):
-                self._drop_payload(self._data.pop(key, None))
+        keys = list(self._data.keys())
+        for key in keys:  # each file with its metadata (in one step where the store allows)
+            if not key.endswith("/") and not key.startswith(_META):
+                self._remove_file(key)
+        for key in keys:  # metadata whose file was gone already
+            if key.startswith(_META):
+                self._data.pop(key, None)
 
     # -- metadata -----------------------------------------------------------
     def load_metadata(self, path: Any) -> dict[str, Any]:

@@ -298,3 +298,28 @@ def test_a_kill_leaves_a_moved_file_at_one_place_with_its_metadata() -> None:
                 assert steps > 3 and got == ((None, None), (1, 1))
                 continue
             assert got in [((1, 1), (0, 0)), ((None, None), (1, 1))], f"step {at}: {got}"
+
+
+@pytest.mark.timeout(120)
+def test_a_kill_while_clearing_files_leaves_no_metadata_without_its_file() -> None:
+    from polystore.exceptions import MetadataNotFoundError
+
+    with SharedMemoryBackend() as backend:
+        steps = 0
+        for at in [-1, *range(1, 10_000)]:
+            if at > steps > 0:
+                break
+            backend.clear_files_only()
+            for i in range(3):
+                backend.save(np.full(8, i), f"d/{i}.npy", metadata={"v": i})
+            counted = _killed_at(at, backend.clear_files_only)
+            if at == -1:
+                steps = counted
+            for i in range(3):
+                try:
+                    meta = backend.load_metadata(f"d/{i}.npy")
+                except MetadataNotFoundError:
+                    meta = None
+                present = backend.exists(f"d/{i}.npy")
+                assert meta == ({"v": i} if present else None), f"step {at} of {steps}: file {i}"
+            assert backend.is_dir("d")
