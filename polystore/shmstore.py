@@ -491,6 +491,7 @@ class SharedArrayStore:
             FileExistsError: ``overwrite=False`` and ``dst`` exists.
         """
         source, target = _key(src), _key(dst)
+        a = self._live()
         if src == dst:
             if src not in self:
                 raise KeyError(src)
@@ -498,7 +499,7 @@ class SharedArrayStore:
                 raise FileExistsError(errno.EEXIST, "key exists", dst)
             return
         exclusive = None if overwrite else (target, dst)
-        _shm_write.commit(self._live(), [], [], 0, None, exclusive, [(source, target, src)])
+        _shm_write.commit(a, [], [], 0, None, exclusive, [(source, target, src)])
 
     def _move(
         self,

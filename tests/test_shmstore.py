@@ -208,6 +208,20 @@ def test_rename_moves_a_value_without_copying_it(store: SharedArrayStore) -> Non
     assert not problems(store._arena)
 
 
+def test_a_closed_store_refuses_update_and_rename() -> None:
+    store = SharedArrayStore()
+    store.put("a", np.zeros(2))
+    store.close()
+    for call in (
+        lambda: store.rename("a", "b"),
+        lambda: store.rename("a", "a"),
+        lambda: store.update({"b": np.ones(2)}),
+        lambda: store.update(remove=["a"]),
+    ):
+        with pytest.raises(StoreClosedError):
+            call()
+
+
 # -- views ---------------------------------------------------------------------------------
 
 
