@@ -282,11 +282,9 @@ class MemoryBackend(StorageBackend):
         timeout: float | None,
     ) -> None:
         """Write a file's entries (its value and new directories) and metadata to the mapping."""
-        if updates or meta is not None:  # puts, which may wait for room
-            with self._waiting(timeout):
-                self._data.update(updates)
-                if meta is not None:
-                    self._data[_META + vpath] = meta
+        self._data.update(updates)
+        if meta is not None:
+            self._data[_META + vpath] = meta
         if meta is None:
             self._data.pop(_META + vpath, None)
         if isinstance(old, ShmRef) and old != new:
@@ -363,10 +361,6 @@ class MemoryBackend(StorageBackend):
         value = self._data.pop(vpath, None)
         self._data.pop(_META + vpath, None)
         self._drop_payload(value)
-
-    def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
-        """Where the mapping itself lives in shared memory: let its puts wait for room."""
-        return contextlib.nullcontext()
 
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         """The store that ``create_array`` makes an array of ``nbytes`` in, if any."""

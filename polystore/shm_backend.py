@@ -19,7 +19,6 @@ import io
 import json
 import os
 import socket
-import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -116,29 +115,17 @@ class _StoreDict(MutableMapping[str, Any]):
 
     def __init__(self, store: SharedArrayStore) -> None:
         self.store = store
-        self._calls = threading.local()  # per thread: how long a put may wait for room
-
-    @contextlib.contextmanager
-    def waiting(self, timeout: float | None) -> Iterator[None]:
-        """Let the puts of this thread wait up to ``timeout`` s for room meanwhile."""
-        before = getattr(self._calls, "timeout", 0)
-        self._calls.timeout = timeout
-        try:
-            yield
-        finally:
-            self._calls.timeout = before
 
     def __getitem__(self, key: str) -> Any:
         value = self.store.get_value(key)
         return _decode(value) if isinstance(value, bytes) else value
 
     def __setitem__(self, key: str, value: Any) -> None:
-        timeout = getattr(self._calls, "timeout", 0)
         stored = _storable(key, value)
         if isinstance(stored, np.ndarray):
-            self.store.put(key, stored, timeout=timeout)
+            self.store.put(key, stored)
         else:
-            self.store.put_bytes(key, stored, timeout=timeout)
+            self.store.put_bytes(key, stored)
 
     def staged(self, updates: Mapping[str, Any]) -> dict[str, Any]:
         """What the store keeps for each of ``updates``: arrays as they are, the rest encoded."""
@@ -302,10 +289,6 @@ class SharedMemoryBackend(MemoryBackend):
             return False
         s = virtual(s_text)
         return same_format and s in self._data and not isinstance(self._data.get(s), Link)
-
-    def _waiting(self, timeout: float | None) -> contextlib.AbstractContextManager[object]:
-        assert isinstance(self._data, _StoreDict)
-        return self._data.waiting(timeout)
 
     @staticmethod
     def _stored_as(store: SharedArrayStore, vpath: str) -> Any:
