@@ -285,7 +285,7 @@ class MemoryBackend(StorageBackend):
         self._data.update(updates)
         if meta is not None:
             self._data[_META + vpath] = meta
-        if meta is None:
+        else:
             self._data.pop(_META + vpath, None)
         if isinstance(old, ShmRef) and old != new:
             self._drop_payload(old)
@@ -351,9 +351,12 @@ class MemoryBackend(StorageBackend):
         timeout: float | None,
         meta: dict[str, Any] | None,
     ) -> tuple[contextlib.AbstractContextManager[Any], bool]:
-        """The store's block for an array made in place at ``vpath``, and whether
-        publishing it also commits the file's entries (its directories and
-        metadata); if not, :meth:`create_array` writes them after it."""
+        """(the store's block for an array made in place at ``vpath``, whether it commits the file).
+
+        True: publishing the block also commits the file's other entries
+        (its directories and metadata); False: :meth:`create_array` writes
+        them after it.
+        """
         return store._create(vpath, spec, overwrite, timeout), False
 
     def _remove_file(self, vpath: str) -> None:
