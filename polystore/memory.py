@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["Link", "MemoryBackend", "ShmRef"]
 
 _META = "#meta:"
+#: how often a recursive delete lists a directory again when files keep appearing in it
+_MAX_RETRIES = 100
 #: arrays at least this large go through a shared-memory store when one is attached
 DEFAULT_SHM_THRESHOLD = 64 * 1024
 
@@ -254,7 +256,7 @@ class MemoryBackend(StorageBackend):
         meta = normalize_metadata(metadata, text)
         if vpath == "/" or vpath + "/" in self._data:
             raise os_error(IsADirectoryError, text)
-        new_dirs = self._check_parents(vpath, create=True)
+        new_dirs = self._check_parents(vpath, create=not self._dirs_in_commit)
         if not overwrite and vpath in self._data:
             raise os_error(FileExistsError, text)
         # Files never hold None (that marks directories, under other keys).
@@ -341,6 +343,9 @@ class MemoryBackend(StorageBackend):
         if ref is not None:
             updates[vpath] = ref
         self._commit_file(vpath, updates, meta, old, ref, timeout)
+
+    #: whether _commit_file makes the file's directories itself (see SharedMemoryBackend)
+    _dirs_in_commit = False
 
     def _made_in(
         self,
@@ -484,11 +489,22 @@ class MemoryBackend(StorageBackend):
         if vpath == "/":
             raise SandboxError(text, "/")
         prefix = vpath + "/"
-        inside = [k for k in list(self._data.keys()) if k.startswith(prefix) and k != prefix]
-        if inside and not recursive:
-            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
-        for key in sorted(inside, key=len, reverse=True):
-            self._remove_file(key)
+        for _ in range(_MAX_RETRIES):
+            inside = [k for k in list(self._data.keys()) if k.startswith(prefix) and k != prefix]
+            if inside and not recursive:
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
+            for key in sorted(inside, key=len, reverse=True):
+                self._remove_file(key)
+            try:
+                self._remove_dir(prefix, text)
+                return
+            except OSError as exc:  # another process put a file in it meanwhile
+                if exc.errno != errno.ENOTEMPTY or not recursive:
+                    raise
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), text)
+
+    def _remove_dir(self, prefix: str, text: str) -> None:
+        """Remove the directory marker ``prefix`` (ENOTEMPTY where the store can tell)."""
         self._data.pop(prefix, None)
 
     def _same_path(self, a: Any, b: Any) -> bool:

@@ -15,6 +15,7 @@ instead of quietly writing to that machine's memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -28,8 +29,8 @@ from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError, os_error
 from .formats import ArraySpec, FormatRegistry
 from .memory import _META, Link, MemoryBackend
-from .paths import as_str, virtual
-from .shmstore import SharedArrayStore
+from .paths import as_str, virtual, virtual_parents
+from .shmstore import SharedArrayStore, _key
 
 __all__ = ["SharedMemoryBackend", "node_id"]
 
@@ -59,8 +60,8 @@ _DIR, _TEXT, _BYTES, _JSON, _NPZ, _LINK = b"D", b"S", b"B", b"J", b"Z", b"L"
 
 
 def _encode(value: Any) -> bytes:
-    if value is None:
-        return _DIR
+    if value is None:  # a directory: an empty value, which needs no block (see _ancestors)
+        return b""
     if isinstance(value, Link):  # before str and JSON: a link is a tuple of a str
         return _LINK + value.target.encode("utf-8", "surrogatepass")
     if isinstance(value, str):
@@ -76,7 +77,7 @@ def _encode(value: Any) -> bytes:
 
 def _decode(blob: bytes) -> Any:
     tag, body = blob[:1], blob[1:]
-    if tag == _DIR:
+    if tag in (b"", _DIR):  # (_DIR: how directories were written before)
         return None
     if tag == _TEXT:
         return body.decode("utf-8", "surrogatepass")
@@ -160,6 +161,37 @@ class _StoreDict(MutableMapping[str, Any]):
         return len(self.store)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ancestry(vpath: str) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(directory markers to ensure, (file key, name) in the way) of the file ``vpath``.
+
+    Cached: every save and create_array of a file needs them. The lists are
+    only read.
+    """
+    parents = virtual_parents(vpath)
+    return [_key(p + "/") for p in parents], [(_key(p), p) for p in parents]
+
+
+class _Translated:
+    """A create block whose publish reports a file in the way of a directory as the backend does."""
+
+    __slots__ = ("backend", "block", "vpath")
+
+    def __init__(self, block: Any, backend: SharedMemoryBackend, vpath: str) -> None:
+        self.block, self.backend, self.vpath = block, backend, vpath
+
+    def __enter__(self) -> Any:
+        return self.block.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        try:
+            return self.block.__exit__(exc_type, exc, tb)
+        except FileExistsError as found:
+            if exc_type is not None:  # (the block's own exception goes on as it was)
+                raise
+            raise self.backend._in_the_way(found, self.vpath, self.vpath) from None
+
+
 class SharedMemoryBackend(MemoryBackend):
     """A file tree in shared memory, visible to every process on this machine.
 
@@ -207,17 +239,36 @@ class SharedMemoryBackend(MemoryBackend):
     def _in_place_store(self, nbytes: int) -> SharedArrayStore | None:
         return self._shm
 
-    # A file, its new directories and its metadata change in one step of the
-    # store (SharedArrayStore.update, or the create block's publish): a
+    # A file, its metadata and its directories change in one step of the
+    # store (SharedArrayStore._commit, or the create block's publish): a
     # process killed at any point leaves the old file with its old metadata
     # or the new file with the new, as the disk backend commits a file with
     # its sidecar. Without metadata, the old metadata goes in the same step.
+    # The directories above the file are made in that step where missing,
+    # and a file in the place of one refuses it, so that a directory removed
+    # or a file saved meanwhile by another process cannot leave a file
+    # outside the tree.
 
-    def _entries(self, vpath: str, meta: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
-        """(keys to set, keys to remove) of a file's metadata."""
+    _dirs_in_commit = True
+
+    def _related(
+        self, vpath: str, meta: dict[str, Any] | None, values: dict[str, Any]
+    ) -> Any:
+        """The store's keys that change with the file ``vpath`` (see above)."""
+        assert isinstance(self._data, _StoreDict)
+        remove = []
         if meta is None:
-            return {}, [_META + vpath]
-        return {_META + vpath: meta}, []
+            remove.append(_META + vpath)
+        else:
+            values = {**values, _META + vpath: meta}
+        ensure, conflicts = _ancestry(vpath)
+        return self._shm._related_parts(self._data.staged(values), remove, ensure, conflicts)
+
+    def _in_the_way(self, exc: FileExistsError, text: str, vpath: str) -> OSError:
+        """The backend's error for a store key found in the way of the file ``vpath``."""
+        if exc.filename in virtual_parents(vpath):
+            return os_error(NotADirectoryError, text, f"{exc.filename!r} is a file")
+        return os_error(FileExistsError, text)
 
     def _commit_file(
         self,
@@ -228,9 +279,11 @@ class SharedMemoryBackend(MemoryBackend):
         new: Any,
         timeout: float | None,
     ) -> None:
-        assert isinstance(self._data, _StoreDict)
-        more, remove = self._entries(vpath, meta)
-        self._data.commit({**updates, **more}, remove, timeout)
+        values = {k: v for k, v in updates.items() if not k.endswith("/")}  # (made below)
+        try:
+            self._shm._commit(self._related(vpath, meta, values), timeout, vpath)
+        except FileExistsError as exc:
+            raise self._in_the_way(exc, vpath, vpath) from None
 
     def _made_in(
         self,
@@ -241,20 +294,19 @@ class SharedMemoryBackend(MemoryBackend):
         timeout: float | None,
         meta: dict[str, Any] | None,
     ) -> tuple[contextlib.AbstractContextManager[Any], bool]:
-        data = self._data
-        assert isinstance(data, _StoreDict)
-        more, remove = self._entries(vpath, meta)
+        def extra() -> Any:
+            return self._related(vpath, meta, {})
 
-        def extra() -> tuple[dict[str, Any], list[str]]:
-            # at the end of the block: the directories missing by then
-            updates = dict.fromkeys(self._check_parents(vpath, create=True))
-            return data.staged({**updates, **more}), remove
-
-        return store._create(vpath, spec, overwrite, timeout, extra), True
+        return _Translated(store._create(vpath, spec, overwrite, timeout, extra), self, vpath), True
 
     def _remove_file(self, vpath: str) -> None:
         assert isinstance(self._data, _StoreDict)
         self._data.commit({}, [vpath, _META + vpath], 0)
+
+    def _remove_dir(self, prefix: str, text: str) -> None:
+        # Only if nothing is under it, checked in the same step: a file saved
+        # there meanwhile would otherwise be left outside the tree.
+        self._shm._remove_childless(prefix, text)
 
     def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Move the file ``src`` to ``dst`` in one step of the store, without a copy.
@@ -271,15 +323,17 @@ class SharedMemoryBackend(MemoryBackend):
             super().move(src, dst, overwrite=overwrite, **kwargs)
             return
         self._check_new_file(d_text, overwrite)
-        assert isinstance(self._data, _StoreDict)
-        dirs = self._data.staged(dict.fromkeys(self._check_parents(d, create=True)))
+        self._check_parents(d, create=False)
+        parents = virtual_parents(d)
+        ensure = [parent + "/" for parent in parents]
+        conflicts = [*parents, *([] if overwrite else [d])]
         moves = [(s, d, True), (_META + s, _META + d, False)]  # no metadata: none at dst either
         try:
-            self._shm._move(moves, dirs, None if overwrite else d)
+            self._shm._move(moves, self._shm._related(None, (), ensure, conflicts))
         except KeyError:  # removed meanwhile
             raise self._missing(s_text, s) from None
-        except FileExistsError:  # saved meanwhile
-            raise os_error(FileExistsError, d_text) from None
+        except FileExistsError as exc:  # saved meanwhile
+            raise self._in_the_way(exc, d_text, d) from None
 
     def _renames(self, s_text: str, d_text: str) -> bool:
         """Whether moving ``s_text`` to ``d_text`` is a rename of the store's keys."""

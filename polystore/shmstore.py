@@ -126,26 +126,29 @@ def _staged(
     """
     if isinstance(remove, (str, bytes)):
         raise TypeError(f"remove must be an iterable of keys, not one key: {remove!r}")
-    gone = list(remove)
-    if len(gone) + len(values or ()) > MAX_UPDATE_KEYS:
+    gone = remove if type(remove) is list else list(remove)
+    values = values or {}
+    if len(gone) + len(values) > MAX_UPDATE_KEYS:
         raise ValueError(
             f"one update changes at most {MAX_UPDATE_KEYS} keys (its undo journal must fit "
-            f"in the store's), got {len(gone) + len(values or ())}: split it"
+            f"in the store's), got {len(gone) + len(values)}: split it"
         )
     puts = []
-    for key, value in (values or {}).items():
-        if isinstance(value, (bytes, bytearray, memoryview)):
+    for key, value in values.items():
+        if type(value) is np.ndarray:
+            puts.append((_key(key), value, 0))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
             arr = np.frombuffer(memoryview(value).cast("B"), dtype=np.uint8)
             puts.append((_key(key), arr, ix.F_BYTES))
         else:
-            arr = value if type(value) is np.ndarray else np.asarray(value)
-            puts.append((_key(key), arr, 0))
+            puts.append((_key(key), np.asarray(value), 0))
     removals = [_key(key) for key in gone]
-    both = set(values or ()) & set(gone)
-    if exclude is not None:
-        both |= {exclude} & (set(values or ()) | set(gone))
-    if both:
-        raise ValueError(f"keys both put and removed in one update: {sorted(both)}")
+    if (gone and values) or exclude is not None:  # (the steady state of a file: neither)
+        both = set(values) & set(gone)
+        if exclude is not None:
+            both |= {exclude} & (set(values) | set(gone))
+        if both:
+            raise ValueError(f"keys both put and removed in one update: {sorted(both)}")
     return puts, removals
 
 
@@ -402,13 +405,13 @@ class SharedArrayStore:
         spec: ArraySpec,
         overwrite: bool,
         timeout: float | None,
-        extra: Callable[[], tuple[Mapping[str, Any], list[str]]] | None = None,
+        extra: Callable[[], _shm_write.Related] | None = None,
     ) -> contextlib.AbstractContextManager[np.ndarray[Any, Any]]:
         """:meth:`create` of an array ``spec`` already checked (the backends' way in).
 
-        ``extra``: called when the block ends, it returns more keys to put
-        and to remove, as :meth:`update` takes them, in the same step as the
-        array is published (a file's metadata and directories).
+        ``extra``: called when the block ends, it returns the keys that
+        change in the same step as the array is published (a file's
+        metadata and directories; see :meth:`_related`).
         """
         parts = _key(key)
         dims, dt, order = spec
@@ -424,16 +427,80 @@ class SharedArrayStore:
                 f"store {self._name!r} holds values of at most {min(limit, ix.CLASS_SIZES[-1])}"
             )
         flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
-        staged = None
+        checked = None
         if extra is not None:
 
-            def staged() -> tuple[list[_shm_write.Put], list[_shm_write.Parts]]:
-                values, remove = extra()
-                return _staged(values, remove, exclude=key)
+            def checked() -> _shm_write.Related:
+                rel = extra()
+                keys = [p for p, _, _ in rel.puts] + rel.removals + rel.ensure
+                keys += [p for p, _ in rel.conflicts]
+                if parts in keys:
+                    raise ValueError(f"{key!r} is both created and changed in one step")
+                return rel
 
         return _shm_write.create(
-            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), staged
+            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), checked
         )
+
+    @staticmethod
+    def _related(
+        values: Mapping[str, Any] | None = None,
+        remove: Iterable[str] = (),
+        ensure: Iterable[str] = (),
+        conflicts: Iterable[str] = (),
+    ) -> _shm_write.Related:
+        """Keys to change with a value, checked (the backends' way in).
+
+        ``values`` and ``remove`` as :meth:`update` takes them; ``ensure``:
+        keys made empty when absent (directory markers); ``conflicts``: keys
+        that must be absent (``FileExistsError`` naming the key otherwise).
+        """
+        puts, removals = _staged(values, remove)
+        there = [_key(k) for k in ensure]
+        return _shm_write.Related(puts, removals, there, [(_key(k), k) for k in conflicts])
+
+    @staticmethod
+    def _related_parts(
+        values: Mapping[str, Any],
+        remove: list[str],
+        ensure: list[_shm_write.Parts],
+        conflicts: list[tuple[_shm_write.Parts, str]],
+    ) -> _shm_write.Related:
+        """:meth:`_related` with the ``ensure`` and ``conflicts`` keys made already."""
+        puts, removals = _staged(values, remove)
+        return _shm_write.Related(puts, removals, ensure, conflicts)
+
+    def _remove_childless(self, key: str, name: str) -> None:
+        """Remove ``key`` (a directory marker) if no other key starts with it, in one step.
+
+        Raises:
+            OSError: ``ENOTEMPTY`` naming ``name``, when a key starts with it.
+        """
+        prefix = _key(key)
+        _shm_write.commit(self._live(), [], [prefix], 0, childless=[(prefix[0], name)])
+
+    def _commit(
+        self, related: _shm_write.Related, timeout: float | None = 0, key: str | None = None
+    ) -> None:
+        """Make ``related`` in one step; ``key``: the key of its one array, for the C put."""
+        a = self._arena
+        if (
+            key is not None
+            and len(related.puts) == 1
+            and related.puts[0][2] == 0
+            and a.fast is not None
+            and not self._closed
+        ):
+            # One array and nothing else to do (no key to remove, make or
+            # refuse): in C, which checks that in the same section. The
+            # steady state of a file saved again (polystore.shm_backend).
+            absent = tuple(related.removals) + tuple(p for p, _ in related.conflicts)
+            if a.fast.put_small(a, key, related.puts[0][1], absent, tuple(related.ensure)):
+                return
+        _shm_write.commit(
+            self._live(), related.puts, related.removals, _check_timeout(timeout), None,
+            related.conflicts, None, related.ensure,
+        )  # fmt: skip
 
     def update(
         self,
@@ -460,24 +527,9 @@ class SharedArrayStore:
         """
         timeout = _check_timeout(timeout)
         gone = remove if isinstance(remove, (str, bytes)) else list(remove)  # (str: refused)
-        puts, removals = _staged(values, gone)
-        if not puts and not removals:
-            return
-        a = self._arena
-        if (
-            len(puts) == 1
-            and len(removals) <= 1
-            and puts[0][2] == 0
-            and a.fast is not None
-            and not self._closed
-        ):
-            # One array, at most one key to remove: in C when the removed key
-            # is absent (checked in the same section), the steady state of a
-            # file saved again with no metadata (polystore.shm_backend).
-            key = next(iter(values or {}))
-            if a.fast.put_small(a, key, puts[0][1], gone[0] if gone else None):
-                return
-        _shm_write.commit(self._live(), puts, removals, timeout)
+        related = self._related(values, gone)
+        if related.puts or related.removals:
+            self._commit(related, timeout, next(iter(values or {}), None))
 
     def rename(self, src: str, dst: str, *, overwrite: bool = True) -> None:
         """Give ``src``'s value to ``dst`` in one step, without copying it; ``src`` goes.
@@ -498,27 +550,25 @@ class SharedArrayStore:
             if not overwrite:
                 raise FileExistsError(errno.EEXIST, "key exists", dst)
             return
-        exclusive = None if overwrite else (target, dst)
-        _shm_write.commit(a, [], [], 0, None, exclusive, [(source, target, src)])
+        conflicts = [] if overwrite else [(target, dst)]
+        _shm_write.commit(a, [], [], 0, None, conflicts, [(source, target, src)])
 
     def _move(
-        self,
-        moves: list[tuple[str, str, bool]],
-        values: Mapping[str, Any],
-        exclusive: str | None,
+        self, moves: list[tuple[str, str, bool]], related: _shm_write.Related
     ) -> None:
-        """Moves (source, destination, required) and puts in one step (the backends' way in).
+        """Moves (source, destination, required) and ``related`` in one step (the backends' way in).
 
         An absent source that is not required removes its destination
         (a file's metadata: none at the source, none at the destination).
         """
-        puts, _ = _staged(values, [])
-        keys = [k for m in moves for k in m[:2]] + list(values)
+        keys = [k for m in moves for k in m[:2]]
         if len(set(keys)) != len(keys):
             raise ValueError(f"a key is named twice in one step: {sorted(keys)}")
         parts = [(_key(src), _key(dst), src if required else None) for src, dst, required in moves]
-        guard = None if exclusive is None else (_key(exclusive), exclusive)
-        _shm_write.commit(self._live(), puts, [], 0, None, guard, parts)
+        _shm_write.commit(
+            self._live(), related.puts, related.removals, 0, None, related.conflicts, parts,
+            related.ensure,
+        )  # fmt: skip
 
     def put_bytes(
         self, key: str, data: bytes | bytearray | memoryview, *, timeout: float | None = 0

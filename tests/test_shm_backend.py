@@ -6,6 +6,7 @@ import io
 import json
 import multiprocessing
 import pickle
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -323,3 +324,152 @@ def test_a_kill_while_clearing_files_leaves_no_metadata_without_its_file() -> No
                 present = backend.exists(f"d/{i}.npy")
                 assert meta == ({"v": i} if present else None), f"step {at} of {steps}: file {i}"
             assert backend.is_dir("d")
+
+
+def _orphans(backend: SharedMemoryBackend) -> list[str]:
+    """Files and directories whose parent directory is missing from the tree."""
+    keys = [k for k in backend._shm if not k.startswith("#")]
+    found = []
+    for key in keys:
+        parent = key.rstrip("/").rsplit("/", 1)[0]
+        if parent and parent + "/" not in keys:
+            found.append(key)
+    return found
+
+
+def test_a_file_is_never_left_outside_the_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What another process does between the checks and the write cannot orphan a file.
+
+    The directories above a file are made, and a file in their place
+    refused, in the same step as the file is written.
+    """
+    with SharedMemoryBackend() as backend:
+        store = backend._shm
+        real = SharedMemoryBackend._check_parents
+
+        def meanwhile(action: Any) -> None:
+            def check(self: Any, vpath: str, create: bool) -> list[str]:
+                found = real(self, vpath, create)
+                action()
+                return found
+
+            monkeypatch.setattr(SharedMemoryBackend, "_check_parents", check)
+
+        backend.ensure_directory("d/e")
+        meanwhile(lambda: store.update(remove=["/d/e/", "/d/"]))  # rm -r of the empty tree
+        backend.save(np.zeros(3), "d/e/f.npy", metadata={"v": 1})
+        assert backend.list_dir("d/e") == ["f.npy"] and not _orphans(backend)
+        monkeypatch.undo()
+        backend.delete("d", recursive=True)
+        backend.ensure_directory("d")
+        backend.save(np.ones(2), "s.npy")
+        meanwhile(lambda: store.update({"/d/x": b"Sfile"}))  # a file where a directory goes
+        with pytest.raises(NotADirectoryError):
+            backend.save(np.zeros(3), "d/x/f.npy")
+        assert not backend.exists("d/x/f.npy") and not _orphans(backend)
+        with pytest.raises(NotADirectoryError), backend.create_array("d/x/g.npy", 4, "i8") as out:
+            out[:] = 1
+        with pytest.raises(NotADirectoryError):
+            backend.move("s.npy", "d/x/h.npy")
+        assert backend.exists("s.npy")
+        assert not _orphans(backend)
+        monkeypatch.undo()
+        backend.save(np.ones(2), "a/b.npy")
+        meanwhile(lambda: store.update(remove=["/c/"]))
+        backend.ensure_directory("c")
+        backend.move("a/b.npy", "c/b.npy")
+        assert backend.list_dir("c") == ["b.npy"] and not _orphans(backend)
+
+
+def _remover(name: str, seconds: float) -> None:  # pragma: no cover - child
+    backend = SharedMemoryBackend(name)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            backend.delete("d", recursive=True)
+        except FileNotFoundError:
+            pass
+    backend.close()
+
+
+@pytest.mark.timeout(60)
+def test_files_saved_while_another_process_removes_their_directory() -> None:
+    with SharedMemoryBackend() as backend:
+        child = multiprocessing.get_context("fork").Process(
+            target=_remover, args=(backend._shm.name, 1.0)
+        )
+        child.start()
+        deadline = time.monotonic() + 1.0
+        i = 0
+        while time.monotonic() < deadline:
+            backend.save(np.full(4, i), f"d/e/{i % 7}.npy", metadata={"i": i})
+            with backend.create_array(f"d/{i % 5}.npy", 4, np.int64) as out:
+                out[:] = i
+            i += 1
+        child.join(30)
+        assert child.exitcode == 0 and i > 10
+        assert not _orphans(backend), _orphans(backend)
+
+
+def test_a_directory_removed_while_a_file_appears_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its marker goes only in a step that finds nothing under it (ENOTEMPTY otherwise)."""
+    with SharedMemoryBackend() as backend:
+        store = backend._shm
+        backend.save(np.zeros(2), "d/a.npy")
+        real = SharedMemoryBackend._remove_file
+        late = iter(["/d/late.npy", "/d/later.npy"])
+
+        def remove_file(self: Any, vpath: str) -> None:
+            real(self, vpath)
+            name = next(late, None)
+            if name is not None:  # another process saves a file there meanwhile
+                store.update({name: np.ones(2), "/d/": b""})
+
+        monkeypatch.setattr(SharedMemoryBackend, "_remove_file", remove_file)
+        backend.delete("d", recursive=True)  # lists again until nothing is left
+        assert not backend.exists("d") and not _orphans(backend)
+        monkeypatch.undo()
+        backend.ensure_directory("e")
+        real_kind = SharedMemoryBackend._kind_of
+
+        def kind_of(self: Any, vpath: str) -> Any:
+            found = real_kind(self, vpath)
+            if vpath == "/e":
+                store.update({"/e/f.npy": np.ones(2)})  # after the listing found it empty
+            return found
+
+        monkeypatch.setattr(SharedMemoryBackend, "_kind_of", kind_of)
+        with pytest.raises(OSError, match="not empty"):
+            backend.delete("e")
+        monkeypatch.undo()
+        assert backend.list_dir("e") == ["f.npy"] and not _orphans(backend)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["save", "create_array"])
+def test_a_kill_leaves_a_new_file_with_its_directories_or_neither(how: str) -> None:
+    def write(backend: SharedMemoryBackend) -> None:
+        if how == "save":
+            backend.save(np.full(1000, 2), "n/m/f.npy", metadata={"v": 2})
+        else:
+            with backend.create_array("n/m/f.npy", 1000, np.int64, metadata={"v": 2}) as out:
+                out[:] = 2
+
+    with SharedMemoryBackend() as backend:
+        write(backend)  # (blocks of these sizes ready: no segment to create at every try)
+        steps = 0
+        for at in [-1, *range(1, 10_000)]:
+            if at > steps > 0:
+                break
+            if backend.exists("n"):
+                backend.delete("n", recursive=True)
+            counted = _killed_at(at, lambda: write(backend))
+            if at == -1:
+                steps = counted
+                assert 3 < steps < 500, steps
+            assert not _orphans(backend), f"step {at} of {steps}: {_orphans(backend)}"
+            if backend.exists("n/m/f.npy"):
+                assert backend.list_dir("n/m") == ["f.npy"]
+                assert backend.load_metadata("n/m/f.npy") == {"v": 2}
+            else:
+                assert not backend.exists("n"), f"step {at} of {steps}: directories alone"

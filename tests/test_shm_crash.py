@@ -172,7 +172,8 @@ def _pair(store: SharedArrayStore) -> None:
 def _create_with(store: SharedArrayStore) -> None:
     """A create published with a key put and a key removed, as a file with its metadata."""
     spec = array_spec(N_LARGE, np.int64)
-    with store._create("c", spec, True, 0, lambda: ({"cm": value(112, 1, 8)}, ["fm"])) as out:
+    related = store._related({"cm": value(112, 1, 8)}, ["fm"])
+    with store._create("c", spec, True, 0, lambda: related) as out:
         out[:] = 1
         out[0] = 104
 

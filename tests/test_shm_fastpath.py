@@ -246,22 +246,30 @@ def test_a_small_put_in_c_declines_what_python_must_decide(c_store: SharedArrayS
 
 
 @needs_c
-def test_c_writes_decline_while_the_key_to_remove_is_present(c_store: SharedArrayStore) -> None:
-    """The guard of SharedArrayStore.update and of a create published with a removal.
+def test_c_writes_decline_unless_the_related_keys_are_as_required(
+    c_store: SharedArrayStore,
+) -> None:
+    """The guards of a file's value: keys that must be absent, keys that must be there.
 
-    A put or publish that must also remove a key runs in C only when that
-    key is absent (nothing to remove), checked in the same locked section.
+    A put or publish runs in C only when nothing else is to do in its step:
+    the keys to remove (old metadata) and those in the way (a file where a
+    directory goes) absent, the keys to make (directories) present, all
+    checked in the same locked section. Otherwise Python does it all.
     """
+    key = shmstore._key
     a = c_store._arena
     value = np.ones(2048, np.float32)
     c_store.put("k", value)
     c_store.put_bytes("k.meta", b"{}")
+    c_store.put_bytes("d/", b"")
     seq = a.h[ix.H_SEQ]
-    assert a.fast.put_small(a, "k", value * 2, "k.meta") is False
+    assert a.fast.put_small(a, "k", value * 2, (key("k.meta"),)) is False  # present
+    assert a.fast.put_small(a, "k", value * 2, (), (key("e/"),)) is False  # absent
     assert a.h[ix.H_SEQ] == seq and (c_store.get("k") == 1).all()  # nothing changed
-    assert a.fast.put_small(a, "k", value * 2, None) is True  # no guard
-    assert a.fast.put_small(a, "k", value * 3, "other") is True  # an absent key
-    assert a.fast.put_small(a, "k", value, "") is False  # not a key: Python refuses it
+    assert a.fast.put_small(a, "k", value * 2) is True  # no guard
+    assert a.fast.put_small(a, "k", value * 3, (key("other"),), (key("d/"),)) is True
+    for bad in ("k.meta", (b"x",), ((b"x", b"x", -1),), ((b"x", "x\0", 1),)):
+        assert a.fast.put_small(a, "k", value, bad) is False  # not key parts: Python decides
     with pytest.raises(ValueError):
         c_store.update({"k": value}, remove=[""])
     c_store.update({"k": value * 4}, remove=["k.meta"])  # Python removes it, in one step
@@ -271,16 +279,21 @@ def test_c_writes_decline_while_the_key_to_remove_is_present(c_store: SharedArra
 
     # the same for a create's publish
     shape, dt, nbytes = (8, 8), ix.encode_dtype(np.dtype(np.float64)), 512
-    parts, guard = shmstore._key("new"), shmstore._key("new.meta")
+    parts = key("new")
     c_store.put_bytes("new.meta", b"{}")
     b = _shm_write.take(a, ix.class_of(nbytes), 0)
-    assert a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, *guard[1:]) is False
+
+    def publish(absent: tuple[Any, ...], present: tuple[Any, ...]) -> bool:
+        return a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, absent, present)
+
+    assert publish((key("new.meta"),), ()) is False
+    assert publish((), (key("e/"),)) is False
     assert "new" not in c_store
     c_store.delete("new.meta")
-    assert a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, *guard[1:]) is True
+    assert publish((key("new.meta"),), (key("d/"),)) is True
     assert c_store.get("new").shape == shape
     with pytest.raises(TypeError):
-        a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, guard[1])  # 9 arguments
+        a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, (), (), ())  # 11
     assert not problems(a)
 
 

@@ -57,7 +57,7 @@ PyDoc_STRVAR(ctl_view_doc,
 "at its current generation).");
 
 PyDoc_STRVAR(ctl_put_doc,
-"put_small(arena, key, array[, absent]) -> bool\n\n"
+"put_small(arena, key, array[, absent[, present]]) -> bool\n\n"
 "Take the store lock (flock on arena._fd, without waiting) and put a\n"
 "C-contiguous array under a key in the key cache when the Python path would\n"
 "do just that: the key's current description, cached in arena.meta, has the\n"
@@ -66,10 +66,10 @@ PyDoc_STRVAR(ctl_put_doc,
 "or idle. The array is copied into that block, the key pointed at it and the\n"
 "old block retired, every change journaled (see polystore._shm.tables).\n"
 "Returns False, having changed nothing, in every other case: for arrays of\n"
-"over small_put bytes or empty ones, when the key absent (a str; None: no\n"
-"such check) is in the store, while another thread of this process is in\n"
-"the store, while another process holds the lock, and when a dead lock\n"
-"holder left work to finish.");
+"over small_put bytes or empty ones, when a key of absent is in the store or\n"
+"one of present is not (tuples of key parts, as shmstore._key makes them),\n"
+"while another thread of this process is in the store, while another process\n"
+"holds the lock, and when a dead lock holder left work to finish.");
 
 /* -- entry points: the arena's state read in C ------------------------------ */
 
@@ -251,28 +251,18 @@ quiet_arena(PyObject *arena, PyObject **got, int *busy)
 static PyObject *
 ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 && nargs != 4) {
-        PyErr_SetString(PyExc_TypeError,
-                        "put_small() takes the arena, the key, the array and an absent key");
+    if (nargs < 3 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "put_small() takes the arena, the key, the array, "
+                        "and perhaps the key parts that must be absent and present");
         return NULL;
     }
-    Py_ssize_t max_key = c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1;
-    PyObject *parts = key_parts(args[1], max_key);
+    PyObject *parts = key_parts(args[1], c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-    PyObject *guard = NULL;  /* the absent key's parts, if one is given */
-    if (nargs == 4 && args[3] != Py_None) {
-        guard = key_parts(args[3], max_key);
-        if (guard == NULL) {
-            Py_DECREF(parts);
-            return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-        }
-    }
     PyObject *got[5];
     int busy;
     if (quiet_arena(args[0], got, &busy) < 0) {
         Py_DECREF(parts);
-        Py_XDECREF(guard);
         return NULL;
     }
     PyObject *r;
@@ -280,24 +270,22 @@ ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
         r = Py_NewRef(Py_False);
     } else {
         PyObject *inner[7] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
-                              got[1], args[2],
-                              guard ? PyTuple_GET_ITEM(guard, 1) : NULL,
-                              guard ? PyTuple_GET_ITEM(guard, 2) : NULL};
+                              got[1], args[2], nargs > 3 ? args[3] : NULL,
+                              nargs > 4 ? args[4] : NULL};
         r = fp_put_impl(c, inner);
     }
     drop(got, 5);
     Py_DECREF(parts);
-    Py_XDECREF(guard);
     return r;
 }
 
 static PyObject *
 ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8 && nargs != 10) {
+    if (nargs < 8 || nargs > 10) {
         PyErr_SetString(PyExc_TypeError, "publish() takes the arena, the key's bytes and NUL, "
                         "its hash, the block, nbytes, the dtype text, the shape and the flags, "
-                        "then perhaps an absent key's bytes and NUL and its hash");
+                        "and perhaps the key parts that must be absent and present");
         return NULL;
     }
     PyObject *got[5];
@@ -310,7 +298,7 @@ ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     } else {
         PyObject *inner[12] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4],
                                args[5], args[6], args[7],
-                               nargs == 10 ? args[8] : NULL, nargs == 10 ? args[9] : NULL};
+                               nargs > 8 ? args[8] : NULL, nargs > 9 ? args[9] : NULL};
         r = fp_publish_impl(c, inner);
     }
     drop(got, 5);
@@ -622,11 +610,11 @@ static PyMethodDef ctl_methods[] = {
      "closed store, a key that is not a valid str)."},
     {"put_small", (PyCFunction)(void (*)(void))ctl_put_small, METH_FASTCALL, ctl_put_doc},
     {"publish", (PyCFunction)(void (*)(void))ctl_publish, METH_FASTCALL,
-     "publish(arena, kbz, hash, block, nbytes, dt, shape, flags[, akbz, ahash]) -> bool\n\n"
+     "publish(arena, kbz, hash, block, nbytes, dt, shape, flags[, absent[, present]]) -> bool\n\n"
      "Install block, which this process filled in place (create), under a new\n"
      "key, in one journaled section under the flock. Returns False, having\n"
-     "changed nothing, in every other case: a key that exists, the key akbz\n"
-     "(bytes and NUL, hash ahash) present, no free entry record, another\n"
+     "changed nothing, in every other case: a key that exists, a key of absent\n"
+     "present or one of present absent (as for put_small), no free entry record, another\n"
      "thread of this process or another process in the store, or work a dead\n"
      "lock holder left to finish."},
     {"bind", (PyCFunction)(void (*)(void))ctl_bind, METH_FASTCALL,

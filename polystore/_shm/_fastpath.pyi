@@ -23,7 +23,14 @@ class Ctl:
     ) -> tuple[Any, int, int, int, int] | bool | None: ...
     def view(self, arena: Any, key: object) -> Any: ...
     def contains(self, key: object) -> bool | None: ...
-    def put_small(self, arena: Any, key: object, array: Any, absent: object = None) -> bool: ...
+    def put_small(
+        self,
+        arena: Any,
+        key: object,
+        array: Any,
+        absent: tuple[tuple[bytes, bytes, int], ...] = (),
+        present: tuple[tuple[bytes, bytes, int], ...] = (),
+    ) -> bool: ...
     def take(self, arena: Any, cls: int) -> int: ...
     def publish(
         self,
@@ -35,8 +42,8 @@ class Ctl:
         dt: bytes,
         shape: tuple[int, ...],
         flags: int,
-        akbz: bytes = ...,
-        ahash: int = ...,
+        absent: tuple[tuple[bytes, bytes, int], ...] = (),
+        present: tuple[tuple[bytes, bytes, int], ...] = (),
     ) -> bool: ...
     def bind(
         self,

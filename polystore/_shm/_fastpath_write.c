@@ -121,28 +121,49 @@ begin_section(Ctl *c, int fd, int64_t epoch, int64_t *wseq)
     return 1;
 }
 
-/* Under the store lock: whether the key akbz (its bytes and NUL; NULL: no
- * key to check) with hash ahash is absent. 0 when it is present, or when the
- * arguments or the index cannot be read: the caller declines, and the Python
- * path does the work in a section of its own (SharedArrayStore.update).
+/* Under the store lock: whether every key of absent is absent and every key
+ * of present is present. Each is NULL (nothing to check) or a tuple of key
+ * parts, (bytes, bytes and NUL, hash) as polystore.shmstore._key makes them.
+ * 0 when one is not so, or cannot be read: the caller declines, and the
+ * Python path does the work in a section of its own (write.commit), which
+ * removes what must go, makes what must be there and refuses what is in
+ * the way.
  *
- * Invariant kept: a value whose file has metadata is never replaced in C
- * apart from that metadata (polystore.shm_backend removes the old metadata
- * in the same section as it installs the new value). */
+ * Invariant kept: a value is never installed in C apart from the keys that
+ * go with it (polystore.shm_backend: a file's old metadata removed, its
+ * directories there, no file in their place), since C installs only when
+ * there is nothing to do for them, checked in the same section. */
 static int
-absent_locked(Ctl *c, PyObject *akbz, PyObject *ahash)
+guards_hold(Ctl *c, PyObject *absent, PyObject *present)
 {
-    if (akbz == NULL)
-        return 1;
-    if (!PyBytes_Check(akbz) || !PyLong_Check(ahash))
-        return 0;
-    int64_t hash = PyLong_AsLongLong(ahash);
-    if (hash < 0 || hash > 0x7FFFFFFF) {
-        PyErr_Clear();
-        return 0;
+    PyObject *lists[2] = {absent, present};
+    for (int want = 0; want < 2; want++) {
+        PyObject *keys = lists[want];
+        if (keys == NULL || keys == Py_None)
+            continue;
+        if (!PyTuple_Check(keys))
+            return 0;
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(keys); j++) {
+            PyObject *parts = PyTuple_GET_ITEM(keys, j);
+            if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 3)
+                return 0;
+            PyObject *kbz = PyTuple_GET_ITEM(parts, 1), *h = PyTuple_GET_ITEM(parts, 2);
+            if (!PyBytes_Check(kbz) || !PyLong_Check(h))
+                return 0;
+            int64_t hash = PyLong_AsLongLong(h);
+            if (hash < 0 || hash > 0x7FFFFFFF) {
+                PyErr_Clear();
+                return 0;
+            }
+            Py_ssize_t n = PyBytes_GET_SIZE(kbz);
+            if (!key_ok(c, n))
+                return 0;
+            int64_t e = fp_find(c, PyBytes_AS_STRING(kbz), n, hash);
+            if (e == -2 || (e >= 0) != want)
+                return 0;
+        }
     }
-    Py_ssize_t n = PyBytes_GET_SIZE(akbz);
-    return key_ok(c, n) && fp_find(c, PyBytes_AS_STRING(akbz), n, hash) == -1;
+    return 1;
 }
 
 static int
@@ -299,7 +320,7 @@ fp_put_impl(Ctl *c, PyObject *const *args)
     int done = begun;
     if (begun > 0) {
         int64_t e = fp_find(c, kbz, n, hash);
-        done = e >= 0 && absent_locked(c, args[5], args[6])
+        done = e >= 0 && guards_hold(c, args[5], args[6])
                    ? swap_locked(c, e, &src, dtype, c->meta, c->rw_maps) : 0;
         /* an error of the copy stays set through the unlock */
         if (end_section(c, fd, wseq) < 0 && done >= 0)
@@ -473,7 +494,7 @@ fp_publish_impl(Ctl *c, PyObject *const *args)
         return begun < 0 ? NULL : Py_NewRef(Py_False);
     int done = 0;
     /* fp_find gives the entry, not the slot: probe for the empty slot */
-    if (fp_find(c, kbz, n, hash) == -1 && absent_locked(c, args[10], args[11])) {
+    if (fp_find(c, kbz, n, hash) == -1 && guards_hold(c, args[10], args[11])) {
         int64_t i = hash & c->mask;
         while (LD(&c->ht[i]) != 0)
             i = (i + 1) & c->mask;

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -37,7 +38,7 @@ from . import layout as ix
 from .alloc import unlink_quietly
 from .read import make_meta as _meta
 
-__all__ = ["SMALL_PUT", "abandon", "commit", "create", "grow", "put", "remove", "take"]
+__all__ = ["SMALL_PUT", "Related", "abandon", "commit", "create", "grow", "put", "remove", "take"]
 
 #: puts up to this size copy while holding the store lock (one lock round trip)
 SMALL_PUT = ix.SMALL_PUT
@@ -141,7 +142,7 @@ class create:
         flags: int,
         overwrite: bool,
         timeout: float | None,
-        extra: Callable[[], tuple[list[Put], list[Parts]]] | None = None,
+        extra: Callable[[], Related] | None = None,
     ) -> None:
         self.extra = extra
         self.a, self.key, self.parts, self.shape = a, key, parts, shape
@@ -196,20 +197,25 @@ class create:
             value = (self.nbytes, self.dtype, self.dt, self.shape, self.flags)
             # More keys to change in the same step (a file's metadata and
             # directories), found now rather than when the block began.
-            puts, removals = self.extra() if self.extra is not None else ([], [])
+            rel = self.extra() if self.extra is not None else _NOTHING
+            conflicts = list(rel.conflicts)
+            if not self.overwrite:
+                conflicts.append((self.parts, self.key))
             fast = a.fast
-            if b >= 0 and fast is not None and not puts and len(removals) <= 1:
-                # A new key in C where it can; the key to remove, if any, must
-                # be absent, which C checks in the same section.
-                guard = removals[0][1:] if removals else ()
+            if b >= 0 and fast is not None and not rel.puts:
+                # A new key in C where it can, when nothing else is to do:
+                # C checks in the same section that the keys to remove and
+                # those in the way are absent and those to ensure there.
+                absent = tuple(rel.removals) + tuple(parts for parts, _ in conflicts)
                 _, kbz, h = self.parts
-                if fast.publish(a, kbz, h, b, self.nbytes, self.dt, self.shape, self.flags, *guard):
+                args = (self.nbytes, self.dt, self.shape, self.flags, absent, tuple(rel.ensure))
+                if fast.publish(a, kbz, h, b, *args):
                     return
             if b < 0:
                 arr.flags.writeable = False
-            if puts or removals:  # all in one section
-                exclusive = None if self.overwrite else (self.parts, self.key)
-                commit(a, puts, removals, self.timeout, (self.parts, b, value), exclusive)
+            if rel.puts or rel.removals or rel.ensure or rel.conflicts:  # all in one section
+                filled = (self.parts, b, value)
+                commit(a, rel.puts, rel.removals, self.timeout, filled, conflicts, None, rel.ensure)
             else:
                 _publish(a, self.key, self.parts, b, value, self.overwrite)
         except BaseException:
@@ -272,14 +278,37 @@ def _describe(name: str, arr: np.ndarray[Any, Any], flags: int) -> tuple[Any, Va
 Install = tuple[tuple[bytes, bytes, int], int, Value]
 
 
+class Related(NamedTuple):
+    """Keys that change in the same step as a value (a file's metadata and directories).
+
+    ``puts``: more values to copy in; ``removals``: keys to remove, skipped
+    when absent; ``ensure``: keys made empty (directory markers) when
+    absent; ``conflicts``: (parts, name) of keys that must be absent
+    (``FileExistsError(name)`` otherwise, nothing changed).
+    """
+
+    puts: list[Put]
+    removals: list[Parts]
+    ensure: list[Parts]
+    conflicts: list[tuple[Parts, str]]
+
+
+_NOTHING = Related([], [], [], [])
+
+#: the description of an empty value of bytes (what ``ensure`` makes)
+_EMPTY: Value = (0, np.dtype(np.uint8), ix.encode_dtype(np.dtype(np.uint8)), (0,), ix.F_BYTES)
+
+
 def commit(
     a: _arena.Arena,
     puts: list[Put],
     removals: list[Parts],
     timeout: float | None,
     filled: Install | None = None,
-    exclusive: tuple[Parts, str] | None = None,
+    conflicts: list[tuple[Parts, str]] | None = None,
     moves: list[tuple[Parts, Parts, str | None]] | None = None,
+    ensure: list[Parts] | None = None,
+    childless: list[tuple[bytes, str]] | None = None,
 ) -> None:
     """Install ``filled`` and ``puts``, make ``moves`` and remove ``removals``, in one section.
 
@@ -289,10 +318,12 @@ def commit(
     absent; ``moves``: (source, destination, name) key parts: the source's
     block and description go to the destination, without a copy, and the
     source is removed; an absent source raises ``KeyError(name)``, or, if
-    ``name`` is None, removes the destination. ``exclusive``: (parts, name)
-    of a key that must be absent (``FileExistsError`` otherwise, nothing
-    changed). ``timeout``: how long to wait for room, for all the values
-    together.
+    ``name`` is None, removes the destination. ``conflicts``: (parts, name)
+    of keys that must be absent (``FileExistsError(name)`` otherwise,
+    nothing changed); ``ensure``: keys made empty when absent (directory
+    markers); ``childless``: (prefix, name) of directories that must have no
+    key under them (``OSError(ENOTEMPTY, name)`` otherwise). ``timeout``:
+    how long to wait for room, for all the values together.
 
     Invariant kept: all or nothing. Each value is copied into a block taken
     off a free list (WRITING, owned by this process: no key names it), and
@@ -320,7 +351,9 @@ def commit(
         if _faults.kill_at:
             _faults.step()
         with a.locked:
-            _commit_section(a, installs, removals, exclusive, moves or [])
+            _commit_section(
+                a, installs, removals, conflicts or [], moves or [], ensure or [], childless or []
+            )
     except BaseException:
         for b in mine:
             abandon(a, b)  # (a block installed before the exception is live: left alone)
@@ -331,15 +364,24 @@ def _commit_section(
     a: _arena.Arena,
     installs: list[Install],
     removals: list[Parts],
-    exclusive: tuple[Parts, str] | None,
+    conflicts: list[tuple[Parts, str]],
     moves: list[tuple[Parts, Parts, str | None]],
+    ensure: list[Parts],
+    childless: list[tuple[bytes, str]],
 ) -> None:
     """The locked section of :func:`commit`."""
     if a.slot < 0:
         a.my_slot()
-    if exclusive is not None and a.find(exclusive[0][1], exclusive[0][2])[1] >= 0:
-        raise FileExistsError(errno.EEXIST, "key exists", exclusive[1])
+    for prefix, directory in childless:
+        if _has_key_under(a, prefix):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), directory)
+    for (_, kbz, h), in_the_way in conflicts:
+        if a.find(kbz, h)[1] >= 0:
+            raise FileExistsError(errno.EEXIST, "key exists", in_the_way)
     installs, removals, moved = list(installs), list(removals), []
+    for parts in ensure:  # empty values need no block
+        if a.find(parts[1], parts[2])[1] < 0:
+            installs.append((parts, -1, _EMPTY))
     for source, target, name in moves:
         e = a.find(source[1], source[2])[1]
         if e < 0:
@@ -368,6 +410,18 @@ def _commit_section(
         i, e = a.find(kbz, h)
         if e >= 0:
             remove(a, i, e)
+
+
+def _has_key_under(a: _arena.Arena, prefix: bytes) -> bool:
+    """Whether a key other than ``prefix`` itself starts with it (locked; reads every key)."""
+    eb, eq = a.eb, a.eq
+    n = len(prefix)
+    for e in a.entries():
+        size = eq[e * _EQ + ix.E_META] & 0xFFFF
+        o = e * ix.ENT_SIZE + ix.E_KEY
+        if size > n and eb[o : o + n] == prefix:
+            return True
+    return False
 
 
 def _value_of(a: _arena.Arena, e: int) -> Value:
