@@ -262,7 +262,7 @@ class SharedMemoryBackend(MemoryBackend):
         else:
             values = {**values, _META + vpath: meta}
         ensure, conflicts = _ancestry(vpath)
-        return self._shm._related_parts(self._data.staged(values), remove, ensure, conflicts)
+        return self._shm._related(self._data.staged(values), remove, ensure, conflicts)
 
     def _in_the_way(self, exc: FileExistsError, text: str, vpath: str) -> OSError:
         """The backend's error for a store key found in the way of the file ``vpath``."""
@@ -324,9 +324,9 @@ class SharedMemoryBackend(MemoryBackend):
             return
         self._check_new_file(d_text, overwrite)
         self._check_parents(d, create=False)
-        parents = virtual_parents(d)
-        ensure = [parent + "/" for parent in parents]
-        conflicts = [*parents, *([] if overwrite else [d])]
+        ensure, conflicts = _ancestry(d)
+        if not overwrite:
+            conflicts = [*conflicts, (_key(d), d)]
         moves = [(s, d, True), (_META + s, _META + d, False)]  # no metadata: none at dst either
         try:
             self._shm._move(moves, self._shm._related(None, (), ensure, conflicts))

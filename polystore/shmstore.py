@@ -411,7 +411,8 @@ class SharedArrayStore:
 
         ``extra``: called when the block ends, it returns the keys that
         change in the same step as the array is published (a file's
-        metadata and directories; see :meth:`_related`).
+        metadata and directories; see :meth:`_related`), which must not
+        include ``key`` itself.
         """
         parts = _key(key)
         dims, dt, order = spec
@@ -427,48 +428,26 @@ class SharedArrayStore:
                 f"store {self._name!r} holds values of at most {min(limit, ix.CLASS_SIZES[-1])}"
             )
         flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
-        checked = None
-        if extra is not None:
-
-            def checked() -> _shm_write.Related:
-                rel = extra()
-                keys = [p for p, _, _ in rel.puts] + rel.removals + rel.ensure
-                keys += [p for p, _ in rel.conflicts]
-                if parts in keys:
-                    raise ValueError(f"{key!r} is both created and changed in one step")
-                return rel
-
         return _shm_write.create(
-            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), checked
+            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), extra
         )
 
     @staticmethod
     def _related(
         values: Mapping[str, Any] | None = None,
         remove: Iterable[str] = (),
-        ensure: Iterable[str] = (),
-        conflicts: Iterable[str] = (),
+        ensure: Sequence[_shm_write.Parts] = (),
+        conflicts: Sequence[tuple[_shm_write.Parts, str]] = (),
     ) -> _shm_write.Related:
         """Keys to change with a value, checked (the backends' way in).
 
         ``values`` and ``remove`` as :meth:`update` takes them; ``ensure``:
-        keys made empty when absent (directory markers); ``conflicts``: keys
-        that must be absent (``FileExistsError`` naming the key otherwise).
+        parts of keys made empty when absent (directory markers);
+        ``conflicts``: (parts, name) of keys that must be absent
+        (``FileExistsError`` naming the key otherwise).
         """
         puts, removals = _staged(values, remove)
-        there = [_key(k) for k in ensure]
-        return _shm_write.Related(puts, removals, there, [(_key(k), k) for k in conflicts])
-
-    @staticmethod
-    def _related_parts(
-        values: Mapping[str, Any],
-        remove: list[str],
-        ensure: list[_shm_write.Parts],
-        conflicts: list[tuple[_shm_write.Parts, str]],
-    ) -> _shm_write.Related:
-        """:meth:`_related` with the ``ensure`` and ``conflicts`` keys made already."""
-        puts, removals = _staged(values, remove)
-        return _shm_write.Related(puts, removals, ensure, conflicts)
+        return _shm_write.Related(puts, removals, list(ensure), list(conflicts))
 
     def _remove_childless(self, key: str, name: str) -> None:
         """Remove ``key`` (a directory marker) if no other key starts with it, in one step.
