@@ -32,6 +32,7 @@ autodoc_default_options = {
 }
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_type_aliases = {"PathArg": "polystore.paths.PathArg"}
 # The docs environment installs Sphinx only; polystore.testing imports pytest at
 # module level, and nothing else documented here needs more than numpy.
 autodoc_mock_imports = ["pytest"]

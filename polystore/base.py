@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from .exceptions import MetadataNotFoundError, NotShareableError, os_error
-from .paths import as_str, join_listing, split_ext
+from .paths import PathArg, as_str, join_listing, split_ext
 
 __all__ = ["Kind", "StatResult", "StorageBackend", "UnavailableBackend"]
 
@@ -111,7 +111,7 @@ class StorageBackend(ABC):
     def save(
         self,
         data: Any,
-        path: Any,
+        path: PathArg,
         *,
         overwrite: bool = True,
         metadata: dict[str, Any] | None = None,
@@ -130,7 +130,7 @@ class StorageBackend(ABC):
         """
 
     @abstractmethod
-    def load(self, path: Any, **kwargs: Any) -> Any:
+    def load(self, path: PathArg, **kwargs: Any) -> Any:
         """Return the value stored at ``path``.
 
         Raises:
@@ -139,11 +139,11 @@ class StorageBackend(ABC):
         """
 
     @abstractmethod
-    def kind(self, path: Any) -> Kind | None:
+    def kind(self, path: PathArg) -> Kind | None:
         """``"file"``, ``"dir"``, or ``None`` when nothing is at ``path``."""
 
     @abstractmethod
-    def list_dir(self, path: Any) -> list[str]:
+    def list_dir(self, path: PathArg) -> list[str]:
         """Sorted names (not paths) of the entries directly inside ``path``.
 
         Raises:
@@ -152,7 +152,7 @@ class StorageBackend(ABC):
         """
 
     @abstractmethod
-    def ensure_directory(self, path: Any) -> str:
+    def ensure_directory(self, path: PathArg) -> str:
         """Create ``path`` and its parents if missing; return ``path`` as ``str``.
 
         Raises:
@@ -161,7 +161,7 @@ class StorageBackend(ABC):
         """
 
     @abstractmethod
-    def delete(self, path: Any, recursive: bool = False) -> None:
+    def delete(self, path: PathArg, recursive: bool = False) -> None:
         """Remove a file, or a directory (non-empty ones need ``recursive=True``).
 
         Raises:
@@ -170,21 +170,21 @@ class StorageBackend(ABC):
         """
 
     # -- derived operations ---------------------------------------------
-    def exists(self, path: Any) -> bool:
+    def exists(self, path: PathArg) -> bool:
         """Whether anything (file or directory) is at ``path``."""
         return self.kind(path) is not None
 
-    def is_file(self, path: Any) -> bool:
+    def is_file(self, path: PathArg) -> bool:
         """Whether ``path`` is a file."""
         return self.kind(path) == "file"
 
-    def is_dir(self, path: Any) -> bool:
+    def is_dir(self, path: PathArg) -> bool:
         """Whether ``path`` is a directory."""
         return self.kind(path) == "dir"
 
     def list_files(
         self,
-        directory: Any,
+        directory: PathArg,
         pattern: str | None = None,
         extensions: Iterable[str] | None = None,
         recursive: bool = False,
@@ -239,7 +239,7 @@ class StorageBackend(ABC):
     @contextlib.contextmanager
     def create_array(
         self,
-        path: Any,
+        path: PathArg,
         shape: int | Sequence[int],
         dtype: Any = float,
         *,
@@ -285,7 +285,7 @@ class StorageBackend(ABC):
         arr.flags.writeable = False
         self.save(arr, path, overwrite=overwrite, metadata=metadata, **kwargs)
 
-    def _check_new_file(self, path: Any, overwrite: bool) -> None:
+    def _check_new_file(self, path: PathArg, overwrite: bool) -> None:
         """Refuse, before any work, what saving at ``path`` would refuse at the end."""
         text = as_str(path)
         found = self.kind(text)
@@ -299,7 +299,7 @@ class StorageBackend(ABC):
                 raise os_error(NotADirectoryError, text)
             parent = posixpath.dirname(parent)
 
-    def save_batch(self, data_list: Sequence[Any], paths: Sequence[Any], **kwargs: Any) -> None:
+    def save_batch(self, data_list: Sequence[Any], paths: Sequence[PathArg], **kwargs: Any) -> None:
         """Save each item of ``data_list`` at the matching path.
 
         Raises:
@@ -316,11 +316,11 @@ class StorageBackend(ABC):
         for data, path in zip(data_list, paths, strict=False):
             self.save(data, path, **kwargs)
 
-    def load_batch(self, paths: Sequence[Any], **kwargs: Any) -> list[Any]:
+    def load_batch(self, paths: Sequence[PathArg], **kwargs: Any) -> list[Any]:
         """Load each path, in order."""
         return [self.load(path, **kwargs) for path in paths]
 
-    def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+    def copy(self, src: PathArg, dst: PathArg, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Copy the file ``src`` to ``dst`` (directories are not copied).
 
         Object arrays are copied only with ``allow_pickle=True``: without it
@@ -338,7 +338,7 @@ class StorageBackend(ABC):
             **kwargs,
         )
 
-    def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+    def move(self, src: PathArg, dst: PathArg, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Move the file ``src`` to ``dst``; moving a file onto itself changes nothing."""
         if self._same_path(src, dst) and self.kind(src) == "file":
             if not overwrite:
@@ -351,13 +351,13 @@ class StorageBackend(ABC):
         """Whether two paths name the same entry (lexically)."""
         return posixpath.normpath(as_str(a)) == posixpath.normpath(as_str(b))
 
-    def _metadata_or_none(self, path: Any) -> dict[str, Any] | None:
+    def _metadata_or_none(self, path: PathArg) -> dict[str, Any] | None:
         try:
             return self.load_metadata(path)
         except MetadataNotFoundError:
             return None
 
-    def load_metadata(self, path: Any) -> dict[str, Any]:
+    def load_metadata(self, path: PathArg) -> dict[str, Any]:
         """The metadata saved with ``path``.
 
         Raises:
@@ -383,12 +383,12 @@ class StorageBackend(ABC):
             "the disk, memory and shm backends have"
         )
 
-    def is_symlink(self, path: Any) -> bool:
+    def is_symlink(self, path: PathArg) -> bool:
         """Whether ``path`` is a symbolic link (``False`` if nothing is there)."""
         as_str(path)
         return False
 
-    def stat(self, path: Any) -> StatResult:
+    def stat(self, path: PathArg) -> StatResult:
         """Kind, size and modification time of what is at ``path`` (links followed).
 
         Raises:
@@ -400,7 +400,7 @@ class StorageBackend(ABC):
             raise os_error(FileNotFoundError, text)
         return StatResult(kind, None, None, self.is_symlink(text))
 
-    def delete_all(self, path: Any) -> None:
+    def delete_all(self, path: PathArg) -> None:
         """Remove a file, a link or a directory with everything in it.
 
         Raises:

@@ -81,7 +81,7 @@ from .locks import (
     remove_stale,
     reserved_name,
 )
-from .paths import as_str, in_root, is_inside, join_listing
+from .paths import PathArg, as_str, in_root, is_inside, join_listing
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "DiskBackend"]
 
@@ -284,7 +284,7 @@ class DiskBackend(StorageBackend):
     def save(
         self,
         data: Any,
-        path: Any,
+        path: PathArg,
         *,
         overwrite: bool = True,
         metadata: dict[str, Any] | None = None,
@@ -311,7 +311,7 @@ class DiskBackend(StorageBackend):
     @contextlib.contextmanager
     def create_array(
         self,
-        path: Any,
+        path: PathArg,
         shape: int | Sequence[int],
         dtype: Any = float,
         *,
@@ -375,7 +375,7 @@ class DiskBackend(StorageBackend):
             raise
         self._commit(tmp, target, text, meta, overwrite, durable)
 
-    def load(self, path: Any, **kwargs: Any) -> Any:
+    def load(self, path: PathArg, **kwargs: Any) -> Any:
         text = as_str(path)
         source = self._resolve(text)
         try:
@@ -404,7 +404,7 @@ class DiskBackend(StorageBackend):
         except ValueError as exc:  # the file changed since its header was checked
             raise CorruptFileError(text, f"cannot map the array data ({exc})") from exc
 
-    def kind(self, path: Any) -> Kind | None:
+    def kind(self, path: PathArg) -> Kind | None:
         return self._kind_of(self._resolve(as_str(path)))
 
     def _scandir(self, directory: str, text: str) -> os._ScandirIterator[str]:
@@ -413,7 +413,7 @@ class DiskBackend(StorageBackend):
         except NotADirectoryError as exc:
             raise self._missing_or_not_dir(exc, directory, text) from None
 
-    def list_dir(self, path: Any) -> list[str]:
+    def list_dir(self, path: PathArg) -> list[str]:
         text = as_str(path)
         with self._scandir(self._resolve(text), text) as entries:
             return sorted(e.name for e in entries if self._visible(e))
@@ -448,7 +448,7 @@ class DiskBackend(StorageBackend):
                 subdirs.append((rel_dir + entry.name, entry.path))
         return subdirs
 
-    def ensure_directory(self, path: Any) -> str:
+    def ensure_directory(self, path: PathArg) -> str:
         """Create ``path`` and its parents if missing; return ``path`` as ``str``.
 
         On a directory that already existed, also removes what killed writers
@@ -465,7 +465,7 @@ class DiskBackend(StorageBackend):
             remove_stale(target, STALE_AFTER, self.lock_timeout)
         return text
 
-    def delete(self, path: Any, recursive: bool = False) -> None:
+    def delete(self, path: PathArg, recursive: bool = False) -> None:
         """Remove a file or directory; a symbolic link is removed, never what it points to.
 
         ``recursive=True`` removes links found inside the directory the same way.
@@ -525,10 +525,10 @@ class DiskBackend(StorageBackend):
         except FileExistsError:
             raise os_error(FileExistsError, link_text) from None
 
-    def is_symlink(self, path: Any) -> bool:
+    def is_symlink(self, path: PathArg) -> bool:
         return os.path.islink(self._resolve_entry(as_str(path)))
 
-    def stat(self, path: Any) -> StatResult:
+    def stat(self, path: PathArg) -> StatResult:
         text = as_str(path)
         try:
             st = os.stat(self._resolve(text))
@@ -566,7 +566,7 @@ class DiskBackend(StorageBackend):
     def _metadata_of(self, target: str, text: str) -> dict[str, Any] | None:
         return _sidecar.metadata_of(target, self._sidecar(target), text)
 
-    def copy(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+    def copy(self, src: PathArg, dst: PathArg, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Copy the file ``src`` to ``dst`` with its metadata, byte for byte.
 
         The copy keeps the permission bits and modification time of ``src``. Between
@@ -594,7 +594,7 @@ class DiskBackend(StorageBackend):
         meta = self._metadata_of(source, src_text)
         self._write_and_commit(target, dst_text, writer, meta, overwrite, durable)
 
-    def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+    def move(self, src: PathArg, dst: PathArg, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Move the file ``src`` to ``dst`` with its metadata, by renaming it when possible."""
         src_text, dst_text = as_str(src), as_str(dst)
         source, target = self._resolve(src_text), self._resolve(dst_text)
@@ -639,7 +639,7 @@ class DiskBackend(StorageBackend):
         remove_quietly(src_meta)
 
     # -- metadata, locks, cleanup ---------------------------------------------
-    def load_metadata(self, path: Any) -> dict[str, Any]:
+    def load_metadata(self, path: PathArg) -> dict[str, Any]:
         text = as_str(path)
         target = self._resolve(text)
         meta = self._metadata_of(target, text) if os.path.isfile(target) else None
@@ -648,13 +648,13 @@ class DiskBackend(StorageBackend):
         return meta
 
     def lock(
-        self, path: Any, timeout: float | None = None, shared: bool = False
+        self, path: PathArg, timeout: float | None = None, shared: bool = False
     ) -> contextlib.AbstractContextManager[str]:
         """:func:`~polystore.file_lock` on ``path`` inside this backend's root."""
         return file_lock(self._resolve(as_str(path)), timeout=timeout, shared=shared)
 
     def cleanup(
-        self, directory: Any = ".", *, recursive: bool = True, max_age: float = STALE_AFTER
+        self, directory: PathArg = ".", *, recursive: bool = True, max_age: float = STALE_AFTER
     ) -> list[str]:
         """Remove what killed processes left behind; return the removed paths.
 

@@ -10,7 +10,7 @@ from typing import Any
 from ._renamed import renamed_keywords
 from .base import StatResult, StorageBackend
 from .exceptions import BackendNotFoundError, os_error
-from .paths import as_str, join_listing, sort_listing
+from .paths import PathArg, as_str, join_listing, sort_listing
 
 #: what :meth:`FileManager.list_image_files` lists unless told otherwise
 IMAGE_EXTENSIONS = frozenset({".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"})
@@ -95,7 +95,7 @@ class FileManager:
         return matches[0]
 
     # -- data -----------------------------------------------------------------
-    def save(self, data: Any, output_path: Any, backend: str, **kwargs: Any) -> None:
+    def save(self, data: Any, output_path: PathArg, backend: str, **kwargs: Any) -> None:
         """Store ``data`` at ``output_path``; the extension picks the format.
 
         Common keywords: ``overwrite=False`` refuses to replace a file,
@@ -104,7 +104,7 @@ class FileManager:
         self.get_backend(backend).save(data, output_path, **kwargs)
 
     def create_array(
-        self, path: Any, shape: Any, dtype: Any, backend: str, **kwargs: Any
+        self, path: PathArg, shape: Any, dtype: Any, backend: str, **kwargs: Any
     ) -> contextlib.AbstractContextManager[Any]:
         """Make an array to fill in place, stored at ``path`` when the ``with`` block ends.
 
@@ -121,12 +121,12 @@ class FileManager:
         """
         return self.get_backend(backend).create_array(path, shape, dtype, **kwargs)
 
-    def load(self, file_path: Any, backend: str, **kwargs: Any) -> Any:
+    def load(self, file_path: PathArg, backend: str, **kwargs: Any) -> Any:
         """Return what is stored at ``file_path``."""
         return self.get_backend(backend).load(file_path, **kwargs)
 
     def save_batch(
-        self, data_list: Sequence[Any], output_paths: Sequence[Any], backend: str, **kwargs: Any
+        self, data_list: Sequence[Any], output_paths: Sequence[PathArg], backend: str, **kwargs: Any
     ) -> None:
         """Save ``data_list[i]`` at ``output_paths[i]`` for every ``i``.
 
@@ -135,18 +135,18 @@ class FileManager:
         """
         self.get_backend(backend).save_batch(data_list, output_paths, **kwargs)
 
-    def load_batch(self, file_paths: Sequence[Any], backend: str, **kwargs: Any) -> list[Any]:
+    def load_batch(self, file_paths: Sequence[PathArg], backend: str, **kwargs: Any) -> list[Any]:
         """Load every path, returning the values in the same order."""
         return self.get_backend(backend).load_batch(file_paths, **kwargs)
 
-    def load_metadata(self, path: Any, backend: str) -> dict[str, Any]:
+    def load_metadata(self, path: PathArg, backend: str) -> dict[str, Any]:
         """The metadata saved with ``path`` (``MetadataNotFoundError`` if none)."""
         return self.get_backend(backend).load_metadata(path)
 
     # -- directories ------------------------------------------------------------
     def list_files(
         self,
-        directory: Any,
+        directory: PathArg,
         backend: str,
         pattern: str | None = None,
         extensions: Iterable[str] | None = None,
@@ -167,7 +167,7 @@ class FileManager:
         return found if sort == "name" else sort_listing(found, sort)
 
     @renamed_keywords(path="directory")
-    def list_dir(self, directory: Any, backend: str, *, sort: str = "name") -> list[str]:
+    def list_dir(self, directory: PathArg, backend: str, *, sort: str = "name") -> list[str]:
         """Sorted names of the files and directories directly in ``directory``.
 
         ``sort`` is as for :meth:`list_files`.
@@ -175,29 +175,35 @@ class FileManager:
         found = self.get_backend(backend).list_dir(directory)
         return found if sort == "name" else sort_listing(found, sort)
 
-    def ensure_directory(self, directory: Any, backend: str) -> str:
+    def ensure_directory(self, directory: PathArg, backend: str) -> str:
         """Create ``directory`` and its parents when missing; return it as ``str``."""
         return self.get_backend(backend).ensure_directory(directory)
 
-    def exists(self, path: Any, backend: str) -> bool:
+    def exists(self, path: PathArg, backend: str) -> bool:
         """Whether a file or directory is at ``path``."""
         return self.get_backend(backend).exists(path)
 
-    def is_file(self, path: Any, backend: str) -> bool:
+    def is_file(self, path: PathArg, backend: str) -> bool:
         """Whether ``path`` is a file."""
         return self.get_backend(backend).is_file(path)
 
-    def is_dir(self, path: Any, backend: str) -> bool:
+    def is_dir(self, path: PathArg, backend: str) -> bool:
         """Whether ``path`` is a directory."""
         return self.get_backend(backend).is_dir(path)
 
-    def delete(self, path: Any, backend: str, recursive: bool = False) -> None:
+    def delete(self, path: PathArg, backend: str, recursive: bool = False) -> None:
         """Remove a file, or a directory (``recursive=True`` when it is not empty)."""
         self.get_backend(backend).delete(path, recursive=recursive)
 
     @renamed_keywords(source_path="src", dest_path="dst")
     def copy(
-        self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
+        self,
+        src: PathArg,
+        dst: PathArg,
+        backend: str,
+        *,
+        dst_backend: str | None = None,
+        **kwargs: Any,
     ) -> None:
         """Copy the file ``src`` to ``dst``, on the same backend or onto ``dst_backend``.
 
@@ -215,7 +221,13 @@ class FileManager:
 
     @renamed_keywords(source_path="src", dest_path="dst")
     def move(
-        self, src: Any, dst: Any, backend: str, *, dst_backend: str | None = None, **kwargs: Any
+        self,
+        src: PathArg,
+        dst: PathArg,
+        backend: str,
+        *,
+        dst_backend: str | None = None,
+        **kwargs: Any,
     ) -> None:
         """Move the file ``src`` to ``dst``, on the same backend or onto ``dst_backend``."""
         if dst_backend is None or dst_backend == backend:
@@ -238,19 +250,19 @@ class FileManager:
         """
         self.get_backend(backend).create_symlink(source, link, overwrite=overwrite)
 
-    def is_symlink(self, path: Any, backend: str) -> bool:
+    def is_symlink(self, path: PathArg, backend: str) -> bool:
         """Whether ``path`` is a symbolic link (``False`` when nothing is there)."""
         return self.get_backend(backend).is_symlink(path)
 
-    def stat(self, path: Any, backend: str) -> StatResult:
+    def stat(self, path: PathArg, backend: str) -> StatResult:
         """``kind``, ``size``, ``mtime`` (``None`` where unknown) and ``is_symlink`` of ``path``."""
         return self.get_backend(backend).stat(path)
 
-    def delete_all(self, path: Any, backend: str) -> None:
+    def delete_all(self, path: PathArg, backend: str) -> None:
         """Remove a file, a link, or a directory with everything in it."""
         self.get_backend(backend).delete_all(path)
 
-    def find_file_recursive(self, directory: Any, filename: str, backend: str) -> str | None:
+    def find_file_recursive(self, directory: PathArg, filename: str, backend: str) -> str | None:
         """The path of the first file named ``filename`` under ``directory``, or ``None``.
 
         "First" in natural order of the paths, so a shallower ``a/x`` comes
@@ -263,7 +275,7 @@ class FileManager:
 
     def list_image_files(
         self,
-        directory: Any,
+        directory: PathArg,
         backend: str,
         pattern: str | None = None,
         extensions: Iterable[str] | None = None,
@@ -276,7 +288,7 @@ class FileManager:
         return self.list_files(directory, backend, pattern, exts, recursive, sort=sort)
 
     def collect_dirs_and_files(
-        self, directory: Any, backend: str, recursive: bool = True, *, sort: str = "name"
+        self, directory: PathArg, backend: str, recursive: bool = True, *, sort: str = "name"
     ) -> tuple[list[str], list[str]]:
         """The directories (``directory`` itself first) and the files under ``directory``.
 
@@ -310,7 +322,13 @@ class FileManager:
 
     @renamed_keywords(source_dir="src", target_dir="dst", overwrite_symlinks_only="overwrite")
     def mirror_directory_with_symlinks(
-        self, src: Any, dst: Any, backend: str, recursive: bool = True, *, overwrite: bool = False
+        self,
+        src: PathArg,
+        dst: PathArg,
+        backend: str,
+        recursive: bool = True,
+        *,
+        overwrite: bool = False,
     ) -> int:
         """Make under ``dst`` the directories of ``src`` and a link to each of its files.
 

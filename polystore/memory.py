@@ -45,7 +45,7 @@ from .formats import (
     default_formats,
     normalize_metadata,
 )
-from .paths import as_str, join_listing, virtual, virtual_parents
+from .paths import PathArg, as_str, join_listing, virtual, virtual_parents
 
 if TYPE_CHECKING:
     from .shmstore import SharedArrayStore
@@ -187,7 +187,7 @@ class MemoryBackend(StorageBackend):
 
     # -- helpers ------------------------------------------------------------
     @staticmethod
-    def _vpath(path: Any) -> str:
+    def _vpath(path: PathArg) -> str:
         return virtual(as_str(path))
 
     def _kind_of(self, vpath: str) -> Kind | None:
@@ -199,7 +199,7 @@ class MemoryBackend(StorageBackend):
             return "dir"
         return None
 
-    def _check_new_file(self, path: Any, overwrite: bool) -> None:
+    def _check_new_file(self, path: PathArg, overwrite: bool) -> None:
         # As the base class's, with one lookup per ancestor: this tree keeps
         # no directory under a file, so "no ancestor is a file" is the test.
         text = as_str(path)
@@ -242,7 +242,7 @@ class MemoryBackend(StorageBackend):
     def save(
         self,
         data: Any,
-        path: Any,
+        path: PathArg,
         *,
         overwrite: bool = True,
         metadata: dict[str, Any] | None = None,
@@ -295,7 +295,7 @@ class MemoryBackend(StorageBackend):
     @contextlib.contextmanager
     def create_array(
         self,
-        path: Any,
+        path: PathArg,
         shape: int | Sequence[int],
         dtype: Any = float,
         *,
@@ -379,7 +379,7 @@ class MemoryBackend(StorageBackend):
         """What the mapping holds for an array published in ``store`` under ``vpath``."""
         return ShmRef(store.name, vpath)
 
-    def load(self, path: Any, **kwargs: Any) -> Any:
+    def load(self, path: PathArg, **kwargs: Any) -> Any:
         text = as_str(path)
         vpath = virtual(text)
         try:
@@ -402,7 +402,7 @@ class MemoryBackend(StorageBackend):
         fmt.check_load(value, text, **kwargs)
         return _frozen(value)
 
-    def kind(self, path: Any) -> Kind | None:
+    def kind(self, path: PathArg) -> Kind | None:
         return self._kind_of(self._vpath(path))
 
     def _children(self, vpath: str) -> Iterable[tuple[str, bool]]:
@@ -431,7 +431,7 @@ class MemoryBackend(StorageBackend):
         if kind == "file":
             raise os_error(NotADirectoryError, text)
 
-    def list_dir(self, path: Any) -> list[str]:
+    def list_dir(self, path: PathArg) -> list[str]:
         text = as_str(path)
         vpath = virtual(text)
         self._require_dir(text, vpath)
@@ -439,7 +439,7 @@ class MemoryBackend(StorageBackend):
 
     def list_files(
         self,
-        directory: Any,
+        directory: PathArg,
         pattern: str | None = None,
         extensions: Iterable[str] | None = None,
         recursive: bool = False,
@@ -464,7 +464,7 @@ class MemoryBackend(StorageBackend):
                 rels.append(rel)
         return join_listing(text, rels)
 
-    def ensure_directory(self, path: Any) -> str:
+    def ensure_directory(self, path: PathArg) -> str:
         text = as_str(path)
         vpath = virtual(text)
         if vpath != "/":
@@ -477,7 +477,7 @@ class MemoryBackend(StorageBackend):
                 self._data.update(dict.fromkeys(missing))
         return text
 
-    def delete(self, path: Any, recursive: bool = False) -> None:
+    def delete(self, path: PathArg, recursive: bool = False) -> None:
         text = as_str(path)
         vpath = virtual(text)
         kind = self._kind_of(vpath)
@@ -545,10 +545,10 @@ class MemoryBackend(StorageBackend):
         updates[dst] = Link(src)
         self._data.update(updates)
 
-    def is_symlink(self, path: Any) -> bool:
+    def is_symlink(self, path: PathArg) -> bool:
         return isinstance(self._data.get(self._vpath(path)), Link)
 
-    def stat(self, path: Any) -> StatResult:
+    def stat(self, path: PathArg) -> StatResult:
         """Size and modification time are not recorded in memory (``None``)."""
         text = as_str(path)
         vpath = virtual(text)
@@ -572,7 +572,7 @@ class MemoryBackend(StorageBackend):
                 self._data.pop(key, None)
 
     # -- metadata -----------------------------------------------------------
-    def load_metadata(self, path: Any) -> dict[str, Any]:
+    def load_metadata(self, path: PathArg) -> dict[str, Any]:
         text = as_str(path)
         try:
             meta = self._data[_META + virtual(text)]

@@ -32,6 +32,9 @@ __all__ = [
     "virtual_parents",
 ]
 
+#: The type of every path argument of a backend or a FileManager. A path is a
+#: ``str`` or an :class:`os.PathLike` that gives one (``pathlib.Path``); bytes
+#: paths are refused with ``TypeError``.
 PathArg: TypeAlias = "str | os.PathLike[str]"
 
 _DIGITS = re.compile(r"[0-9]+")

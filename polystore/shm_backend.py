@@ -29,7 +29,7 @@ from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError, os_error
 from .formats import ArraySpec, FormatRegistry
 from .memory import _META, Link, MemoryBackend
-from .paths import as_str, virtual, virtual_parents
+from .paths import PathArg, as_str, virtual, virtual_parents
 from .shmstore import SharedArrayStore, _key
 
 __all__ = ["SharedMemoryBackend", "node_id"]
@@ -308,7 +308,7 @@ class SharedMemoryBackend(MemoryBackend):
         # there meanwhile would otherwise be left outside the tree.
         self._shm._remove_childless(prefix, text)
 
-    def move(self, src: Any, dst: Any, *, overwrite: bool = True, **kwargs: Any) -> None:
+    def move(self, src: PathArg, dst: PathArg, *, overwrite: bool = True, **kwargs: Any) -> None:
         """Move the file ``src`` to ``dst`` in one step of the store, without a copy.
 
         Its metadata goes with it, and directories missing above ``dst`` are

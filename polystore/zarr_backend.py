@@ -79,7 +79,7 @@ from .exceptions import (
     os_error,
 )
 from .formats import normalize_metadata
-from .paths import as_str
+from .paths import PathArg, as_str
 
 __all__ = ["ZarrBackend"]
 
@@ -221,7 +221,7 @@ class ZarrBackend(StorageBackend):
         return self._root
 
     # -- where a path lives ------------------------------------------------------
-    def _locate(self, path: Any) -> tuple[Hierarchy, str, str]:
+    def _locate(self, path: PathArg) -> tuple[Hierarchy, str, str]:
         """The hierarchy of ``path``, the node's key inside it, and ``path`` as text."""
         text = as_str(path)
         if not self._zarr_checked:
@@ -240,11 +240,11 @@ class ZarrBackend(StorageBackend):
         return ChunkLocks.for_array(base, hierarchy.root, key, self._lock_timeout)
 
     # -- primitives ------------------------------------------------------------
-    def kind(self, path: Any) -> Kind | None:
+    def kind(self, path: PathArg) -> Kind | None:
         hierarchy, key, _ = self._locate(path)
         return hierarchy.kind(key)
 
-    def list_dir(self, path: Any) -> list[str]:
+    def list_dir(self, path: PathArg) -> list[str]:
         hierarchy, key, text = self._locate(path)
         kind = hierarchy.kind(key)
         if kind is None:
@@ -253,7 +253,7 @@ class ZarrBackend(StorageBackend):
             raise os_error(NotADirectoryError, text)
         return hierarchy.children(key)
 
-    def ensure_directory(self, path: Any) -> str:
+    def ensure_directory(self, path: PathArg) -> str:
         hierarchy, key, text = self._locate(path)
         kind = hierarchy.kind(key)
         if kind == "file":
@@ -264,7 +264,7 @@ class ZarrBackend(StorageBackend):
         self._create_group(hierarchy, key, text)
         return text
 
-    def delete(self, path: Any, recursive: bool = False) -> None:
+    def delete(self, path: PathArg, recursive: bool = False) -> None:
         hierarchy, key, text = self._locate(path)
         kind = hierarchy.kind(key)
         if kind is None:
@@ -286,7 +286,7 @@ class ZarrBackend(StorageBackend):
         else:
             tree.remove(key)
 
-    def load(self, path: Any, **kwargs: Any) -> Any:
+    def load(self, path: PathArg, **kwargs: Any) -> Any:
         """Return the array at ``path`` as numpy, or as a ``zarr.Array`` with ``lazy=True``.
 
         Raises:
@@ -336,7 +336,7 @@ class ZarrBackend(StorageBackend):
             text,
         )
 
-    def load_metadata(self, path: Any) -> dict[str, Any]:
+    def load_metadata(self, path: PathArg) -> dict[str, Any]:
         hierarchy, key, text = self._locate(path)
         if hierarchy.kind(key) != "file":
             raise MetadataNotFoundError(text)
@@ -348,7 +348,7 @@ class ZarrBackend(StorageBackend):
     def save(
         self,
         data: Any,
-        path: Any,
+        path: PathArg,
         *,
         overwrite: bool = True,
         metadata: dict[str, Any] | None = None,
