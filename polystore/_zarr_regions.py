@@ -26,10 +26,11 @@ import operator
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 
+from . import locks
 from .exceptions import LockRequiredError, LockTimeoutError
 
 __all__ = [
@@ -169,28 +170,17 @@ class ChunkLocks:
 
     @contextlib.contextmanager
     def _lock(self, path: str, deadline: float) -> Iterator[None]:
-        import portalocker
-
-        flags = portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING
-        handle: IO[bytes] = open(path, "ab")  # noqa: SIM115 (closed in the finally below)
+        # Chunk lock files stay in place (removable=False): they are few, and
+        # one per chunk name however often it is written.
+        left = max(0.0, deadline - time.monotonic())
         try:
-            delay = 0.0005
-            while True:
-                try:
-                    portalocker.lock(handle, flags)
-                    break
-                except portalocker.AlreadyLocked:
-                    if time.monotonic() >= deadline:
-                        raise LockTimeoutError(path, self.timeout) from None
-                    # short waits first: a chunk is usually held for milliseconds
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.02)
-            try:
-                yield
-            finally:
-                portalocker.unlock(handle)
+            fd = locks.acquire(path, left, removable=False)
+        except LockTimeoutError:
+            raise LockTimeoutError(path, self.timeout) from None
+        try:
+            yield
         finally:
-            handle.close()
+            locks.release(fd, path, removable=False)
 
 
 def write_region(
