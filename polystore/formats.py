@@ -126,14 +126,6 @@ class Format:
     def check_load(self, value: Any, path: str, **kwargs: Any) -> None:
         """Refuse to hand out a stored value the caller did not allow (default: accept)."""
 
-    def to_bytes(self, value: Any, **kwargs: Any) -> bytes:
-        buf = io.BytesIO()
-        self.write(buf, value, **kwargs)
-        return buf.getvalue()
-
-    def from_bytes(self, data: bytes, path: str, **kwargs: Any) -> Any:
-        return self.read(io.BytesIO(data), path, **kwargs)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
