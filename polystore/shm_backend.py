@@ -221,13 +221,16 @@ class SharedMemoryBackend(MemoryBackend):
         formats: FormatRegistry | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        # _closes_store: close() closes the handle made here (a new store,
+        # which closing removes, or one attached by name, which closing
+        # lets go of); a store passed in is its caller's to close.
         if store is None:
             self._shm = SharedArrayStore(max_bytes=max_bytes, spill_dir=spill_dir)
-            self._owns_shm = True
+            self._closes_store = True
         elif isinstance(store, str):
-            self._shm, self._owns_shm = SharedArrayStore.attach(store), True
+            self._shm, self._closes_store = SharedArrayStore.attach(store), True
         elif isinstance(store, SharedArrayStore):
-            self._shm, self._owns_shm = store, False
+            self._shm, self._closes_store = store, False
         else:
             raise TypeError(
                 "store must be a SharedArrayStore, a store name or None, "
@@ -357,8 +360,11 @@ class SharedMemoryBackend(MemoryBackend):
         return (_rebuild, (self._node, self._shm.name, self.formats, self._shm.directory))
 
     def close(self) -> None:
-        """Remove the store if this backend created it; otherwise just let go of it."""
-        if self._owns_shm:
+        """Close the store if this backend opened it: remove it if created here, else let go.
+
+        A store passed to the constructor is left to its caller.
+        """
+        if self._closes_store:
             self._shm.close()
 
     def __repr__(self) -> str:
@@ -377,7 +383,7 @@ def _rebuild(
         )
     backend = SharedMemoryBackend.__new__(SharedMemoryBackend)
     backend._shm = SharedArrayStore.attach(name, directory=directory)
-    backend._owns_shm = True
+    backend._closes_store = True
     MemoryBackend.__init__(
         backend, shared_dict=_StoreDict(backend._shm), formats=formats, store=None
     )

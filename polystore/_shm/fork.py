@@ -18,6 +18,7 @@ import select
 import threading
 import warnings
 
+from ..exceptions import StoreClosedError
 from . import arena as _arena
 
 __all__ = ["FORK_HANDOFF_SECONDS", "install"]
@@ -41,7 +42,7 @@ def _before_fork() -> None:
             continue
         try:
             arena.acquire()
-        except Exception:  # closed meanwhile: its views need nothing from us
+        except StoreClosedError:  # closed meanwhile: its views need nothing from us
             continue
         held.append(arena)
     if held:
