@@ -12,6 +12,10 @@ A producer process (this one) hands float32 arrays of 8 KB, 1 MB, 64 MB and
   to a file-backed mapping in a temporary directory on disk (``spill_dir``):
   the cost of spilling against ``/dev/shm``;
 * ``Manager().dict()``: ``d[key] = array`` / ``d[key]``;
+* ``MemoryBackend(shared_dict=Manager().dict())``, the spec's shared-dict
+  backend with its default ``store``: ``save`` / ``load`` of a ``.npy`` file,
+  where an array of 64 KiB or more goes into a store the backend made and the
+  dict holds a reference (at 8 KB the array itself goes through the dict);
 * ``multiprocessing.Queue``: ``q.put(array)`` / ``q.get()``;
 * a fresh ``multiprocessing.shared_memory.SharedMemory`` per array, filled by
   the producer and attached (zero-copy view) by the consumer;
@@ -62,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from polystore import SharedArrayStore
+from polystore import MemoryBackend, SharedArrayStore
 
 SIZES = [8 << 10, 1 << 20, 64 << 20, 512 << 20]
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "_static" / "exchange.png"
@@ -204,6 +208,30 @@ class ManagerDict(Method):
         return self.d["x"]
 
 
+class ManagerBackend(Method):
+    """The memory backend over a Manager dict, as built by default (``store="auto"``)."""
+
+    name = "MemoryBackend(Manager().dict())"
+
+    def start(self, ctx: Any) -> Any:
+        self.manager = ctx.Manager()
+        self.backend = MemoryBackend(shared_dict=self.manager.dict())
+        return self.backend
+
+    def put(self, arr: np.ndarray, i: int) -> Any:
+        self.backend.save(arr, "x.npy")
+
+    def stop(self) -> None:
+        self.backend.close()
+        self.manager.shutdown()
+
+    def open(self, arg: Any) -> None:
+        self.backend = arg
+
+    def get(self, token: Any, shape: tuple[int, ...]) -> Any:
+        return self.backend.load("x.npy")
+
+
 class Queue(Method):
     name = "multiprocessing.Queue"
     e2e_only = True
@@ -300,7 +328,8 @@ class Ray(Method):
 
 
 METHODS: list[type[Method]] = [
-    Polystore, PolystoreSpilled, Floor, ManagerDict, Queue, FreshSharedMemory, NpyMmap, Ray,
+    Polystore, PolystoreSpilled, Floor, ManagerDict, ManagerBackend, Queue, FreshSharedMemory,
+    NpyMmap, Ray,
 ]  # fmt: skip
 
 
