@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from polystore import SharedArrayStore, _shm_fast
-from polystore.shmstore import _key
+from polystore._shm.keys import key_parts
 
 MODES = {
     "noop": "abs(-1): a call that does nothing",
@@ -49,7 +49,7 @@ def consumer(store: SharedArrayStore, nbytes: int, conn: Any) -> None:
     store.get("x")  # a row in the pin table, the value's description cached
     arena = store._arena
     fast = arena.fast
-    _, kbz, h = _key("x")
+    _, kbz, h = key_parts("x")
     buf = mmap.mmap(-1, nbytes)
     count = nbytes // 4
     names = list(MODES)

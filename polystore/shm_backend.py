@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from ._shm.keys import key_parts
 from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError, os_error
 from .formats import ArraySpec, FormatRegistry
 from .memory import _META, Link, MemoryBackend
 from .paths import PathArg, as_str, virtual, virtual_parents
-from .shmstore import SharedArrayStore, _key
+from .shmstore import SharedArrayStore
 
 __all__ = ["SharedMemoryBackend", "node_id"]
 
@@ -169,7 +170,7 @@ def _ancestry(vpath: str) -> tuple[list[Any], list[tuple[Any, str]]]:
     only read.
     """
     parents = virtual_parents(vpath)
-    return [_key(p + "/") for p in parents], [(_key(p), p) for p in parents]
+    return [key_parts(p + "/") for p in parents], [(key_parts(p), p) for p in parents]
 
 
 class _Translated:
@@ -329,7 +330,7 @@ class SharedMemoryBackend(MemoryBackend):
         self._check_parents(d, create=False)
         ensure, conflicts = _ancestry(d)
         if not overwrite:
-            conflicts = [*conflicts, (_key(d), d)]
+            conflicts = [*conflicts, (key_parts(d), d)]
         moves = [(s, d, True), (_META + s, _META + d, False)]  # no metadata: none at dst either
         try:
             self._shm._move(moves, self._shm._related(None, (), ensure, conflicts))

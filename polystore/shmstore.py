@@ -47,7 +47,6 @@ import errno
 import math
 import os
 import weakref
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -55,16 +54,16 @@ import numpy as np
 import numpy.typing as npt
 
 from ._shm import arena as _shm_arena
-from ._shm import fast as _shm_fast
 from ._shm import layout as ix
 from ._shm import open as _shm_open
 from ._shm import write as _shm_write
+from ._shm.keys import check_timeout, key_parts, positive, staged
 from ._shm.read import (
     LOCK_FREE_GET,
     RETRY,
     contains_optimistic,
+    get_locked,
     get_optimistic,
-    read_meta,
     view_of,
 )
 from .exceptions import ShmFullError, StorageError, StoreClosedError
@@ -74,15 +73,6 @@ __all__ = ["EntryInfo", "SharedArrayStore"]
 
 #: memory kept in idle segments for reuse before they are unlinked
 DEFAULT_CACHE_BYTES = 1 << 30
-#: keys one update may put and remove: a change of 512 keys with the longest
-#: names journals about 4,500 of the journal's 16,384 records
-MAX_UPDATE_KEYS = 1024
-
-# Table geometry and field numbers, bound here for the hot paths.
-_EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
-_E_BLOCK, _E_MSEQ = ix.E_BLOCK, ix.E_MSEQ
-_B_SEG, _B_OFF, _S_GEN = ix.B_SEG, ix.B_OFF, ix.S_GEN
-_keys: dict[object, tuple[bytes, bytes, int]] = {}  # a cache of valid keys
 
 
 class EntryInfo(NamedTuple):
@@ -93,79 +83,6 @@ class EntryInfo(NamedTuple):
     nbytes: int
     kind: Literal["array", "bytes"]
     order: Literal["C", "F"]
-
-
-_shm_fast.set_key_cache(_keys)  # the C paths look keys up there too
-
-
-_c_key_parts = _shm_fast.key_parts
-
-
-def _key(key: object) -> tuple[bytes, bytes, int]:
-    """(key bytes, key bytes + NUL, 31-bit hash) of a valid key."""
-    found = _keys.get(key) if type(key) is str else None
-    if found is None and _c_key_parts is not None:
-        found = _c_key_parts(key)  # made and cached in C (a fraction of the cold cost)
-    if found is None:
-        kb = ix.encode_key(key)
-        found = (kb, kb + b"\0", zlib.crc32(kb) & 0x7FFFFFFF)
-        if type(key) is str:
-            if len(_keys) >= 4096:
-                _keys.clear()
-            _keys[key] = found
-    return found
-
-
-def _staged(
-    values: Mapping[str, Any] | None, remove: Iterable[str], exclude: str | None = None
-) -> tuple[list[_shm_write.Put], list[_shm_write.Parts]]:
-    """The puts and removals of :meth:`SharedArrayStore.update`, checked: (puts, removals).
-
-    Each put is (key parts, array, flags): bytes-like values become byte
-    arrays flagged F_BYTES. ``exclude``: a key that may be in neither.
-    """
-    if isinstance(remove, (str, bytes)):
-        raise TypeError(f"remove must be an iterable of keys, not one key: {remove!r}")
-    gone = remove if type(remove) is list else list(remove)
-    values = values or {}
-    if len(gone) + len(values) > MAX_UPDATE_KEYS:
-        raise ValueError(
-            f"one update changes at most {MAX_UPDATE_KEYS} keys (its undo journal must fit "
-            f"in the store's), got {len(gone) + len(values)}: split it"
-        )
-    puts = []
-    for key, value in values.items():
-        if type(value) is np.ndarray:
-            puts.append((_key(key), value, 0))
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            arr = np.frombuffer(memoryview(value).cast("B"), dtype=np.uint8)
-            puts.append((_key(key), arr, ix.F_BYTES))
-        else:
-            puts.append((_key(key), np.asarray(value), 0))
-    removals = [_key(key) for key in gone]
-    if (gone and values) or exclude is not None:  # (the steady state of a file: neither)
-        both = set(values) & set(gone)
-        if exclude is not None:
-            both |= {exclude} & (set(values) | set(gone))
-        if both:
-            raise ValueError(f"keys both put and removed in one update: {sorted(both)}")
-    return puts, removals
-
-
-def _check_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return float(timeout)
-
-
-def _positive(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
 
 
 def _reattach(directory: str, owner_pid: int, name: str) -> SharedArrayStore:
@@ -233,12 +150,12 @@ class SharedArrayStore:
             raise ValueError(f"spill_dir: a path of at most {ix.MAX_SPILL_DIR_BYTES} bytes")
         name = ix.new_store_name() if name is None else ix.check_store_name(name)
         config = {
-            "max_bytes": 0 if max_bytes is None else _positive(max_bytes, "max_bytes"),
-            "cache_bytes": _positive(cache_bytes, "cache_bytes") if cache_bytes else 0,
-            "max_keys": _positive(max_keys, "max_keys"),
-            "max_procs": _positive(max_procs, "max_procs"),
-            "max_blocks": _positive(max_blocks or 2 * max_keys, "max_blocks"),
-            "max_segs": _positive(max_segs, "max_segs"),
+            "max_bytes": 0 if max_bytes is None else positive(max_bytes, "max_bytes"),
+            "cache_bytes": positive(cache_bytes, "cache_bytes") if cache_bytes else 0,
+            "max_keys": positive(max_keys, "max_keys"),
+            "max_procs": positive(max_procs, "max_procs"),
+            "max_blocks": positive(max_blocks or 2 * max_keys, "max_blocks"),
+            "max_segs": positive(max_segs, "max_segs"),
         }
         self._init(_shm_open.create_store(where, name, config, spill), owner=True)
 
@@ -356,7 +273,7 @@ class SharedArrayStore:
         # block ready; False: nothing done, the Python path decides
         if a.fast is not None and overwrite and not self._closed and a.fast.put_small(a, key, arr):
             return
-        self._put(key, arr, 0, overwrite, _check_timeout(timeout))
+        self._put(key, arr, 0, overwrite, check_timeout(timeout))
 
     def create(
         self,
@@ -414,7 +331,7 @@ class SharedArrayStore:
         metadata and directories; see :meth:`_related`), which must not
         include ``key`` itself.
         """
-        parts = _key(key)
+        parts = key_parts(key)
         dims, dt, order = spec
         if len(dims) > ix.MAX_NDIM:
             raise ValueError(f"shape {dims} has more than {ix.MAX_NDIM} dimensions")
@@ -429,7 +346,7 @@ class SharedArrayStore:
             )
         flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
         return _shm_write.create(
-            a, key, parts, dims, dt, flags, overwrite, _check_timeout(timeout), extra
+            a, key, parts, dims, dt, flags, overwrite, check_timeout(timeout), extra
         )
 
     @staticmethod
@@ -446,7 +363,7 @@ class SharedArrayStore:
         ``conflicts``: (parts, name) of keys that must be absent
         (``FileExistsError`` naming the key otherwise).
         """
-        puts, removals = _staged(values, remove)
+        puts, removals = staged(values, remove)
         return _shm_write.Related(puts, removals, list(ensure), list(conflicts))
 
     def _remove_childless(self, key: str, name: str) -> None:
@@ -455,7 +372,7 @@ class SharedArrayStore:
         Raises:
             OSError: ``ENOTEMPTY`` naming ``name``, when a key starts with it.
         """
-        prefix = _key(key)
+        prefix = key_parts(key)
         _shm_write.commit(self._live(), [], [prefix], 0, childless=[(prefix[0], name)])
 
     def _commit(
@@ -477,7 +394,7 @@ class SharedArrayStore:
             if a.fast.put_small(a, key, related.puts[0][1], absent, tuple(related.ensure)):
                 return
         _shm_write.commit(
-            self._live(), related.puts, related.removals, _check_timeout(timeout), None,
+            self._live(), related.puts, related.removals, check_timeout(timeout), None,
             related.conflicts, None, related.ensure,
         )  # fmt: skip
 
@@ -504,7 +421,7 @@ class SharedArrayStore:
             NotShareableError: an object array.
             ShmFullError: no room (within ``timeout``); nothing was changed.
         """
-        timeout = _check_timeout(timeout)
+        timeout = check_timeout(timeout)
         gone = remove if isinstance(remove, (str, bytes)) else list(remove)  # (str: refused)
         related = self._related(values, gone)
         if related.puts or related.removals:
@@ -521,7 +438,7 @@ class SharedArrayStore:
             KeyError: ``src`` is not in the store (nothing changed).
             FileExistsError: ``overwrite=False`` and ``dst`` exists.
         """
-        source, target = _key(src), _key(dst)
+        source, target = key_parts(src), key_parts(dst)
         a = self._live()
         if src == dst:
             if src not in self:
@@ -543,7 +460,10 @@ class SharedArrayStore:
         keys = [k for m in moves for k in m[:2]]
         if len(set(keys)) != len(keys):
             raise ValueError(f"a key is named twice in one step: {sorted(keys)}")
-        parts = [(_key(src), _key(dst), src if required else None) for src, dst, required in moves]
+        parts = [
+            (key_parts(src), key_parts(dst), src if required else None)
+            for src, dst, required in moves
+        ]
         _shm_write.commit(
             self._live(), related.puts, related.removals, 0, None, related.conflicts, parts,
             related.ensure,
@@ -557,7 +477,7 @@ class SharedArrayStore:
         ``timeout`` is as for :meth:`put`.
         """
         arr = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-        self._put(key, arr, ix.F_BYTES, True, _check_timeout(timeout))
+        self._put(key, arr, ix.F_BYTES, True, check_timeout(timeout))
 
     def _put(
         self,
@@ -567,7 +487,7 @@ class SharedArrayStore:
         overwrite: bool,
         timeout: float | None = 0,
     ) -> None:
-        parts = _key(key)
+        parts = key_parts(key)
         _shm_write.put(self._live(), self._name, key, parts, arr, flags, overwrite, timeout)
 
     def delete(self, key: str) -> None:
@@ -576,7 +496,7 @@ class SharedArrayStore:
         Raises:
             KeyError: ``key`` is not in the store.
         """
-        _, kbz, h = _key(key)
+        _, kbz, h = key_parts(key)
         with self._live().locked as a:
             i, e = a.find(kbz, h)
             if e < 0:
@@ -626,7 +546,7 @@ class SharedArrayStore:
 
     def _get(self, key: str) -> tuple[np.ndarray[Any, Any], int]:
         """(read-only view, flags) of a key's value: the hot path, kept flat."""
-        _, kbz, h = _key(key)
+        _, kbz, h = key_parts(key)
         a = self._live()
         if LOCK_FREE_GET and a.slot >= 0:
             fast = a.fast
@@ -642,25 +562,10 @@ class SharedArrayStore:
             if found is not RETRY:
                 meta, b, s, gen, off = found
                 return view_of(a, meta, b, s, gen, off)
-        with a.locked:
-            e = a.find(kbz, h)[1]
-            if e < 0:
-                raise KeyError(key)
-            k = e * _EQ
-            b = a.eq[k + _E_BLOCK]
-            meta = a.meta.get(e)
-            if meta is None or meta[0] != a.eq[k + _E_MSEQ]:
-                meta = read_meta(a, e)
-                a.meta[e] = meta
-            s = gen = off = 0
-            if b >= 0:
-                if a.slot < 0:
-                    a.my_slot()
-                a.pin_add(a.pin_base + b, 1)  # pin: only this process writes its row
-                k = b * _BLK
-                s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-                gen = a.sq[s * _SEG + _S_GEN]
-        return view_of(a, meta, b, s, gen, off)
+        found = get_locked(a, kbz, h)
+        if found is None:
+            raise KeyError(key)
+        return view_of(a, *found)
 
     def info(self, key: str) -> EntryInfo:
         """Shape, dtype, size and kind of ``key``'s value, without mapping it.
@@ -668,12 +573,12 @@ class SharedArrayStore:
         Raises:
             KeyError: ``key`` is not in the store.
         """
-        _, kbz, h = _key(key)
+        _, kbz, h = key_parts(key)
         with self._live().locked as a:
             e = a.find(kbz, h)[1]
             if e < 0:
                 raise KeyError(key)
-            nbytes = a.eq[e * _EQ + ix.E_NBYTES]
+            nbytes = a.eq[e * (ix.ENT_SIZE // 8) + ix.E_NBYTES]
             dt, shape, flags = a.read_entry(e)
         return EntryInfo(
             shape,
@@ -699,7 +604,7 @@ class SharedArrayStore:
             found = a.fast.contains(key)
             if found is not None:
                 return found
-        _, kbz, h = _key(key)
+        _, kbz, h = key_parts(key)
         if LOCK_FREE_GET:
             found = contains_optimistic(a, kbz, h)
             if found is not RETRY:
@@ -748,8 +653,8 @@ class SharedArrayStore:
             ValueError: ``nbytes`` exceeds the store's ``cache_bytes``.
             ShmFullError: not enough room; nothing stays reserved.
         """
-        _positive(nbytes, "nbytes")
-        _positive(block_bytes, "block_bytes")
+        positive(nbytes, "nbytes")
+        positive(block_bytes, "block_bytes")
         a = self._live()
         if block_bytes > ix.CLASS_SIZES[-1]:
             where = f"shared array store {self._name!r}"

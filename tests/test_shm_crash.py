@@ -36,9 +36,9 @@ from polystore._shm import fast as _shm_fast
 from polystore._shm import faults
 from polystore._shm import layout as ix
 from polystore._shm.check import problems
+from polystore._shm.keys import key_parts as store_key
 from polystore._shm.tables import Tables
 from polystore.formats import array_spec
-from polystore.shmstore import _key as store_key
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polystore import SharedArrayStore, shmstore
+from polystore import SharedArrayStore
 from polystore._shm import fast as _shm_fast
+from polystore._shm import keys
 from polystore._shm import layout as ix
 from polystore._shm import write as _shm_write
 from polystore._shm.check import problems
@@ -256,7 +257,7 @@ def test_c_writes_decline_unless_the_related_keys_are_as_required(
     directory goes) absent, the keys to make (directories) present, all
     checked in the same locked section. Otherwise Python does it all.
     """
-    key = shmstore._key
+    key = keys.key_parts
     a = c_store._arena
     value = np.ones(2048, np.float32)
     c_store.put("k", value)
@@ -308,7 +309,7 @@ def test_take_and_publish_in_c_decline_what_python_must_decide(
         c_store.put(f"w{i}", np.zeros(shape, np.float32))
     for i in range(3):
         c_store.delete(f"w{i}")
-    parts = shmstore._key("new")
+    parts = keys.key_parts("new")
 
     def publish(b: int) -> bool:
         return a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0)
@@ -581,25 +582,24 @@ def test_views_made_in_c_are_the_views_python_makes(
 @given(key=st.text(min_size=0, max_size=300))
 def test_c_makes_a_keys_parts_as_python_does(key: str) -> None:
     """A key met first in C (``in``, ``get``) is cached with Python's bytes and hash."""
-    from polystore import shmstore
 
     with SharedArrayStore() as store:
         fast = store._arena.fast
         assert fast is not None
-        shmstore._keys.pop(key, None)
+        keys.key_cache.pop(key, None)
         try:  # what Python makes of it, on its own
             kb = ix.encode_key(key)
         except ValueError:  # empty, too long, or with a NUL: C leaves it to Python
-            assert fast.contains(key) is None and key not in shmstore._keys
+            assert fast.contains(key) is None and key not in keys.key_cache
             assert _shm_fast.key_parts is not None and _shm_fast.key_parts(key) is None
             return
         expected = (kb, kb + b"\0", zlib.crc32(kb) & 0x7FFFFFFF)
-        shmstore._keys.pop(key, None)
+        keys.key_cache.pop(key, None)
         found = fast.contains(key)
         if found is None:  # only a lone surrogate (not UTF-8) is left to Python
             assert any(0xD800 <= ord(ch) <= 0xDFFF for ch in key)
         else:
-            assert found is False and shmstore._keys[key] == expected
+            assert found is False and keys.key_cache[key] == expected
 
 
 @needs_c
@@ -623,7 +623,7 @@ def test_a_get_in_c_never_trusts_what_it_did_not_check(c_store: SharedArrayStore
     c_store.put("k", np.arange(6.0))
     c_store.get("k")
     a = c_store._arena
-    e = a.find(*shmstore._key("k")[1:])[1]
+    e = a.find(*keys.key_parts("k")[1:])[1]
     k = e * ix.ENT_SIZE // 8 + ix.E_MSEQ
     saved = a.eq[k]
     a.meta.clear()

@@ -14,6 +14,7 @@ import pytest
 
 from polystore import SharedArrayStore, shmstore
 from polystore._shm import fast as _shm_fast
+from polystore._shm import keys
 from polystore._shm import layout as ix
 from polystore._shm import read as _shm_read
 
@@ -138,7 +139,7 @@ def test_a_writer_inside_the_lock_sends_readers_to_the_lock() -> None:
         a.acquire()  # the counter is odd while the lock is held
         try:
             assert a.h[ix.H_WSEQ] & 1
-            _, kbz, h = shmstore._key("k")
+            _, kbz, h = keys.key_parts("k")
             seen.append(_shm_read.get_optimistic(a, kbz, h))
         finally:
             a.release()
@@ -352,12 +353,11 @@ def test_a_new_key_is_described_as_python_describes_it(
         a = store._arena
         decoded = []
         real = _shm_read.read_meta
-        monkeypatch.setattr(shmstore, "read_meta", lambda *args: decoded.append(1) or real(*args))
-        monkeypatch.setattr(_shm_read, "read_meta", shmstore.read_meta)
+        monkeypatch.setattr(_shm_read, "read_meta", lambda *args: decoded.append(1) or real(*args))
         got = store.get("new")
         assert np.array_equal(got, value)
         assert got.flags.f_contiguous == value.flags.f_contiguous and got.dtype == value.dtype
-        e = a.find(*shmstore._key("new")[1:])[1]
+        e = a.find(*keys.key_parts("new")[1:])[1]
         assert a.meta[e] == real(a, e)  # what C cached is what Python would have
         if store_paths == "c":
             assert not decoded, "the C read path left a known dtype to Python"
@@ -375,7 +375,7 @@ def test_a_description_read_across_a_write_is_not_cached(
         store.get("k")  # a pin row, and float32 decoded once
         store.put("n", np.arange(N, dtype=np.float32))
         a = store._arena
-        e = a.find(*shmstore._key("n")[1:])[1]
+        e = a.find(*keys.key_parts("n")[1:])[1]
         a.meta.pop(e)  # as in a process that did not write it
         calls: list[bool] = []
 

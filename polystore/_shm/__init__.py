@@ -4,6 +4,8 @@ Layers, each using only those below it::
 
     polystore.shmstore      SharedArrayStore: the public API, keys, lifetime
     ───────────────────────────────────────────────────────────────────────────
+    keys                    key parts (cached, shared with C) and the checks
+                            of the store's arguments
     write   read   fork     the paths: put/grow/abandon; lock-free get, pins
                             and views; forking while views are held
     fast + _fastpath*.c     the common get, small put and create in C (optional)

@@ -67,7 +67,7 @@ PyDoc_STRVAR(ctl_put_doc,
 "old block retired, every change journaled (see polystore._shm.tables).\n"
 "Returns False, having changed nothing, in every other case: for arrays of\n"
 "over small_put bytes or empty ones, when a key of absent is in the store or\n"
-"one of present is not (tuples of key parts, as shmstore._key makes them),\n"
+"one of present is not (tuples of key parts, as keys.key_parts makes them),\n"
 "while another thread of this process is in the store, while another process\n"
 "holds the lock, and when a dead lock holder left work to finish.");
 
@@ -115,7 +115,7 @@ crc32_of(const char *data, Py_ssize_t n)
     return ~crc;
 }
 
-/* The parts of a key, (bytes, bytes + NUL, 31-bit hash) as shmstore._key()
+/* The parts of a key, (bytes, bytes + NUL, 31-bit hash) as keys.key_parts()
  * makes them (a new reference): from the cache, or made here and cached for
  * a str of 1 to max_key UTF-8 bytes without NUL. NULL, without an error, for
  * anything else (the Python path validates it, and says what is wrong). */

@@ -123,7 +123,7 @@ begin_section(Ctl *c, int fd, int64_t epoch, int64_t *wseq)
 
 /* Under the store lock: whether every key of absent is absent and every key
  * of present is present. Each is NULL (nothing to check) or a tuple of key
- * parts, (bytes, bytes and NUL, hash) as polystore.shmstore._key makes them.
+ * parts, (bytes, bytes and NUL, hash) as polystore._shm.keys.key_parts makes them.
  * 0 when one is not so, or cannot be read: the caller declines, and the
  * Python path does the work in a section of its own (write.commit), which
  * removes what must go, makes what must be there and refuses what is in

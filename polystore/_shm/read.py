@@ -23,6 +23,7 @@ __all__ = [
     "LOCK_FREE_GET",
     "RETRY",
     "contains_optimistic",
+    "get_locked",
     "get_optimistic",
     "make_meta",
     "read_meta",
@@ -91,6 +92,33 @@ def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
         return RETRY
     if fresh:
         a.meta[e] = meta
+    return meta, b, s, gen, off
+
+
+def get_locked(a: _arena.Arena, kbz: bytes, h: int) -> Any:
+    """What :func:`get_optimistic` finds, under the lock: None if absent.
+
+    (meta, block, segment, generation, offset) for :func:`view_of`, the
+    block pinned by this process.
+    """
+    with a.locked:
+        e = a.find(kbz, h)[1]
+        if e < 0:
+            return None
+        k = e * _EQ
+        b = a.eq[k + _E_BLOCK]
+        meta = a.meta.get(e)
+        if meta is None or meta[0] != a.eq[k + _E_MSEQ]:
+            meta = read_meta(a, e)
+            a.meta[e] = meta
+        s = gen = off = 0
+        if b >= 0:
+            if a.slot < 0:
+                a.my_slot()
+            a.pin_add(a.pin_base + b, 1)  # pin: only this process writes its row
+            k = b * _BLK
+            s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
+            gen = a.sq[s * _SEG + _S_GEN]
     return meta, b, s, gen, off
 
 
