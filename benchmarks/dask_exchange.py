@@ -180,7 +180,8 @@ def run_cluster(workers: int, args: argparse.Namespace) -> None:
               f"{floor:.3f} s ({floor_inplace:.3f} s in place); per hand-off: Dask "
               f"{per_dask * 1e3:.1f} ms")  # fmt: skip
         for label, total, base in (
-            ("shared_result", ours, floor), ("result_array (in place)", inplace, floor_inplace)
+            ("shared_result", ours, floor),
+            ("result_array (in place)", inplace, floor_inplace),
         ):
             per = (total - base) / links
             ratio = f"{per_dask / per:.1f}x" if per > 0 else "faster than the floor"

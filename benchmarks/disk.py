@@ -102,12 +102,23 @@ def bench_large(work: str, size_mb: int, reps: int) -> list[Row]:
         if who not in overwrite:
             continue
         rows += [
-            (f"{mb} save over a file, {label}", overwrite[who] * 1e3, "np.save",
-             overwrite["raw"] * 1e3, "ms", "<= 1.10"),
-            (f"{mb} save to a new path, {label}", fresh[who] * 1e3, "np.save",
-             fresh["raw"] * 1e3, "ms", "<= 1.10"),
-            (f"{mb} load, {label}", load[who] * 1e3, "np.load", load["raw"] * 1e3, "ms",
-             "<= 1.05"),
+            (
+                f"{mb} save over a file, {label}",
+                overwrite[who] * 1e3,
+                "np.save",
+                overwrite["raw"] * 1e3,
+                "ms",
+                "<= 1.10",
+            ),
+            (
+                f"{mb} save to a new path, {label}",
+                fresh[who] * 1e3,
+                "np.save",
+                fresh["raw"] * 1e3,
+                "ms",
+                "<= 1.10",
+            ),
+            (f"{mb} load, {label}", load[who] * 1e3, "np.load", load["raw"] * 1e3, "ms", "<= 1.05"),
         ]
     return rows
 
@@ -194,8 +205,14 @@ def bench_locks(work: str, reps: int) -> list[Row]:
     )
     commit, ours, theirs = (times[k] / batch * 1e6 for k in ("commit", "file_lock", "filelock"))
     return [
-        ("commit lock (in every save), uncontended", commit, "filelock.FileLock", theirs, "us",
-         "report"),
+        (
+            "commit lock (in every save), uncontended",
+            commit,
+            "filelock.FileLock",
+            theirs,
+            "us",
+            "report",
+        ),
         ("file_lock, uncontended", ours, "filelock.FileLock", theirs, "us", "report"),
     ]
 
@@ -226,8 +243,9 @@ def _filelock_loop(path: str, n: int, poll: float) -> None:
             write_atomic(path, json.dumps(value + 1).encode())
 
 
-def _worker(loop: Callable[[str, int, float], None], path: str, n: int, poll: float,
-            go: Any, out: Any) -> None:
+def _worker(
+    loop: Callable[[str, int, float], None], path: str, n: int, poll: float, go: Any, out: Any
+) -> None:
     go.wait()
     start = time.monotonic()
     loop(path, n, poll)
@@ -269,9 +287,14 @@ def bench_contention(work: str, n: int, rounds: int = 3) -> list[Row]:
         ours = statistics.median(runs["ours"])
         for poll in (0.05, 0.001):
             rows.append(
-                (f"atomic_update_json, {procs} proc(s)", ours,
-                 f"filelock poll {poll * 1e3:g} ms", statistics.median(runs[str(poll)]),
-                 "updates/s", "report")
+                (
+                    f"atomic_update_json, {procs} proc(s)",
+                    ours,
+                    f"filelock poll {poll * 1e3:g} ms",
+                    statistics.median(runs[str(poll)]),
+                    "updates/s",
+                    "report",
+                )
             )
     return rows
 
@@ -290,8 +313,9 @@ def print_table(rows: list[Row]) -> None:
             ratio_text = f"{ratio:.3f}"
             if target.startswith("overhead"):
                 ratio_text += f" (+{ours - theirs:.0f} us)"
-        lines.append((case, f"{ours:,.1f} {unit}", peer, f"{theirs:,.1f} {unit}", ratio_text,
-                      target))
+        lines.append(
+            (case, f"{ours:,.1f} {unit}", peer, f"{theirs:,.1f} {unit}", ratio_text, target)
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for k, line in enumerate(lines):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))

@@ -239,9 +239,7 @@ def on_another_node(handle: psd.SharedArray) -> tuple[str, float, str]:
 def test_a_task_on_another_node_gets_a_copy_through_dask(client: Any) -> None:
     handle = psd.share(client, np.arange(1000, dtype=np.float64))
     first, _ = workers(client)
-    node, total, path = client.submit(
-        on_another_node, handle, workers=[first], pure=False
-    ).result()
+    node, total, path = client.submit(on_another_node, handle, workers=[first], pure=False).result()
     assert node == "another-host" and total == float(np.arange(1000).sum())
     assert not os.path.basename(path).startswith("polystore-")  # not mapped: a copy
 

@@ -144,7 +144,10 @@ def test_metadata_from_many_processes_is_all_kept(tmp_path: Path) -> None:
         for k in range(10):
             path = f"out/w{w}-{k:02d}.npy"
             assert backend.load_metadata(path) == {
-                "worker": w, "k": k, "tags": [f"w{w}", k * 0.5], "ok": True
+                "worker": w,
+                "k": k,
+                "tags": [f"w{w}", k * 0.5],
+                "ok": True,
             }
             assert np.array_equal(backend.load(path), np.full(10, w * 100 + k))
 

@@ -190,4 +190,3 @@ def test_probe_sees_side_effects(run_python: Any, tmp_path: Path) -> None:
     assert report["native_threads_after"] == report["native_threads_before"] + 1
     assert report["written"] == ["cwd/stray.txt"]
     assert "pytest" in outside_core(report)
-

@@ -141,9 +141,7 @@ def test_a_full_store_waits_for_a_consumer_to_free_room(how: str) -> None:
             store.put("more", np.ones(1 << 17))
         with pytest.raises(ShmFullError):  # nobody frees anything within the timeout
             store.put("more", np.ones(1 << 17), timeout=0.05)
-        consumer = mp.get_context("fork").Process(
-            target=_consume, args=(store.name, keys[:2], 0.2)
-        )
+        consumer = mp.get_context("fork").Process(target=_consume, args=(store.name, keys[:2], 0.2))
         consumer.start()
         try:
             if how == "put":

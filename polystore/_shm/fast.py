@@ -60,9 +60,7 @@ def make_ctl(whole: memoryview, layout: ix.Layout) -> Any:
     if not ENABLED:
         return None
     off = layout.offsets()
-    offsets = tuple(
-        off[name][0] for name in ("header", "ht", "ent", "blk", "seg", "pins", "log")
-    )
+    offsets = tuple(off[name][0] for name in ("header", "ht", "ent", "blk", "seg", "pins", "log"))
     geometry = (
         layout.ht_cap - 1, layout.max_keys, layout.max_blocks, layout.max_segs, layout.max_procs,
     )  # fmt: skip
