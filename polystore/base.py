@@ -236,7 +236,6 @@ class StorageBackend(ABC):
             return False
         return not (exts is not None and posixpath.splitext(name)[1].lower() not in exts)
 
-    @contextlib.contextmanager
     def create_array(
         self,
         path: PathArg,
@@ -247,7 +246,7 @@ class StorageBackend(ABC):
         overwrite: bool = True,
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> Iterator[Any]:
+    ) -> contextlib.AbstractContextManager[Any]:
         """Make an array to fill in place; it is stored at ``path`` when the block ends.
 
         .. code-block:: python
@@ -272,6 +271,20 @@ class StorageBackend(ABC):
             FileExistsError: ``overwrite=False`` and the file exists (when the
                 block starts, or when it ends).
         """
+        return self._made_then_saved(path, shape, dtype, order, overwrite, metadata, kwargs)
+
+    @contextlib.contextmanager
+    def _made_then_saved(
+        self,
+        path: PathArg,
+        shape: int | Sequence[int],
+        dtype: Any,
+        order: Literal["C", "F"],
+        overwrite: bool,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> Iterator[Any]:
+        """The default :meth:`create_array`: an array of this process, saved at the end."""
         from .formats import array_spec
 
         spec = array_spec(shape, dtype, order)

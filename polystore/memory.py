@@ -292,7 +292,6 @@ class MemoryBackend(StorageBackend):
         if isinstance(old, ShmRef) and old != new:
             self._drop_payload(old)
 
-    @contextlib.contextmanager
     def create_array(
         self,
         path: PathArg,
@@ -303,7 +302,7 @@ class MemoryBackend(StorageBackend):
         overwrite: bool = True,
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> Iterator[Any]:
+    ) -> contextlib.AbstractContextManager[Any]:
         """An array made in the shared store and published there (see the base class).
 
         With a shared store (and a value of at least ``shm_threshold`` bytes)
@@ -312,6 +311,19 @@ class MemoryBackend(StorageBackend):
         once the store has published it. Otherwise the array is made in
         this process and saved at the end.
         """
+        return self._made_in_store(path, shape, dtype, order, overwrite, metadata, kwargs)
+
+    @contextlib.contextmanager
+    def _made_in_store(
+        self,
+        path: PathArg,
+        shape: int | Sequence[int],
+        dtype: Any,
+        order: Literal["C", "F"],
+        overwrite: bool,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
+    ) -> Iterator[Any]:
         text = as_str(path)
         vpath = virtual(text)
         spec = array_spec(shape, dtype, order)
