@@ -379,7 +379,7 @@ class StorageBackend(ABC):
         raise MetadataNotFoundError(as_str(path))
 
     # -- links, stat, recursive delete --------------------------------------------
-    def create_symlink(self, source: Any, link: Any, *, overwrite: bool = False) -> None:
+    def create_symlink(self, source: PathArg, link: PathArg, *, overwrite: bool = False) -> None:
         """Make ``link`` a symbolic link to ``source`` (missing parents are created).
 
         ``overwrite=True`` replaces a link already at ``link``; a file or a

@@ -497,7 +497,7 @@ class DiskBackend(StorageBackend):
     # -- links and stat ----------------------------------------------------------
     supports_symlinks = True
 
-    def create_symlink(self, source: Any, link: Any, *, overwrite: bool = False) -> None:
+    def create_symlink(self, source: PathArg, link: PathArg, *, overwrite: bool = False) -> None:
         """A relative link, so the tree can move; ``source`` may be a directory.
 
         With ``root``, both ``source`` and the link must lie inside it

@@ -241,7 +241,7 @@ class FileManager:
         source_path="source", symlink_path="link", overwrite_symlinks_only="overwrite"
     )
     def create_symlink(
-        self, source: Any, link: Any, backend: str, *, overwrite: bool = False
+        self, source: PathArg, link: PathArg, backend: str, *, overwrite: bool = False
     ) -> None:
         """Make ``link`` a symbolic link to the file ``source`` (disk, memory, shm).
 

@@ -538,7 +538,7 @@ class MemoryBackend(StorageBackend):
                 raise os_error(FileNotFoundError, text, "the link leads nowhere") from None
         return hops, value
 
-    def create_symlink(self, source: Any, link: Any, *, overwrite: bool = False) -> None:
+    def create_symlink(self, source: PathArg, link: PathArg, *, overwrite: bool = False) -> None:
         """Links lead to files: a directory as ``source`` raises ``IsADirectoryError``."""
         src_text, link_text = as_str(source), as_str(link)
         src, dst = virtual(src_text), virtual(link_text)
