@@ -186,10 +186,6 @@ class MemoryBackend(StorageBackend):
         )
 
     # -- helpers ------------------------------------------------------------
-    @staticmethod
-    def _vpath(path: PathArg) -> str:
-        return virtual(as_str(path))
-
     def _kind_of(self, vpath: str) -> Kind | None:
         if vpath == "/":
             return "dir"
@@ -415,7 +411,7 @@ class MemoryBackend(StorageBackend):
         return _frozen(value)
 
     def kind(self, path: PathArg) -> Kind | None:
-        return self._kind_of(self._vpath(path))
+        return self._kind_of(virtual(path))
 
     def _children(self, vpath: str) -> Iterable[tuple[str, bool]]:
         """(name, is_dir) of the direct children of a directory, unsorted."""
@@ -558,7 +554,7 @@ class MemoryBackend(StorageBackend):
         self._data.update(updates)
 
     def is_symlink(self, path: PathArg) -> bool:
-        return isinstance(self._data.get(self._vpath(path)), Link)
+        return isinstance(self._data.get(virtual(path)), Link)
 
     def stat(self, path: PathArg) -> StatResult:
         """Size and modification time are not recorded in memory (``None``)."""

@@ -136,11 +136,6 @@ def _as_array(data: Any, path: str) -> np.ndarray[Any, Any]:
     return array
 
 
-def _check_metadata(metadata: Any) -> dict[str, Any] | None:
-    """Refuse metadata that is not a JSON object; return it as JSON reads it back."""
-    return normalize_metadata(metadata, "metadata")
-
-
 class ZarrBackend(StorageBackend):
     """Arrays in zarr hierarchies (zarr-python 3), with safe concurrent region writes.
 
@@ -373,7 +368,7 @@ class ZarrBackend(StorageBackend):
                 f"it takes region, shape, dtype and zarr's {', '.join(sorted(_CREATE_OPTIONS))}"
             )
         hierarchy, key, text = self._locate(path)
-        attributes = _check_metadata(metadata)
+        attributes = normalize_metadata(metadata, "metadata")
         array = _as_array(data, text)
         if region is None:
             if shape is not None or dtype is not None:
