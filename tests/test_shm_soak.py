@@ -2,7 +2,8 @@
 
 Writers put or create in place (small, large and mixed sizes, some through
 the C fast path and some through Python), delete random keys, and change
-pairs of keys together (``update``: a value and its "metadata") until the
+pairs of keys together (``update``: a value and its "metadata"; the shm
+backends' removal of a file with its metadata) until the
 test kills them, after a random delay, and starts another. After each kill
 every pair must still be a pair: its metadata absent or of its value's
 version, never without its value. A reader process meanwhile reads every
@@ -77,8 +78,10 @@ def _writer(name: str, seed: int, use_c: bool) -> None:  # pragma: no cover - ki
                 store.update({key: _value(kid, version, n), meta: tag})
             elif roll < 0.32:
                 store.update({key: _value(kid, version, n)}, remove=[meta])
-            else:
+            elif roll < 0.335:
                 store.update(remove=[key, meta])
+            else:  # a file's delete on the shm backends: the value, and its metadata with it
+                store._remove_with(key, meta)
         elif roll < 0.55:  # made in place: taken, filled, published (C or Python)
             with store.create(KEYS[kid], rng.choice(sizes), np.int64) as out:
                 out.fill(version)
