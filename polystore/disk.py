@@ -51,6 +51,7 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from . import _sidecar
+from ._args import check_timeout
 from ._atomic import TEMP_PREFIX, fsync_dir, link_new, remove_quietly, write_temp
 from .base import Kind, StatResult, StorageBackend, check_link_names
 from .exceptions import (
@@ -160,9 +161,7 @@ class DiskBackend(StorageBackend):
         self.root = None if root is None else os.path.realpath(as_str(root, "root"))
         self.formats = formats if formats is not None else default_formats()
         self.fsync = bool(fsync)
-        if lock_timeout is not None and not float(lock_timeout) >= 0:
-            raise ValueError(f"lock_timeout must be >= 0 or None, got {lock_timeout!r}")
-        self.lock_timeout = None if lock_timeout is None else float(lock_timeout)
+        self.lock_timeout = check_timeout(lock_timeout, "lock_timeout")
 
     def __repr__(self) -> str:
         return f"DiskBackend(root={self.root!r})"

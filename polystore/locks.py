@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from ._args import check_timeout
 from ._atomic import TEMP_PREFIX, remove_quietly, write_atomic
 from ._renamed import IGNORED, renamed_keywords
 from .exceptions import LockTimeoutError, UnsupportedFormatError
@@ -249,15 +250,6 @@ def release(fd: int, path: str, *, shared: bool = False, removable: bool = True)
         os.close(fd)
 
 
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    timeout = float(timeout)
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
-    return timeout
-
-
 @renamed_keywords(poll_interval=IGNORED)  # the original's; the wait backs off by itself
 @contextlib.contextmanager
 def file_lock(
@@ -288,7 +280,7 @@ def file_lock(
         >>> with file_lock("results/summary.json", timeout=10):  # doctest: +SKIP
         ...     update_the_summary()
     """
-    wait = _check_timeout(timeout)
+    wait = check_timeout(timeout)
     target = lock_path(path)
     fd = acquire(target, wait, shared=shared, name=as_str(path))
     try:

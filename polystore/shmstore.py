@@ -53,11 +53,12 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from ._args import check_timeout, positive
 from ._shm import arena as _shm_arena
 from ._shm import layout as ix
 from ._shm import open as _shm_open
 from ._shm import write as _shm_write
-from ._shm.keys import check_timeout, key_parts, positive, staged
+from ._shm.keys import key_parts, staged
 from ._shm.read import (
     LOCK_FREE_GET,
     RETRY,

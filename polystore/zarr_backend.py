@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 
+from ._args import check_seconds
 from ._zarr_regions import ChunkLocks, as_shape, check_layout, write_region
 from ._zarr_tree import Hierarchy, LocalTree, Locator, canonical, publish
 from .base import Kind, StorageBackend
@@ -189,7 +190,7 @@ class ZarrBackend(StorageBackend):
             raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
         self._root = None if root is None else canonical(as_str(root, "root"))
         self._lock_dir = None if lock_dir is None else os.path.abspath(as_str(lock_dir, "lock_dir"))
-        self._lock_timeout = float(lock_timeout)
+        self._lock_timeout = check_seconds(lock_timeout, "lock_timeout")
         self._zarr_format = zarr_format
         self._storage_options = dict(storage_options or {})
         self._locator = Locator(self._root, zarr_format, self._storage_options)

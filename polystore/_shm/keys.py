@@ -3,8 +3,8 @@
 A key travels through the engine as its *parts*: ``(bytes, bytes + NUL,
 31-bit hash)``, as the index stores and finds it. Making them costs an
 encode and a CRC, so the parts of recent keys are cached, in one dict that
-the C paths read too. The rest checks what a caller hands the store before
-anything is taken: the values and removals of one update, timeouts, sizes.
+the C paths read too. :func:`staged` checks the values and removals of one
+update before anything is taken.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import layout as ix
 if TYPE_CHECKING:
     from .write import Parts, Put
 
-__all__ = ["MAX_UPDATE_KEYS", "check_timeout", "key_cache", "key_parts", "positive", "staged"]
+__all__ = ["MAX_UPDATE_KEYS", "key_cache", "key_parts", "staged"]
 
 #: keys one update may put and remove: a change of 512 keys with the longest
 #: names journals about 4,500 of the journal's 16,384 records
@@ -86,26 +86,3 @@ def staged(
         if both:
             raise ValueError(f"keys both put and removed in one update: {sorted(both)}")
     return puts, removals
-
-
-def check_timeout(timeout: object) -> float | None:
-    """``timeout`` as seconds (``None``: wait as long as it takes).
-
-    Raises:
-        TypeError: not a number (``bool`` included) or ``None``.
-        ValueError: negative or NaN.
-    """
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
-    if not timeout >= 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return float(timeout)
-
-
-def positive(value: object, what: str) -> int:
-    """``value``, an ``int`` above zero (``ValueError`` naming ``what`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return value
