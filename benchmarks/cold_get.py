@@ -1,7 +1,7 @@
 """What the first ``get`` after a large hand-off costs, taken apart.
 
 Run: ``python benchmarks/cold_get.py`` (about 10 seconds; ``--help`` for the
-options). Needs the C fast path (``polystore._shm_fast.AVAILABLE``).
+options). Needs the C fast path (``polystore._shm.fast.ENABLED``).
 
 ``exchange.py`` times the first ``get`` in the consumer right after the
 producer copied a large array: the copy has flushed the caches both cores
@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from polystore import SharedArrayStore, _shm_fast
+from polystore import SharedArrayStore
+from polystore._shm import fast as _shm_fast
 from polystore._shm.keys import key_parts
 
 MODES = {

@@ -81,3 +81,23 @@ def test_a_failed_c_build_says_so_once(
     err = capsys.readouterr().err
     assert err.count("the optional C fast path could not be built") == 1
     assert "no C compiler here" in err and "python -m polystore info" in err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")), ids=str
+)
+def test_every_benchmark_imports_and_takes_help(script: str) -> None:
+    # Benchmarks are not run by the suite, so a rename in the package could
+    # break one unseen (cold_get.py imported a module that had moved).
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
