@@ -85,6 +85,12 @@ class StorageBackend(ABC):
     arrays_under_any_name: bool = False
     #: whether :meth:`create_symlink` makes links (to files, on every such backend)
     supports_symlinks: bool = False
+    #: keyword options that :meth:`save` and :meth:`create_array` (``save_options``)
+    #: and :meth:`load` (``load_options``) take here besides those of the file's
+    #: format; anything else is refused with ``TypeError`` (see
+    #: :class:`~polystore.formats.Format`). ``None`` declares nothing: no check.
+    save_options: frozenset[str] | None = None
+    load_options: frozenset[str] | None = None
 
     @property
     def extensions(self) -> frozenset[str]:
@@ -290,13 +296,48 @@ class StorageBackend(ABC):
         spec = array_spec(shape, dtype, order)
         self._check_new_file(path, overwrite)
         formats = getattr(self, "formats", None)
-        if formats is not None:  # a format that takes no array fails now, not after the work
+        fmt = None if formats is None else formats.for_path(as_str(path))
+        # Options that saving would refuse, and a format that takes no array,
+        # fail now, not after the work.
+        self._check_options(
+            kwargs, frozenset() if fmt is None else fmt.save_options, "save", as_str(path)
+        )
+        if fmt is not None:
             probe = np.empty((0,) * len(spec.shape), spec.dtype)
-            formats.for_path(as_str(path)).normalize(probe, as_str(path), **kwargs)
+            fmt.normalize(probe, as_str(path), **kwargs)
         arr = np.empty(spec.shape, spec.dtype, order=spec.order)
         yield arr
         arr.flags.writeable = False
         self.save(arr, path, overwrite=overwrite, metadata=metadata, **kwargs)
+
+    def _check_options(
+        self,
+        kwargs: dict[str, Any],
+        theirs: frozenset[str] | None,
+        op: Literal["save", "load"],
+        text: str,
+    ) -> None:
+        """Refuse a keyword option that neither this backend nor the format takes.
+
+        ``theirs``: the options of the file's format (``Format.save_options``
+        or ``load_options``); ``None``, undeclared, passes every option on.
+
+        Raises:
+            TypeError: naming the options refused and those taken.
+        """
+        if not kwargs:
+            return
+        own = self.save_options if op == "save" else self.load_options
+        if own is None or theirs is None:
+            return
+        taken = own | theirs | {"allow_pickle"}  # (every format takes allow_pickle)
+        unknown = set(kwargs) - taken
+        if unknown:
+            named = "overwrite, metadata, " if op == "save" else ""
+            raise TypeError(
+                f"{type(self).__name__}.{op}() of {text!r} got unexpected keyword arguments "
+                f"{sorted(unknown)}; it takes {named}{', '.join(sorted(taken))}"
+            )
 
     def _check_new_file(self, path: PathArg, overwrite: bool) -> None:
         """Refuse, before any work, what saving at ``path`` would refuse at the end."""

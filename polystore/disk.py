@@ -149,6 +149,8 @@ class DiskBackend(StorageBackend):
     """
 
     name = "disk"
+    save_options: frozenset[str] | None = frozenset({"fsync"})
+    load_options: frozenset[str] | None = frozenset({"mmap_mode"})
 
     def __init__(
         self,
@@ -299,6 +301,8 @@ class DiskBackend(StorageBackend):
         text = as_str(path)
         target = self._resolve(text)
         fmt = self.formats.for_path(text)
+        if kwargs:
+            self._check_options(kwargs, fmt.save_options, "save", text)
         value = _prepare(fmt, data, text, kwargs)
         meta = normalize_metadata(metadata, text)
         self._check_target(target, text, overwrite)
@@ -384,6 +388,8 @@ class DiskBackend(StorageBackend):
             if self._kind_of(source) == "dir":
                 raise os_error(IsADirectoryError, text) from None
             raise
+        if kwargs:
+            self._check_options(kwargs, fmt.load_options, "load", text)
         mmap_mode = kwargs.pop("mmap_mode", None)
         if mmap_mode is not None and (type(fmt) is not NpyFormat or mmap_mode == "w+"):
             raise UnsupportedFormatError(text, reason="mmap_mode 'r', 'r+' or 'c' needs .npy")

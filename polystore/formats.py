@@ -102,10 +102,20 @@ def npy_header(spec: ArraySpec) -> bytes:
 
 
 class Format:
-    """One kind of stored value. Subclasses set ``name`` and ``extensions``."""
+    """One kind of stored value. Subclasses set ``name`` and ``extensions``.
+
+    ``save_options`` and ``load_options`` name the keyword options its
+    ``normalize``/``write`` and its ``read`` take, besides ``allow_pickle``,
+    which every format takes (where nothing is pickled it changes nothing).
+    The backends refuse any other option with ``TypeError``, so a misspelt
+    one (``metdata=``) is not silently dropped. ``None`` (the default, for a
+    format of your own) declares nothing, and every option is passed on.
+    """
 
     name: str = ""
     extensions: tuple[str, ...] = ()
+    save_options: frozenset[str] | None = None
+    load_options: frozenset[str] | None = None
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
         """Check ``data`` and return a private copy of it in its loaded form.
@@ -141,6 +151,8 @@ class NpyFormat(Format):
 
     name = "npy"
     extensions = (".npy",)
+    save_options: frozenset[str] | None = frozenset()
+    load_options: frozenset[str] | None = frozenset()
 
     def normalize(
         self, data: Any, path: str, allow_pickle: bool = False, copy: bool = True, **kwargs: Any
@@ -169,6 +181,8 @@ class NpzFormat(Format):
 
     name = "npz"
     extensions = (".npz",)
+    save_options: frozenset[str] | None = frozenset({"compressed"})
+    load_options: frozenset[str] | None = frozenset()
 
     def normalize(
         self, data: Any, path: str, allow_pickle: bool = False, copy: bool = True, **kwargs: Any
@@ -211,6 +225,8 @@ class JsonFormat(Format):
 
     name = "json"
     extensions = (".json",)
+    save_options: frozenset[str] | None = frozenset({"indent"})
+    load_options: frozenset[str] | None = frozenset()
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
         try:
@@ -249,6 +265,8 @@ class TextFormat(Format):
 
     name = "txt"
     extensions = (".txt",)
+    save_options: frozenset[str] | None = frozenset()
+    load_options: frozenset[str] | None = frozenset()
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
         if not isinstance(data, str):
@@ -270,6 +288,8 @@ class BytesFormat(Format):
 
     name = "bytes"
     extensions = (".bin", ".raw")
+    save_options: frozenset[str] | None = frozenset()
+    load_options: frozenset[str] | None = frozenset()
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
         if isinstance(data, str) or not isinstance(data, (bytes, bytearray, memoryview)):
@@ -290,6 +310,8 @@ class TiffFormat(Format):
 
     name = "tiff"
     extensions = (".tif", ".tiff")
+    save_options: frozenset[str] | None = frozenset()
+    load_options: frozenset[str] | None = frozenset()
 
     @staticmethod
     def _tifffile(path: str) -> Any:

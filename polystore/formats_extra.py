@@ -49,6 +49,8 @@ class CsvFormat(Format):
 
     name = "csv"
     extensions = (".csv",)
+    save_options: frozenset[str] | None = frozenset()
+    load_options: frozenset[str] | None = frozenset()
 
     def normalize(self, data: Any, path: str, **kwargs: Any) -> Any:
         if isinstance(data, np.ndarray):
@@ -154,6 +156,8 @@ class TorchFormat(Format):
 
     name = "torch"
     extensions = (".pt", ".pth")
+    save_options: frozenset[str] | None = frozenset()
+    load_options: frozenset[str] | None = frozenset({"map_location"})
 
     def normalize(self, data: Any, path: str, copy: bool = True, **kwargs: Any) -> Any:
         torch = _torch(path)

@@ -124,6 +124,8 @@ class MemoryBackend(StorageBackend):
     """
 
     name = "memory"
+    save_options: frozenset[str] | None = frozenset({"timeout"})
+    load_options: frozenset[str] | None = frozenset()
 
     def __init__(
         self,
@@ -247,6 +249,8 @@ class MemoryBackend(StorageBackend):
         text = as_str(path)
         vpath = virtual(text)
         fmt = self.formats.for_path(text)
+        if kwargs:
+            self._check_options(kwargs, fmt.save_options, "save", text)
         timeout = kwargs.pop("timeout", 0)  # waiting for room in shared memory
         value = fmt.normalize(data, text, copy=False, **kwargs)
         meta = normalize_metadata(metadata, text)
@@ -397,6 +401,8 @@ class MemoryBackend(StorageBackend):
             if self._kind_of(vpath) == "dir":
                 raise os_error(IsADirectoryError, text) from None
             raise
+        if kwargs:
+            self._check_options(kwargs, fmt.load_options, "load", text)
         try:
             value = self._data[vpath]
         except KeyError:

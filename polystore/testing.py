@@ -191,6 +191,26 @@ class BackendTests(ProcessBoundaryTests, CreateArrayTests, LinkTests):
             backend.save(objects, "obj.npy")
         assert not backend.exists("obj.npy")
 
+    def test_a_misspelt_option_is_refused_not_dropped(self, backend: StorageBackend) -> None:
+        # metdata= or overwrit= silently ignored would lose metadata or
+        # overwrite a file: every backend refuses what it does not take.
+        backend.save(np.zeros(2), "opt.npy")
+        with pytest.raises(TypeError, match="overwrit"):
+            backend.save(np.ones(2), "opt.npy", overwrit=False)
+        with pytest.raises(TypeError, match="metdata"):
+            backend.save(np.ones(2), "new.npy", metdata={"a": 1})
+        assert not backend.exists("new.npy")
+        assert_same_value(backend.load("opt.npy"), np.zeros(2))
+        with pytest.raises(TypeError, match="allow_pickel"):
+            backend.load("opt.npy", allow_pickel=True)
+        with (
+            pytest.raises(TypeError, match="metdata"),
+            backend.create_array("made.npy", 2, metdata={"a": 1}),
+        ):
+            raise AssertionError("the block must not start")
+        assert not backend.exists("made.npy")
+        backend.load("opt.npy", allow_pickle=True)  # taken everywhere
+
     def test_unknown_extension(self, backend: StorageBackend) -> None:
         if backend.arrays_under_any_name:
             pytest.skip("backend stores arrays under any name")

@@ -170,6 +170,8 @@ class ZarrBackend(StorageBackend):
     """
 
     name = "zarr"
+    save_options: frozenset[str] | None = _CREATE_OPTIONS | {"region", "shape", "dtype"}
+    load_options: frozenset[str] | None = frozenset({"lazy"})
     arrays_under_any_name = True
 
     @property
@@ -289,11 +291,10 @@ class ZarrBackend(StorageBackend):
             FileNotFoundError: no array is at ``path``.
             IsADirectoryError: ``path`` is a group.
         """
+        hierarchy, key, text = self._locate(path)
+        self._check_options(kwargs, frozenset(), "load", text)
         lazy = bool(kwargs.pop("lazy", False))
         kwargs.pop("allow_pickle", None)  # zarr stores no pickles, so there is nothing to allow
-        if kwargs:
-            raise TypeError(f"ZarrBackend.load() got unexpected keyword arguments {sorted(kwargs)}")
-        hierarchy, key, text = self._locate(path)
         kind = hierarchy.kind(key)
         if kind is None:
             raise os_error(FileNotFoundError, text)
@@ -358,16 +359,11 @@ class ZarrBackend(StorageBackend):
             ValueError: the region does not fit the array, or the existing
                 array's shape, dtype or chunks differ from those asked for.
         """
+        self._check_options(kwargs, frozenset(), "save", as_str(path))
         region = kwargs.pop("region", None)
         shape = kwargs.pop("shape", None)
         dtype = kwargs.pop("dtype", None)
-        kwargs.pop("allow_pickle", None)
-        unknown = set(kwargs) - _CREATE_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"ZarrBackend.save() got unexpected keyword arguments {sorted(unknown)}; "
-                f"it takes region, shape, dtype and zarr's {', '.join(sorted(_CREATE_OPTIONS))}"
-            )
+        kwargs.pop("allow_pickle", None)  # zarr stores no pickles, so there is nothing to allow
         hierarchy, key, text = self._locate(path)
         attributes = normalize_metadata(metadata, "metadata")
         array = _as_array(data, text)
