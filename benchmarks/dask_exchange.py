@@ -150,7 +150,7 @@ def run_cluster(workers: int, args: argparse.Namespace) -> None:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # any free port: clusters run side by side
             worker_dashboard_address=None,
             host="127.0.0.1",
         ) as cluster,

@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_workers=2,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",  # any free port: clusters run side by side
             worker_dashboard_address=None,
             host="127.0.0.1",
         ) as cluster,

@@ -240,7 +240,7 @@ def test_dask_local_cluster(tmp_path: Path) -> None:
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                dashboard_address="127.0.0.1:0",  # any free port: clusters run side by side
                 worker_dashboard_address=None,
                 env={"POLYSTORE_NODE_ID": "another-machine"},
             ) as cluster,
