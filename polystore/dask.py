@@ -48,10 +48,16 @@ only attach to it.
   store itself, and so every segment, goes when the client closes.
 
 The handle Dask holds is the owner of a result, so a result lives as long as
-its key on the worker that computed it. Dask moving the key off that worker
-(``rebalance``, retiring the worker, spilling the handle to disk, which its
-small size makes unlikely) drops the owner early: copies elsewhere then raise
-:class:`~polystore.exceptions.SharedValueReleasedError` on ``get()``.
+its key on the worker that computed it. Dask's active memory manager, on by
+default, drops extra replicas of a key every two seconds, and would pick the
+owner's as soon as a consumer on another worker holds a copy: :func:`install`
+therefore replaces its ``ReduceReplicas`` policy on the scheduler with one
+that leaves handles alone (a handle is a few hundred bytes), which needs
+polystore importable on the scheduler too. Dask moving the key off that
+worker otherwise (``rebalance``, retiring the worker, spilling the handle to
+disk, which its small size makes unlikely) drops the owner early: copies
+elsewhere then raise :class:`~polystore.exceptions.SharedValueReleasedError`
+on ``get()``.
 
 **More than one host.** A handle carries the node it lives on
 (:func:`polystore.shm_backend.node_id`, which ``POLYSTORE_NODE_ID``
@@ -264,7 +270,7 @@ def _client_store(client: Any) -> SharedArrayStore:
     store = _owned.get(client.id)
     if store is not None and not store.closed:
         return store
-    from ._dask import StorePlugin
+    from ._dask import StorePlugin, keep_handle_replicas
     from .shmstore import SharedArrayStore
 
     store = SharedArrayStore()
@@ -272,6 +278,8 @@ def _client_store(client: Any) -> SharedArrayStore:
     _close_with(client, store)
     plugin = StorePlugin(store.name, store.directory, node_id())
     client.register_plugin(plugin, name=_plugin_name(store))
+    # The memory manager must not drop the owner's replica of a result.
+    client.run_on_scheduler(keep_handle_replicas)
     return store
 
 
@@ -512,7 +520,11 @@ def shared_result(func: F) -> F:
 
 
 def install(client: Any) -> None:
-    """Create ``client``'s store now and tell its workers, so :func:`shared_result` works."""
+    """Create ``client``'s store now and tell its workers, so :func:`shared_result` works.
+
+    Also keeps the scheduler's active memory manager from dropping the replica
+    of a result that owns its value (see the module docs).
+    """
     _client_store(client)
 
 

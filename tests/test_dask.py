@@ -146,6 +146,39 @@ def test_broadcast_maps_one_copy_in_every_worker(client: Any) -> None:
     np.testing.assert_array_equal(handle.get(), array)
 
 
+def read_when_told(handle: psd.SharedArray, event_name: str) -> float:
+    distributed.Event(event_name).wait(30)
+    return float(handle.get().sum())
+
+
+def test_the_memory_manager_leaves_a_handle_with_its_owner(client: Any) -> None:
+    """Dask's active memory manager drops the extra replicas of a key, every 2 s by
+    default, and never on a worker where a task waiting for the key runs: here the
+    one that made the value, whose handle owns it. Installing keeps handles out of it."""
+    first, second = workers(client)
+    produced = client.submit(ramp, 1_000, workers=[first], pure=False)
+    event = f"go-{os.getpid()}-{time.monotonic_ns()}"
+    consumed = client.submit(read_when_told, produced, event, workers=[second], pure=False)
+    wait_for(lambda: len(client.who_has(produced).get(produced.key, ())) == 2, "the copy")
+    client.amm.run_once()  # (without install(): drops the first worker's, the owner's)
+    time.sleep(0.5)
+    distributed.Event(event).set()
+    assert consumed.result(timeout=30) == float(np.arange(1_000).sum())
+
+
+def policies(dask_scheduler: Any) -> list[str]:
+    return sorted(type(p).__name__ for p in dask_scheduler.extensions["amm"].policies)
+
+
+def test_other_keys_still_lose_their_extra_replicas(client: Any) -> None:
+    assert client.run_on_scheduler(policies) == ["KeepHandleReplicas"]
+    plain = client.submit(np.arange, 1_000, workers=[workers(client)[0]], pure=False)
+    client.replicate([plain])
+    wait_for(lambda: len(client.who_has(plain).get(plain.key, ())) == 2, "the replica")
+    client.amm.run_once()
+    wait_for(lambda: len(client.who_has(plain).get(plain.key, ())) == 1, "one replica dropped")
+
+
 def test_hand_off_between_workers_and_freed_when_dask_forgets(client: Any) -> None:
     first, second = workers(client)
     produced = client.submit(ramp, 50_000, workers=[first], pure=False)
