@@ -277,10 +277,10 @@ class StorageBackend(ABC):
             FileExistsError: ``overwrite=False`` and the file exists (when the
                 block starts, or when it ends).
         """
-        return self._made_then_saved(path, shape, dtype, order, overwrite, metadata, kwargs)
+        return self._create_block(path, shape, dtype, order, overwrite, metadata, kwargs)
 
     @contextlib.contextmanager
-    def _made_then_saved(
+    def _create_block(
         self,
         path: PathArg,
         shape: int | Sequence[int],
@@ -290,7 +290,10 @@ class StorageBackend(ABC):
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> Iterator[Any]:
-        """The default :meth:`create_array`: an array of this process, saved at the end."""
+        """The context manager :meth:`create_array` returns (overridable).
+
+        This default: an array of this process, saved when the block ends.
+        """
         from .formats import array_spec
 
         spec = array_spec(shape, dtype, order)

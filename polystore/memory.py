@@ -292,29 +292,8 @@ class MemoryBackend(StorageBackend):
         if isinstance(old, ShmRef) and old != new:
             self._drop_payload(old)
 
-    def create_array(
-        self,
-        path: PathArg,
-        shape: int | Sequence[int],
-        dtype: Any = float,
-        *,
-        order: Literal["C", "F"] = "C",
-        overwrite: bool = True,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> contextlib.AbstractContextManager[Any]:
-        """An array made in the shared store and published there (see the base class).
-
-        With a shared store (and a value of at least ``shm_threshold`` bytes)
-        the array is the stored value itself: it is made with
-        :meth:`SharedArrayStore.create`, and the file appears in the tree
-        once the store has published it. Otherwise the array is made in
-        this process and saved at the end.
-        """
-        return self._made_in_store(path, shape, dtype, order, overwrite, metadata, kwargs)
-
     @contextlib.contextmanager
-    def _made_in_store(
+    def _create_block(
         self,
         path: PathArg,
         shape: int | Sequence[int],
@@ -324,6 +303,10 @@ class MemoryBackend(StorageBackend):
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
     ) -> Iterator[Any]:
+        # With a shared store (and a value of at least shm_threshold bytes)
+        # the array is the stored value itself, made with
+        # SharedArrayStore.create; the file appears in the tree once the
+        # store has published it. Otherwise as the base class does.
         text = as_str(path)
         vpath = virtual(text)
         spec = array_spec(shape, dtype, order)
@@ -331,8 +314,8 @@ class MemoryBackend(StorageBackend):
         store = self._in_place_store(spec.nbytes)
         in_place = not set(kwargs) - {"timeout"}
         if store is None or type(self.formats.for_path(text)) is not NpyFormat or not in_place:
-            with super().create_array(
-                path, shape, dtype, order=order, overwrite=overwrite, metadata=metadata, **kwargs
+            with super()._create_block(
+                path, shape, dtype, order, overwrite, metadata, kwargs
             ) as arr:
                 yield arr
             return
