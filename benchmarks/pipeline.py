@@ -15,7 +15,9 @@ in one run:
 polystore runs as the example does: it reserves the pipeline's working set
 of shared memory before the clock starts (``SharedArrayStore.reserve``) and
 its workers map that memory as they start (``FileManagerFactory(...,
-premap=True)``); a second polystore run without either shows what they save.
+premap=True)``); a second polystore run without either shows what they save,
+and a third runs on a ``ProcessPoolExecutor`` instead of the example's
+``StagePool``, to show what the standard pool's cost per task adds.
 
 Targets (the stages compute straight into shared memory with
 ``create_array``, so a hand-off copies nothing): polystore >= 20x faster than
@@ -46,15 +48,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import mmap
 import multiprocessing
+import os
+import queue
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,10 +177,9 @@ def no_handoff_seconds(
     """
     parent = _NoHandOff(plan.side)
     times = []
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_no_handoff_worker, initargs=(plan.side, shared)
+    with pipeline.StagePool(
+        workers, context, functools.partial(_no_handoff_worker, plan.side, shared)
     ) as pool:
-        pipeline.start_workers(pool, workers)
         for _ in range(repeat + 1):
             start = time.perf_counter()
             pipeline.stream(pool, parent, plan, window=4 * workers, progress=False)
@@ -225,18 +229,70 @@ def ideal_seconds(plan: Any, workers: int, context: Any, repeat: int) -> float:
         (i, min(plan.group, plan.images - i), plan.side) for i in range(0, plan.images, plan.group)
     ]
     times = []
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pipeline.start_workers(pool, workers)
-        list(pool.map(_ideal_group, groups))
-        for _ in range(repeat):
+    with pipeline.StagePool(workers, context) as pool:
+        for run in range(repeat + 1):
             start = time.perf_counter()
-            list(pool.map(_ideal_group, groups))
-            times.append(time.perf_counter() - start)
+            for group in groups:
+                pool.submit(_ideal_group, group)
+            for _ in groups:
+                pool.next_result()
+            if run:
+                times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+class _OnExecutor:
+    """A ``ProcessPoolExecutor`` behind the two calls of the example's ``StagePool``.
+
+    For the row that runs the example's pipeline on the standard pool, to
+    show what its cost per task adds.
+    """
+
+    def __init__(self, pool: ProcessPoolExecutor) -> None:
+        self.pool = pool
+        self.done: queue.SimpleQueue[tuple[int, Future[Any]]] = queue.SimpleQueue()
+        self.count = 0
+
+    def submit(self, function: Any, args: Any) -> int:
+        self.count += 1
+        token = self.count
+        self.pool.submit(function, args).add_done_callback(lambda f: self.done.put((token, f)))
+        return token
+
+    def next_result(self) -> tuple[int, Any]:
+        token, future = self.done.get()
+        return token, future.result()
+
+
+def _pid_after_nap(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@contextlib.contextmanager
+def _pool(factory: FileManagerFactory, workers: int, context: Any, executor: bool) -> Iterator[Any]:
+    """The example's ``StagePool``, or (``executor``) a ``ProcessPoolExecutor`` in its shape.
+
+    Either has run ``factory.initializer`` in every worker when it is handed out.
+    """
+    if not executor:
+        with pipeline.StagePool(workers, context, factory.initializer) as stages:
+            yield stages
+        return
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=factory.initializer) as pool:
+        seen: set[int] = set()
+        while len(seen) < workers:  # a process that is still starting holds back a pass
+            seen.update(pool.map(_pid_after_nap, [0.02] * (2 * workers)))
+        yield _OnExecutor(pool)
+
+
 def two_passes(
-    factory: FileManagerFactory, plan: Any, workers: int, context: Any, setup: list[float]
+    factory: FileManagerFactory,
+    plan: Any,
+    workers: int,
+    context: Any,
+    setup: list[float],
+    executor: bool = False,
 ) -> tuple[float, float, np.ndarray]:
     """Run the pipeline twice on one pool: (first pass s, second pass s, result).
 
@@ -244,11 +300,11 @@ def two_passes(
     have mapped nothing yet. The second pass is the steady state of a
     long-running pipeline: the same workers, memory recycled. The time the
     pool takes to start (with the workers' premap, if any) goes to ``setup``.
+    ``executor``: on a ``ProcessPoolExecutor`` instead of the example's pool.
     """
     times = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=factory.initializer) as pool:
-        started = time.perf_counter()
-        pipeline.start_workers(pool, workers)  # before the clock
+    started = time.perf_counter()
+    with _pool(factory, workers, context, executor) as pool:
         setup.append(time.perf_counter() - started)
         fm = factory()
         for _ in range(2):
@@ -259,12 +315,13 @@ def two_passes(
 
 
 def polystore_runs(
-    plan: Any, workers: int, context: Any, repeat: int, prepared: bool
+    plan: Any, workers: int, context: Any, repeat: int, prepared: bool, executor: bool = False
 ) -> tuple[float, float, float, np.ndarray]:
     """Median first pass, second pass and set-up over ``repeat`` fresh registries and pools.
 
     ``prepared``: as the example runs, with ``reserve()`` and ``premap=True``.
     Set-up: the reservation plus the start of the pool, before the clock.
+    ``executor``: on a ``ProcessPoolExecutor``.
     """
     firsts, seconds, setups = [], [], []
     for _ in range(repeat):
@@ -274,7 +331,7 @@ def polystore_runs(
                 pipeline.reserve(registry, plan, workers)
             setup = [time.perf_counter() - started]
             factory = FileManagerFactory(registry, premap=prepared)
-            first, second, final = two_passes(factory, plan, workers, context, setup)
+            first, second, final = two_passes(factory, plan, workers, context, setup, executor)
         firsts.append(first)
         seconds.append(second)
         setups.append(sum(setup))
@@ -311,12 +368,14 @@ def main() -> None:
         *times, final = polystore_runs(plan, args.workers, context, 1, True)
         note("prepared", *times)
         note("bare", *polystore_runs(plan, args.workers, context, 1, False)[:3])
+        note("executor", *polystore_runs(plan, args.workers, context, 1, True, True)[:3])
         note("ideal", ideal_seconds(plan, args.workers, context, 1))
         note("no_handoff", no_handoff_seconds(plan, args.workers, context, 1))
         note("floor", no_handoff_seconds(plan, args.workers, context, 1, shared=True))
     med = {name: statistics.median(times) for name, times in rounds.items()}
     cold, ours, setup = med["prepared0"], med["prepared1"], med["prepared2"]
     bare_cold, bare, bare_setup = med["bare0"], med["bare1"], med["bare2"]
+    executor_cold, executor = med["executor0"], med["executor1"]
     ideal, no_handoff, floor = med["ideal0"], med["no_handoff0"], med["floor0"]
     with context.Manager() as manager_process:
         backend = MemoryBackend(shared_dict=manager_process.dict(), store=None)
@@ -337,6 +396,8 @@ def main() -> None:
         ("polystore, second pass (steady)", ours),
         ("  without reserve()/premap: 1st pass", bare_cold),
         ("  without reserve()/premap: 2nd pass", bare),
+        ("  on ProcessPoolExecutor: 1st pass", executor_cold),
+        ("  on ProcessPoolExecutor: 2nd pass", executor),
         ("Manager().dict(), first pass", manager_cold),
         ("Manager().dict(), second pass", manager),
         ("same tasks, no hand-off (steady)", no_handoff),

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib.util
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +107,14 @@ def _report(pause: float) -> tuple[int, dict[str, float]]:
     return os.getpid(), spent
 
 
-def _collect(pool: Executor, workers: int) -> dict[str, float]:
+def _collect(pool: Any, workers: int) -> dict[str, float]:
     """The workers' totals since their last report, summed."""
     seen: dict[int, dict[str, float]] = {}
     for _ in range(50):
-        for pid, spent in pool.map(_report, [0.02] * (2 * workers)):
+        for _ in range(2 * workers):
+            pool.submit(_report, 0.02)
+        for _ in range(2 * workers):
+            pid, spent = pool.next_result()[1]
             if pid not in seen or spent:
                 seen[pid] = spent
         if len(seen) >= workers:
@@ -123,11 +126,8 @@ def _collect(pool: Executor, workers: int) -> dict[str, float]:
     return dict(total)
 
 
-def _steady_pass(
-    pool: Executor, fm: Any, plan: Any, workers: int
-) -> tuple[float, dict[str, float]]:
+def _steady_pass(pool: Any, fm: Any, plan: Any, workers: int) -> tuple[float, dict[str, float]]:
     """One untimed pass, then (wall seconds, worker totals) of the next."""
-    pipeline.start_workers(pool, workers)
     pipeline.stream(pool, fm, plan, window=4 * workers, progress=False)
     _collect(pool, workers)
     start = time.perf_counter()
@@ -143,17 +143,13 @@ def main() -> None:
         with polystore.shared_registry() as registry:
             pipeline.reserve(registry, plan, args.workers)
             factory = polystore.FileManagerFactory(registry, premap=True)
-            with ProcessPoolExecutor(
-                args.workers, mp_context=context, initializer=_polystore_worker,
-                initargs=(factory,),
-            ) as pool:  # fmt: skip
+            worker = functools.partial(_polystore_worker, factory)
+            with pipeline.StagePool(args.workers, context, worker) as pool:
                 wall, spent = _steady_pass(pool, factory(), plan, args.workers)
         runs["polystore"].append({"wall": wall, **spent})
         for run, shared in (("no hand-off", False), ("floor", True)):
-            with ProcessPoolExecutor(
-                args.workers, mp_context=context, initializer=_no_handoff_worker,
-                initargs=(plan.side, shared),
-            ) as pool:  # fmt: skip
+            worker = functools.partial(_no_handoff_worker, plan.side, shared)
+            with pipeline.StagePool(args.workers, context, worker) as pool:
                 wall, spent = _steady_pass(pool, bench._NoHandOff(plan.side), plan, args.workers)
             runs[run].append({"wall": wall, **spent})
 

@@ -1,11 +1,12 @@
 """A three-stage parallel image pipeline whose workers exchange arrays through polystore.
 
 Stage 1 generates synthetic images, stage 2 smooths each one, stage 3 reduces
-groups of smoothed images to a maximum projection. Every stage runs on a
-``ProcessPoolExecutor`` and computes straight into the shared memory of its
-output (``FileManager.create_array``); images travel between stages (and back
-to the parent) through the shared ``memory`` backend, so no array is pickled,
-and none is copied. The same
+groups of smoothed images to a maximum projection. Every stage runs on a pool
+of worker processes (``StagePool``, a few lines over two pipes; a
+``ProcessPoolExecutor`` works too, at more cost per task) and computes
+straight into the shared memory of its output (``FileManager.create_array``);
+images travel between stages (and back to the parent) through the shared
+``memory`` backend, so no array is pickled, and none is copied. The same
 pipeline then runs through a ``multiprocessing.Manager().dict()`` for
 comparison, and the last line reports both throughputs.
 
@@ -21,11 +22,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import pickle
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
@@ -155,6 +158,133 @@ def _project_task(args: tuple[list[str], int, float | None]) -> str:
     return project(polystore.current_filemanager(), *args)
 
 
+# -- the workers ---------------------------------------------------------------
+# A task here is a function and a path or two: the arrays never travel with
+# it. ProcessPoolExecutor spends about 0.3 ms of the parent's CPU on each
+# task (its queue-feeding and result threads, futures, wakeups), which on two
+# cores is taken from the workers: 10% to 15% of this pipeline's time
+# (benchmarks/pipeline.py runs the pipeline on both). These workers read
+# their tasks from one pipe and answer on another, about 40 us a task.
+
+
+def _serve(
+    initializer: Callable[[], None] | None,
+    tasks: Connection,
+    task_lock: Any,
+    results: Connection,
+    result_lock: Any,
+) -> None:
+    """A worker's loop: run the initializer, say so, then run tasks until told to stop."""
+    try:
+        if initializer is not None:
+            initializer()
+        reply: tuple[int, bool, Any] = (-1, True, None)
+    except BaseException as exc:  # reported to the parent, which raises it
+        reply = (-1, False, _shippable(exc))
+    with result_lock:
+        results.send(reply)
+    if not reply[1]:
+        return
+    while True:
+        with task_lock:
+            task = tasks.recv()
+        if task is None:
+            return
+        token, function, args = task
+        try:
+            reply = (token, True, function(args))
+        except BaseException as exc:  # reported to the parent, which raises it
+            reply = (token, False, _shippable(exc))
+        with result_lock:
+            results.send(reply)
+
+
+def _shippable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else a RuntimeError with its traceback."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        text = "".join(traceback.format_exception(exc))
+        return RuntimeError(f"a task failed in a worker:\n{text}")
+    return exc
+
+
+class StagePool:
+    """``workers`` processes that run tasks in the order given and report as they finish.
+
+    ``initializer`` runs in each worker before its first task (a
+    :class:`~polystore.FileManagerFactory`'s, say); the pool is ready when
+    every worker has run it. :meth:`submit` hands a task to the first free
+    worker; :meth:`next_result` returns the next task to finish. An
+    exception in a task is raised by :meth:`next_result`; a worker that dies
+    raises ``RuntimeError`` there instead of leaving the parent waiting.
+    """
+
+    def __init__(
+        self, workers: int, context: Any, initializer: Callable[[], None] | None = None
+    ) -> None:
+        self._take, self._tasks = context.Pipe(duplex=False)
+        self._results, self._answer = context.Pipe(duplex=False)
+        self._task_lock, self._result_lock = context.Lock(), context.Lock()
+        self._next = 0
+        self._procs = [
+            context.Process(
+                target=_serve,
+                args=(initializer, self._take, self._task_lock, self._answer, self._result_lock),
+                daemon=True,
+            )
+            for _ in range(workers)
+        ]
+        try:
+            for proc in self._procs:
+                proc.start()
+            for _ in self._procs:
+                self.next_result()  # each worker's "ready"
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, function: Callable[[Any], Any], args: Any) -> int:
+        """Queue ``function(args)``; return the number :meth:`next_result` will report it by."""
+        self._next += 1
+        self._tasks.send((self._next, function, args))
+        return self._next
+
+    def next_result(self) -> tuple[int, Any]:
+        """(number, value) of the next task to finish; raise what it raised."""
+        sentinels = [proc.sentinel for proc in self._procs]
+        while not self._results.poll():
+            if any(s in sentinels for s in wait([self._results, *sentinels])):
+                if self._results.poll():  # it answered before it ended
+                    break
+                codes = [proc.exitcode for proc in self._procs]
+                raise RuntimeError(f"a worker of the pool ended (exit codes {codes})")
+        token, ok, value = self._results.recv()
+        if not ok:
+            raise value
+        return token, value
+
+    def close(self) -> None:
+        """Stop the workers (after their current task) and wait for them."""
+        for proc in self._procs:
+            if proc.is_alive():
+                self._tasks.send(None)
+        for proc in self._procs:
+            if proc.pid is not None:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join()
+        for conn in (self._take, self._tasks, self._results, self._answer):
+            conn.close()
+
+    def __enter__(self) -> StagePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class _Progress:
     """tqdm when it is installed, a plain text line otherwise."""
 
@@ -184,7 +314,7 @@ class _Progress:
 
 
 def stream(
-    pool: Executor, fm: FileManager, plan: Plan, window: int, progress: bool = True
+    pool: StagePool, fm: FileManager, plan: Plan, window: int, progress: bool = True
 ) -> np.ndarray:
     """Push every image through the three stages, keeping at most ``window`` in flight.
 
@@ -195,65 +325,45 @@ def stream(
     it: the memory in use stays bounded whatever the number of images.
     """
     bar = _Progress(plan.images, progress)
-    running: dict[Future[str], tuple[str, int]] = {}
+    running: dict[int, tuple[str, int]] = {}
     smoothed: dict[int, list[str]] = {}
     final: np.ndarray | None = None
     next_image = 0
 
     def submit_generate() -> None:
         nonlocal next_image
-        future = pool.submit(_generate_task, (next_image, plan.side, plan.timeout))
-        running[future] = ("generate", next_image)
+        task = pool.submit(_generate_task, (next_image, plan.side, plan.timeout))
+        running[task] = ("generate", next_image)
         next_image += 1
 
     while next_image < min(window, plan.images):
         submit_generate()
     while running:
-        done, _ = wait(running, return_when=FIRST_COMPLETED)
-        for future in done:
-            stage, index = running.pop(future)
-            path = future.result()
-            if stage == "generate":
-                running[pool.submit(_smooth_task, (path, plan.timeout))] = ("smooth", index)
-            elif stage == "smooth":
-                group = smoothed.setdefault(index // plan.group, [])
-                group.append(path)
-                last = min(plan.images, (index // plan.group + 1) * plan.group)
-                if len(group) == last - (index // plan.group) * plan.group:
-                    task = (sorted(group), index // plan.group, plan.timeout)
-                    running[pool.submit(_project_task, task)] = ("project", len(group))
-                if next_image < plan.images:
-                    submit_generate()
+        task, path = pool.next_result()
+        stage, index = running.pop(task)
+        if stage == "generate":
+            running[pool.submit(_smooth_task, (path, plan.timeout))] = ("smooth", index)
+        elif stage == "smooth":
+            group = smoothed.setdefault(index // plan.group, [])
+            group.append(path)
+            last = min(plan.images, (index // plan.group + 1) * plan.group)
+            if len(group) == last - (index // plan.group) * plan.group:
+                args = (sorted(group), index // plan.group, plan.timeout)
+                running[pool.submit(_project_task, args)] = ("project", len(group))
+            if next_image < plan.images:
+                submit_generate()
+        else:
+            projection = fm.load(path, backend="memory")
+            if final is None:
+                final = np.array(projection)
             else:
-                projection = fm.load(path, backend="memory")
-                if final is None:
-                    final = np.array(projection)
-                else:
-                    np.maximum(final, projection, out=final)
-                del projection
-                fm.delete(path, backend="memory")
-                bar.step(index)
+                np.maximum(final, projection, out=final)
+            del projection
+            fm.delete(path, backend="memory")
+            bar.step(index)
     bar.close()
     assert final is not None
     return final
-
-
-def _pid_after_nap(seconds: float) -> int:
-    time.sleep(seconds)
-    return os.getpid()
-
-
-def start_workers(pool: Executor, workers: int) -> None:
-    """Return once every one of the pool's ``workers`` processes has run a task.
-
-    A pool may start its processes on demand, and a process that is still
-    importing when the clock starts would count its start-up as pipeline time.
-    """
-    seen: set[int] = set()
-    for _ in range(50):
-        seen.update(pool.map(_pid_after_nap, [0.02] * (2 * workers)))
-        if len(seen) >= workers:
-            return
 
 
 def run_pipeline(
@@ -267,10 +377,9 @@ def run_pipeline(
     """Run the pipeline on a fresh pool; return the wall time and the overall projection.
 
     The time runs from the first task to the result in the parent; starting
-    the pool's processes is not included.
+    the pool's processes (and their ``factory.initializer``) is not included.
     """
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=factory.initializer) as pool:
-        start_workers(pool, workers)  # before the clock
+    with StagePool(workers, context, factory.initializer) as pool:
         start = time.perf_counter()
         window = 4 * workers if window is None else window
         final = stream(pool, factory(), plan, window=window, progress=progress)

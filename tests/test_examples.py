@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +121,42 @@ def test_pipeline_spills_what_does_not_fit(tmp_path: Path) -> None:
 def test_pipeline_refuses_a_cap_it_cannot_work_in() -> None:
     proc = _run_pipeline("--images", "4", "--side", "1024", "--group", "8", "--max-bytes", "8")
     assert proc.returncode == 2 and "--spill-dir" in proc.stderr
+
+
+# -- the example's pool --------------------------------------------------------
+def _stage_pool() -> Any:
+    return runpy.run_path(str(EXAMPLES / "pipeline.py"), run_name="pipeline_example")["StagePool"]
+
+
+@pytest.mark.timeout(60)
+def test_stage_pool_runs_tasks_and_raises_what_a_task_raised() -> None:
+    pool_type, fork = _stage_pool(), multiprocessing.get_context("fork")
+    with pool_type(2, fork) as pool:
+        tokens = {pool.submit(abs, -i): i for i in range(10)}
+        assert sorted((tokens[t], v) for t, v in (pool.next_result() for _ in tokens)) == [
+            (i, i) for i in range(10)
+        ]
+        pool.submit(int, "not a number")
+        with pytest.raises(ValueError, match="not a number"):
+            pool.next_result()
+        pool.submit(abs, -3)
+        assert pool.next_result()[1] == 3  # the worker that raised still serves
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.timeout(60)
+def test_stage_pool_reports_a_dead_worker_instead_of_waiting() -> None:
+    pool_type, fork = _stage_pool(), multiprocessing.get_context("fork")
+    with pool_type(2, fork) as pool:
+        pool.submit(os._exit, 3)
+        with pytest.raises(RuntimeError, match="ended"):
+            pool.next_result()
+    assert multiprocessing.active_children() == []
+
+
+@pytest.mark.timeout(60)
+def test_stage_pool_raises_what_its_initializer_raised() -> None:
+    pool_type, fork = _stage_pool(), multiprocessing.get_context("fork")
+    with pytest.raises(ValueError, match="bad start"):
+        pool_type(2, fork, functools.partial(int, "bad start"))
+    assert multiprocessing.active_children() == []
