@@ -390,22 +390,29 @@ def main() -> None:
         f"{gib:.2f} GiB moved, {args.workers} workers ({args.start_method}); "
         f"polystore and ideal: medians of {repeat}"
     )
-    print(f"{'method':40}{'seconds':>9}{'MB/s':>9}{'vs ideal':>10}")
-    for label, seconds in [
-        ("polystore, first pass (as the example)", cold),
-        ("polystore, second pass (steady)", ours),
-        ("  without reserve()/premap: 1st pass", bare_cold),
-        ("  without reserve()/premap: 2nd pass", bare),
-        ("  on ProcessPoolExecutor: 1st pass", executor_cold),
-        ("  on ProcessPoolExecutor: 2nd pass", executor),
-        ("Manager().dict(), first pass", manager_cold),
-        ("Manager().dict(), second pass", manager),
-        ("same tasks, no hand-off (steady)", no_handoff),
-        ("  the same in shared memory (floor)", floor),
-        ("ideal: the compute alone", ideal),
+    print(f"{'method':40}{'seconds':>9}{'MB/s':>9}{'vs ideal':>10}   per round vs its ideal")
+    for label, seconds, name in [
+        ("polystore, first pass (as the example)", cold, "prepared0"),
+        ("polystore, second pass (steady)", ours, "prepared1"),
+        ("  without reserve()/premap: 1st pass", bare_cold, "bare0"),
+        ("  without reserve()/premap: 2nd pass", bare, "bare1"),
+        ("  on ProcessPoolExecutor: 1st pass", executor_cold, "executor0"),
+        ("  on ProcessPoolExecutor: 2nd pass", executor, "executor1"),
+        ("Manager().dict(), first pass", manager_cold, None),
+        ("Manager().dict(), second pass", manager, None),
+        ("same tasks, no hand-off (steady)", no_handoff, "no_handoff0"),
+        ("  the same in shared memory (floor)", floor, "floor0"),
+        ("ideal: the compute alone", ideal, None),
     ]:
         rate = plan.moved_bytes / seconds / 1e6
-        print(f"{label:40}{seconds:9.2f}{rate:9.0f}{seconds / ideal:9.2f}x")
+        # The machine's speed drifts between rounds: each round's ratio to
+        # the ideal timed in the same round shows how far that reaches.
+        spread = ""
+        if name is not None and repeat > 1:
+            ratios = [t / i for t, i in zip(rounds[name], rounds["ideal0"], strict=True)]
+            low, mid, high = min(ratios), statistics.median(ratios), max(ratios)
+            spread = f"   median {mid:.2f}x, {low:.2f}x to {high:.2f}x"
+        print(f"{label:40}{seconds:9.2f}{rate:9.0f}{seconds / ideal:9.2f}x{spread}")
     print(
         f"first pass: polystore is {manager_cold / cold:.1f}x faster than Manager().dict() "
         f"(target >= 20x) and takes {cold / ideal:.2f}x the ideal time (target <= 1.25x); "
