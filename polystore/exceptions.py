@@ -203,23 +203,25 @@ class StoreClosedError(StorageError, ValueError):
 
 
 class MissingDependencyError(StorageError, ImportError):
-    """An optional dependency that a feature needs is not installed.
+    """A package that a feature or a backend needs is not installed.
 
     Attributes:
         package: the requirement that is missing, e.g. ``"zarr>=3"``.
-        extra: the polystore extra that installs it.
+        extra: the polystore extra that installs it, if one does.
+        needed_by: what needs it, e.g. ``"backend 'zarr'"``.
     """
 
-    def __init__(self, package: str, extra: str) -> None:
+    def __init__(self, package: str, extra: str | None = None, needed_by: str = "this") -> None:
         self.package = package
         self.extra = extra
-        super().__init__(package, extra)
+        self.needed_by = needed_by
+        super().__init__(package, extra, needed_by)
 
     def __str__(self) -> str:
-        return (
-            f"{self.package} is required for this and is not installed; "
-            f"install it with: pip install 'polystore[{self.extra}]'"
-        )
+        text = f"{self.package} is required for {self.needed_by} and is not installed"
+        if self.extra is None:
+            return text
+        return f"{text}; install it with: pip install 'polystore[{self.extra}]'"
 
 
 class LockRequiredError(StorageError, ValueError):

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .base import StorageBackend, UnavailableBackend
-from .exceptions import BackendNotFoundError, StorageError
+from .exceptions import BackendNotFoundError, MissingDependencyError
 
 __all__ = ["ENTRY_POINT_GROUP", "BackendRegistry"]
 
@@ -56,10 +56,11 @@ class _Spec:
         module_name, _, attr = str(self.target).partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            hint = f"; install it with: pip install 'polystore[{self.extra}]'" if self.extra else ""
-            raise StorageError(f"backend {name!r} could not be imported ({exc}){hint}") from exc
-        cls = getattr(module, attr)
+        except ModuleNotFoundError as exc:  # the backend's module, or one it needs
+            needed_by = f"backend {name!r} ({self.target})"
+            raise MissingDependencyError(exc.name or module_name, self.extra, needed_by) from exc
+        # Any other ImportError is a bug in that module: it goes up as it is.
+        cls = getattr(module, attr, None)
         if not (isinstance(cls, type) and issubclass(cls, StorageBackend)):
             raise TypeError(f"{self.target!r} is not a StorageBackend subclass")
         return cls

@@ -539,6 +539,7 @@ EXCEPTION_SAMPLES: list[BaseException] = [
     SharedValueReleasedError("frame", "polystore-store"),
     StoreClosedError("closed"),
     MissingDependencyError("zarr>=3", "zarr"),
+    MissingDependencyError("plugin_lib", None, "backend 'x' (plugin:Backend)"),
     LockRequiredError("memory://a.zarr", "unaligned region"),
     ReservedNameError("a/.polystore-x", ".polystore-"),
 ]

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from polystore import BackendNotFoundError, BackendRegistry, MemoryBackend, NotShareableError
+from polystore import registry as registry_module
 from polystore.base import Kind, StorageBackend
+from polystore.exceptions import MissingDependencyError
 
 
 class NullBackend(StorageBackend):
@@ -71,6 +73,28 @@ def test_register_instance_class_and_path() -> None:
         registry.register("a", NullBackend())
     registry.register("a", NullBackend(9), replace=True)
     assert registry["a"].flag == 9  # type: ignore[attr-defined]
+
+
+def test_a_backend_whose_module_is_missing_says_what_to_install() -> None:
+    registry = BackendRegistry(defaults=False)
+    registry.register("plugin", "polystore_no_such_plugin.store:Backend")
+    with pytest.raises(MissingDependencyError) as info:
+        registry["plugin"]
+    assert isinstance(info.value, ImportError) and info.value.package == "polystore_no_such_plugin"
+    assert "backend 'plugin'" in str(info.value) and "pip install" not in str(info.value)
+    # a built-in backend with an extra names the command that installs it
+    recipe = registry_module._Spec("polystore_no_such_plugin:Backend", extra="zarr")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'polystore\[zarr\]'"):
+        recipe.build("zarr")
+
+
+def test_a_path_to_something_other_than_a_backend_class_is_refused() -> None:
+    registry = BackendRegistry(defaults=False)
+    registry.register("a", "tests.test_registry:NoSuchClass")
+    registry.register("b", "tests.test_registry:test_missing_name")
+    for name in "ab":
+        with pytest.raises(TypeError, match="not a StorageBackend subclass"):
+            registry[name]
 
 
 @pytest.mark.parametrize("bad", [object(), 3, "no_colon", dict])
