@@ -82,7 +82,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from .exceptions import NotShareableError, SharedValueReleasedError, StorageError
+from .exceptions import (
+    NotShareableError,
+    SharedValueReleasedError,
+    StorageError,
+    StoreClosedError,
+    StoreNotFoundError,
+)
 from .shm_backend import node_id
 
 if TYPE_CHECKING:
@@ -241,9 +247,7 @@ def _store(directory: str, name: str, key: str) -> SharedArrayStore:
     """
     try:
         return _attach(directory, name)
-    except SharedValueReleasedError:
-        raise
-    except StorageError as e:
+    except (StoreNotFoundError, StoreClosedError) as e:
         raise SharedValueReleasedError(key, name) from e
 
 
@@ -251,7 +255,7 @@ def _attach(directory: str, name: str) -> SharedArrayStore:
     """The store ``name``: this process's own, or an attachment cached per process.
 
     Raises:
-        StorageError: there is no such store (any more).
+        StoreNotFoundError, StoreClosedError: there is no such store (any more).
     """
     from .shmstore import SharedArrayStore
 
@@ -399,7 +403,7 @@ def _worker_started(name: str, directory: str, node: str) -> None:
         return
     try:
         store = _attach(directory, name)
-    except StorageError:
+    except (StoreNotFoundError, StoreClosedError):
         # The client closed its store; the scheduler still holds its plugin.
         _set_result_store(None, None, None)
         return

@@ -31,6 +31,7 @@ __all__ = [
     "StorageError",
     "StorageResolutionError",
     "StoreClosedError",
+    "StoreNotFoundError",
     "UnsupportedFormatError",
 ]
 
@@ -200,6 +201,14 @@ class ShmFullError(StorageError, MemoryError):
 
 class StoreClosedError(StorageError, ValueError):
     """An operation was attempted on a closed store or backend."""
+
+
+class StoreNotFoundError(StorageError, FileNotFoundError):
+    """No live shared array store has that name: none was made, or its owner died.
+
+    A dead owner's store stays in shared memory until ``python -m polystore
+    gc`` removes it; the message says which case it is.
+    """
 
 
 class MissingDependencyError(StorageError, ImportError):

@@ -67,7 +67,7 @@ from ._shm.read import (
     get_optimistic,
     view_of,
 )
-from .exceptions import ShmFullError, StorageError, StoreClosedError
+from .exceptions import ShmFullError, StorageError, StoreClosedError, StoreNotFoundError
 from .formats import ArraySpec, array_spec
 
 __all__ = ["EntryInfo", "SharedArrayStore"]
@@ -169,8 +169,9 @@ class SharedArrayStore:
         ``directory`` is the one the store was created in (same default).
 
         Raises:
-            StorageError: no such store, it belongs to another user, or its
-                owner died (``python -m polystore gc`` removes such stores).
+            StoreNotFoundError: no such store, or its owner died (``python
+                -m polystore gc`` removes what it left).
+            StorageError: it belongs to another user.
             StoreClosedError: its owner closed it.
         """
         ix.check_store_name(name)
@@ -182,11 +183,11 @@ class SharedArrayStore:
                     f"the shared array store named {name!r} in {where} belongs to another "
                     f"user (owner pid {others[0]}), not to this one"
                 )
-            raise StorageError(f"no shared array store named {name!r} in {where}")
+            raise StoreNotFoundError(f"no shared array store named {name!r} in {where}")
         for pid in owners[:-1]:
             try:
                 return cls._bind(_shm_open.open_store(where, pid, name), owner=False)
-            except StorageError:
+            except StoreNotFoundError:
                 continue  # the remains of a dead owner; a live one may follow
         return cls._bind(_shm_open.open_store(where, owners[-1], name), owner=False)
 

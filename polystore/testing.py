@@ -62,6 +62,7 @@ from .exceptions import (
     ShmFullError,
     StorageError,
     StoreClosedError,
+    StoreNotFoundError,
     UnsupportedFormatError,
 )
 
@@ -538,6 +539,7 @@ EXCEPTION_SAMPLES: list[BaseException] = [
     ShmFullError(100, 10, "/dev/shm"),
     SharedValueReleasedError("frame", "polystore-store"),
     StoreClosedError("closed"),
+    StoreNotFoundError("no shared array store named 'x' in /dev/shm"),
     MissingDependencyError("zarr>=3", "zarr"),
     MissingDependencyError("plugin_lib", None, "backend 'x' (plugin:Backend)"),
     LockRequiredError("memory://a.zarr", "unaligned region"),

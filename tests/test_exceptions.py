@@ -42,6 +42,8 @@ def test_every_class_is_sampled() -> None:
         (exc_module.LockTimeoutError("a", 1), TimeoutError),
         (exc_module.NotShareableError("a"), TypeError),
         (exc_module.ShmFullError(1, 0, "x"), MemoryError),
+        (exc_module.StoreNotFoundError("x"), FileNotFoundError),
+        (exc_module.MissingDependencyError("x"), ImportError),
     ],
 )
 def test_builtin_bases(error: BaseException, builtin: type[BaseException]) -> None:

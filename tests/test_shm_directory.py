@@ -23,6 +23,7 @@ import pytest
 from polystore import SharedArrayStore, ShmFullError
 from polystore._shm import layout as ix
 from polystore._shm.check import problems
+from polystore.exceptions import StoreNotFoundError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,7 +45,7 @@ def test_a_store_lives_in_the_directory_it_is_given(tmp_path: Path) -> None:
         assert np.array_equal(other.get("a"), np.arange(10))
         copy = pickle.loads(pickle.dumps(store))  # the directory travels with the name
         assert copy.directory == str(tmp_path) and copy.get("big").sum() == 300_000
-        with pytest.raises(Exception, match="no shared array store named 'in_dir'"):
+        with pytest.raises(StoreNotFoundError, match="no shared array store named 'in_dir'"):
             SharedArrayStore.attach("in_dir")  # not in /dev/shm
         other.close()
         copy.close()

@@ -24,7 +24,13 @@ import pytest
 
 from polystore._shm import alloc as _shm_alloc
 from polystore._shm import layout as ix
-from polystore.exceptions import NotShareableError, ShmFullError, StorageError, StoreClosedError
+from polystore.exceptions import (
+    NotShareableError,
+    ShmFullError,
+    StorageError,
+    StoreClosedError,
+    StoreNotFoundError,
+)
 from polystore.shmstore import SharedArrayStore
 
 pytestmark = [
@@ -422,8 +428,9 @@ def test_names() -> None:
         other = SharedArrayStore.attach("named_store-1")
         assert not other.is_owner and s.is_owner
         other.close()
-    with pytest.raises(StorageError, match="no shared array store"):
+    with pytest.raises(StoreNotFoundError, match="no shared array store") as info:
         SharedArrayStore.attach("named_store-1")
+    assert isinstance(info.value, FileNotFoundError)
 
 
 def test_pickles_small_to_an_attached_store(store: SharedArrayStore) -> None:
@@ -723,7 +730,7 @@ def test_attach_refuses_dead_owner() -> None:
         proc.kill()
         proc.wait()
     try:
-        with pytest.raises(StorageError, match="dead"):
+        with pytest.raises(StoreNotFoundError, match="dead"):
             SharedArrayStore.attach("deadowner")
         with pytest.raises(StorageError, match="gc"):
             SharedArrayStore("deadowner")

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from ..exceptions import StorageError, StoreClosedError
+from ..exceptions import StorageError, StoreClosedError, StoreNotFoundError
 from . import fork as _fork
 from . import layout as ix
 from .alloc import reserve_memory
@@ -115,7 +115,8 @@ def open_store(directory: str, pid: int, name: str) -> Arena:
     try:
         fd = os.open(ix.ctl_path(directory, pid, name), os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise StorageError(f"no shared array store named {name!r} (owner pid {pid})") from None
+        msg = f"no shared array store named {name!r} (owner pid {pid})"
+        raise StoreNotFoundError(msg) from None
     try:
         header = ix.header_of(fd)
         uid = os.fstat(fd).st_uid
@@ -126,7 +127,7 @@ def open_store(directory: str, pid: int, name: str) -> Arena:
         if header is None or header[ix.H_PID] != pid:
             raise StorageError(f"{ix.ctl_path(directory, pid, name)} is not a shared array store")
         if not ix.is_alive(pid, header[ix.H_START]):
-            raise StorageError(
+            raise StoreNotFoundError(
                 f"the owner (pid {pid}) of shared array store {name!r} is dead; "
                 "remove what it left with `python -m polystore gc`"
             )
