@@ -165,9 +165,10 @@ def _project_task(args: tuple[list[str], int, float | None]) -> str:
 # A task here is a function and a path or two: the arrays never travel with
 # it. ProcessPoolExecutor spends about 0.3 ms of the parent's CPU on each
 # task (its queue-feeding and result threads, futures, wakeups), which on two
-# cores is taken from the workers: 10% to 15% of this pipeline's time
-# (benchmarks/pipeline.py runs the pipeline on both). These workers read
-# their tasks from one pipe and answer on another, about 40 us a task.
+# cores is taken from the workers (benchmarks/pipeline.py runs the pipeline
+# on both: its first pass took 1.42x to 2.23x its compute alone there, 1.27x
+# to 1.46x here). These workers read their tasks from one pipe and answer on
+# another: the parent spends about 40 us of CPU a task.
 
 
 def _serve(
