@@ -187,8 +187,10 @@ class SharedArrayStore:
         for pid in owners[:-1]:
             try:
                 return cls._bind(_shm_open.open_store(where, pid, name), owner=False)
-            except StoreNotFoundError:
-                continue  # the remains of a dead owner; a live one may follow
+            except StorageError:
+                # The remains of a dead owner, or a file that is no store of
+                # ours: a live one may follow.
+                continue
         return cls._bind(_shm_open.open_store(where, owners[-1], name), owner=False)
 
     @classmethod
