@@ -86,6 +86,27 @@ def reserve(registry: Any, plan: Plan, workers: int, window: int | None = None) 
         store.map_all()
 
 
+def shortfall(registry: Any, plan: Plan, workers: int) -> str | None:
+    """Why the shared memory left cannot hold what the pipeline keeps in flight, or None.
+
+    A container's ``/dev/shm`` is 64 MB unless told otherwise: the default
+    sizes need several times that, and would stop with ``ShmFullError``
+    partway through.
+    """
+    directory = registry["memory"].array_store.directory
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    need = plan.working_set(4 * workers) + (4 << 20)  # and the paths' keys
+    if free >= need:
+        return None
+    return (
+        f"shared memory in {directory} has {free >> 20} MB free and this pipeline keeps up to "
+        f"{need >> 20} MB in flight: give --max-bytes (fewer images in flight, waiting for "
+        "room; --side 1024 --group 2 --max-bytes 48 fits a container's 64 MB), --spill-dir, "
+        "or more shared memory (docker run --shm-size=1g)"
+    )
+
+
 def bounded_window(plan: Plan, max_bytes: int, workers: int) -> int:
     """The most images in flight whose working set fits in ``max_bytes`` (0: none fits).
 
@@ -458,6 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = Plan(args.images, args.side, args.group, timeout=120.0)
 
     with polystore.shared_registry(max_bytes=max_bytes, spill_dir=args.spill_dir) as registry:
+        short = None if max_bytes or args.spill_dir else shortfall(registry, plan, args.workers)
+        if short:
+            parser.error(short)
         reserve(registry, plan, args.workers, window or None)
         # Each worker maps the reserved memory while it starts, not in its first task.
         factory = FileManagerFactory(registry, premap=True)

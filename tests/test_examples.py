@@ -160,3 +160,23 @@ def test_stage_pool_raises_what_its_initializer_raised() -> None:
     with pytest.raises(ValueError, match="bad start"):
         pool_type(2, fork, functools.partial(int, "bad start"))
     assert multiprocessing.active_children() == []
+
+
+def test_pipeline_says_how_to_run_where_shared_memory_is_small(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a container's 64 MB /dev/shm: the default sizes would stop with
+    # ShmFullError partway; the example says what to do instead, at once
+    example = runpy.run_path(str(EXAMPLES / "pipeline.py"), run_name="pipeline_example")
+    real = os.statvfs
+
+    def small(path: Any) -> Any:
+        found = real(path)
+        return os.statvfs_result((*found[:4], 64 * 2**20 // found.f_frsize, *found[5:]))
+
+    monkeypatch.setattr(os, "statvfs", small)
+    with pytest.raises(SystemExit) as stop:
+        example["main"](["--no-progress"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "64 MB free" in err and "--max-bytes" in err and "--shm-size" in err
