@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 import polystore.dask as psd
+from polystore import ShmFullError
 
 
 def generate(index: int, side: int) -> np.ndarray[Any, Any]:
@@ -112,21 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("images", "side", "group"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.side < 8:
-        parser.error("--side must be at least 8")
-    if args.group > args.images:
-        parser.error("--group must not exceed --images")
-
+def _both(args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """(polystore s, plain Dask s, and each one's peak) on one local cluster."""
     from distributed import Client, LocalCluster
 
-    hand_offs = 2 * args.images + args.images // args.group
-    mib = hand_offs * args.side * args.side * 4 / 2**20
     with (
         LocalCluster(
             n_workers=2,
@@ -144,6 +134,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = (args.images, args.side, args.group, not args.no_progress)
         ours, peak = run(client, shared, *sizes)
         theirs, plain_peak = run(client, plain, *sizes)
+    return ours, theirs, peak, plain_peak
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("images", "side", "group"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.side < 8:
+        parser.error("--side must be at least 8")
+    if args.group > args.images:
+        parser.error("--group must not exceed --images")
+
+    hand_offs = 2 * args.images + args.images // args.group
+    mib = hand_offs * args.side * args.side * 4 / 2**20
+    try:
+        ours, theirs, peak, plain_peak = _both(args)
+    except ShmFullError as exc:
+        # A container's /dev/shm is 64 MB unless told otherwise.
+        print(
+            f"{exc}: give shared memory more room (docker run --shm-size=1g), "
+            "or use fewer or smaller images (--images, --side)",
+            file=sys.stderr,
+        )
+        return 1
     if plain_peak != peak:
         print(f"the two runs disagree: {peak} != {plain_peak}", file=sys.stderr)
         return 1

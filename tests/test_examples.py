@@ -180,3 +180,19 @@ def test_pipeline_says_how_to_run_where_shared_memory_is_small(
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "64 MB free" in err and "--max-bytes" in err and "--shm-size" in err
+
+
+def test_dask_pipeline_says_what_to_do_when_shared_memory_runs_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from polystore import ShmFullError
+
+    main = runpy.run_path(str(EXAMPLES / "dask_pipeline.py"), run_name="dask_example")["main"]
+
+    def full(args: Any) -> Any:
+        raise ShmFullError(4 << 20, 2 << 20, "/dev/shm")
+
+    main.__globals__["_both"] = full  # as a task on a worker would meet it
+    assert main(["--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "not enough shared memory in /dev/shm" in err and "--shm-size" in err
