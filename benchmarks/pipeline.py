@@ -109,10 +109,15 @@ class _NoHandOff(_ComputeOnly):
     those of the real run: only the data stays put.
     """
 
-    def __init__(self, side: int) -> None:
+    def __init__(self, side: int, shared: bool = False) -> None:
         super().__init__()
-        self.made = [np.zeros((side, side), np.float32) for _ in range(8)]
-        self.foreign = [np.zeros((side, side), np.float32) for _ in range(8)]
+        # Written, not just allocated: an untouched array reads the kernel's
+        # one zero page, always in cache, which no real input is.
+        if shared:
+            self.made, self.foreign = _shared_pages(8, side), _shared_pages(8, side)
+        else:
+            self.made = [np.ones((side, side), np.float32) for _ in range(8)]
+            self.foreign = [np.ones((side, side), np.float32) for _ in range(8)]
         self.turn = 0
 
     @contextlib.contextmanager
@@ -156,10 +161,7 @@ def _no_handoff_worker(side: int, shared: bool = False) -> None:
 
     ``shared``: its buffers are shared memory (:func:`_shared_pages`), not private.
     """
-    stand_in = _NoHandOff(side)
-    if shared:
-        stand_in.made = _shared_pages(len(stand_in.made), side)
-        stand_in.foreign = _shared_pages(len(stand_in.foreign), side)
+    stand_in = _NoHandOff(side, shared)
     polystore.current_filemanager = lambda: stand_in  # type: ignore[assignment,return-value]
 
 
@@ -175,7 +177,7 @@ def no_handoff_seconds(
     of private memory, which is the floor of any hand-off through shared
     memory on this schedule: its pages, with no store code at all.
     """
-    parent = _NoHandOff(plan.side)
+    parent = _NoHandOff(plan.side, shared)  # it folds the projections: from shared memory too
     times = []
     with pipeline.StagePool(
         workers, context, functools.partial(_no_handoff_worker, plan.side, shared)

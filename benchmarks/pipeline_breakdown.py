@@ -150,7 +150,8 @@ def main() -> None:
         for run, shared in (("no hand-off", False), ("floor", True)):
             worker = functools.partial(_no_handoff_worker, plan.side, shared)
             with pipeline.StagePool(args.workers, context, worker) as pool:
-                wall, spent = _steady_pass(pool, bench._NoHandOff(plan.side), plan, args.workers)
+                parent = bench._NoHandOff(plan.side, shared)
+                wall, spent = _steady_pass(pool, parent, plan, args.workers)
             runs[run].append({"wall": wall, **spent})
 
     def med(run: str, name: str) -> float:
