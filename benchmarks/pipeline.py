@@ -40,6 +40,11 @@ warm private buffers in place of another process's output). Its twin in
 shared memory is the floor of any hand-off through shared memory on this
 schedule: the same tasks computing in a store's kind of pages (files in
 ``/dev/shm`` or ``POLYSTORE_SHM_DIR``), with no store code at all.
+
+Last, the steady passes of polystore, the floor and the ideal are taken in
+turns on pools that stay up (``--cycles`` of each): the ratios within a
+cycle, a second or so apart, are the steadiest measure this machine gives
+of what polystore adds to the floor and the floor to the ideal.
 Run: ``python benchmarks/pipeline.py [--images N --side S]``.
 """
 
@@ -220,6 +225,17 @@ def _fold(projection: np.ndarray) -> None:
         np.maximum(_folded, projection, out=_folded)
 
 
+def _ideal_pass(pool: Any, plan: Any) -> None:
+    """One pass of the ideal on ``pool``: each task runs a whole group."""
+    groups = [
+        (i, min(plan.group, plan.images - i), plan.side) for i in range(0, plan.images, plan.group)
+    ]
+    for group in groups:
+        pool.submit(_ideal_group, group)
+    for _ in groups:
+        pool.next_result()
+
+
 def ideal_seconds(plan: Any, workers: int, context: Any, repeat: int) -> float:
     """The pipeline's compute alone, on the same kind of pool.
 
@@ -227,20 +243,47 @@ def ideal_seconds(plan: Any, workers: int, context: Any, repeat: int) -> float:
     computes into warm buffers it reuses. After one untimed run, the median of
     ``repeat`` runs.
     """
-    groups = [
-        (i, min(plan.group, plan.images - i), plan.side) for i in range(0, plan.images, plan.group)
-    ]
     times = []
     with pipeline.StagePool(workers, context) as pool:
         for run in range(repeat + 1):
             start = time.perf_counter()
-            for group in groups:
-                pool.submit(_ideal_group, group)
-            for _ in groups:
-                pool.next_result()
+            _ideal_pass(pool, plan)
             if run:
                 times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved(plan: Any, workers: int, context: Any, cycles: int) -> dict[str, list[float]]:
+    """Steady passes of polystore, the floor and the ideal, taken in turns: seconds of each.
+
+    All three pools stay up, and each cycle runs one pass of each, back to
+    back, after a pass of each untimed. The machine's speed drifts within
+    seconds; a pass and the passes beside it in its cycle meet nearly the
+    same machine, so the ratios within a cycle are the steadiest measure
+    of what polystore adds to the floor, and the floor to the ideal.
+    """
+    with contextlib.ExitStack() as stack:
+        registry = stack.enter_context(polystore.shared_registry())
+        pipeline.reserve(registry, plan, workers)
+        factory = FileManagerFactory(registry, premap=True)
+        ours = stack.enter_context(pipeline.StagePool(workers, context, factory.initializer))
+        floor_init = functools.partial(_no_handoff_worker, plan.side, True)
+        floor = stack.enter_context(pipeline.StagePool(workers, context, floor_init))
+        ideal = stack.enter_context(pipeline.StagePool(workers, context))
+        fm, stand_in = factory(), _NoHandOff(plan.side, True)
+        passes = {
+            "polystore": lambda: pipeline.stream(ours, fm, plan, 4 * workers, progress=False),
+            "floor": lambda: pipeline.stream(floor, stand_in, plan, 4 * workers, progress=False),
+            "ideal": lambda: _ideal_pass(ideal, plan),
+        }
+        times: dict[str, list[float]] = {name: [] for name in passes}
+        for cycle in range(cycles + 1):
+            for name, run in passes.items():
+                start = time.perf_counter()
+                run()
+                if cycle:
+                    times[name].append(time.perf_counter() - start)
+    return times
 
 
 class _OnExecutor:
@@ -341,8 +384,11 @@ def polystore_runs(
     return med(firsts), med(seconds), med(setups), final
 
 
-def parse_run(description: str) -> tuple[argparse.Namespace, Any, Any, int]:
-    """The command line of a pipeline benchmark: (arguments, plan, start context, repeat)."""
+def parse_run(description: str, cycles: bool = False) -> tuple[argparse.Namespace, Any, Any, int]:
+    """The command line of a pipeline benchmark: (arguments, plan, start context, repeat).
+
+    ``cycles``: also take ``--cycles`` (:func:`interleaved`).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--side", type=int, default=2048)
@@ -350,13 +396,17 @@ def parse_run(description: str) -> tuple[argparse.Namespace, Any, Any, int]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--start-method", default="forkserver")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of fresh pools")
+    if cycles:
+        parser.add_argument(
+            "--cycles", type=int, default=15, help="steady passes of each, taken in turns"
+        )
     args = parser.parse_args()
     plan = pipeline.Plan(args.images, args.side, args.group)
     return args, plan, multiprocessing.get_context(args.start_method), max(1, args.repeat)
 
 
 def main() -> None:
-    args, plan, context, repeat = parse_run(__doc__.splitlines()[0])
+    args, plan, context, repeat = parse_run(__doc__.splitlines()[0], cycles=True)
 
     # Round after round of every variant (on fresh pools), so that a change
     # in the machine's load meanwhile weighs on all of them alike.
@@ -431,6 +481,20 @@ def main() -> None:
         f"set-up before the clock (reserve + pool start): {setup:.2f} s as the example, "
         f"{bare_setup:.2f} s without reserve()/premap"
     )
+    turns = interleaved(plan, args.workers, context, args.cycles)
+    print(f"steady passes taken in turns, {args.cycles} cycles (ratios within a cycle):")
+    for label, top, bottom in [
+        ("polystore / ideal", "polystore", "ideal"),
+        ("floor / ideal", "floor", "ideal"),
+        ("polystore / floor", "polystore", "floor"),
+    ]:
+        ratios = sorted(t / u for t, u in zip(turns[top], turns[bottom], strict=True))
+        quarter = len(ratios) // 4
+        print(
+            f"  {label:18} median {statistics.median(ratios):.2f}x, middle half "
+            f"{ratios[quarter]:.2f}x to {ratios[-1 - quarter]:.2f}x, "
+            f"all {ratios[0]:.2f}x to {ratios[-1]:.2f}x"
+        )
     handoff = handoff_seconds(512 << 20, context, repeat)
     for case, label in [
         ("cold", "hand-off of a 512 MB result made in place"),
