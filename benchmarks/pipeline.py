@@ -482,7 +482,8 @@ def main() -> None:
         f"{bare_setup:.2f} s without reserve()/premap"
     )
     turns = interleaved(plan, args.workers, context, args.cycles)
-    print(f"steady passes taken in turns, {args.cycles} cycles (ratios within a cycle):")
+    seconds = ", ".join(f"{name} {statistics.median(t):.3f} s" for name, t in turns.items())
+    print(f"steady passes taken in turns, {args.cycles} cycles ({seconds}; ratios within a cycle):")
     for label, top, bottom in [
         ("polystore / ideal", "polystore", "ideal"),
         ("floor / ideal", "floor", "ideal"),
