@@ -173,10 +173,18 @@ def policies(dask_scheduler: Any) -> list[str]:
 def test_other_keys_still_lose_their_extra_replicas(client: Any) -> None:
     assert client.run_on_scheduler(policies) == ["KeepHandleReplicas"]
     plain = client.submit(np.arange, 1_000, workers=[workers(client)[0]], pure=False)
-    client.replicate([plain])
-    wait_for(lambda: len(client.who_has(plain).get(plain.key, ())) == 2, "the replica")
-    client.amm.run_once()
-    wait_for(lambda: len(client.who_has(plain).get(plain.key, ())) == 1, "one replica dropped")
+    # The manager's own runs (every 2 s) could drop the replica before it is
+    # seen: only the run below may.
+    was_running = client.amm.running()
+    client.amm.stop()
+    try:
+        client.replicate([plain])
+        wait_for(lambda: len(client.who_has(plain).get(plain.key, ())) == 2, "the replica")
+        client.amm.run_once()
+        wait_for(lambda: len(client.who_has(plain).get(plain.key, ())) == 1, "one dropped")
+    finally:
+        if was_running:
+            client.amm.start()
 
 
 def test_hand_off_between_workers_and_freed_when_dask_forgets(client: Any) -> None:
