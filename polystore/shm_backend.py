@@ -158,14 +158,17 @@ class _StoreDict(MutableMapping[str, Any]):
         return len(self.store)
 
 
-@functools.lru_cache(maxsize=4096)
 def _ancestry(vpath: str) -> tuple[list[Any], list[tuple[Any, str]]]:
     """(directory markers to ensure, (file key, name) in the way) of the file ``vpath``.
 
-    Cached: every save and create_array of a file needs them. The lists are
-    only read.
+    Every save and create_array of a file needs them; they are cached by
+    directory, which the files of a pipeline share. The lists are only read.
     """
-    parents = virtual_parents(vpath)
+    return _ancestry_of(virtual_parents(vpath))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ancestry_of(parents: tuple[str, ...]) -> tuple[list[Any], list[tuple[Any, str]]]:
     return [key_parts(p + "/") for p in parents], [(key_parts(p), p) for p in parents]
 
 
