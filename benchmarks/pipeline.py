@@ -29,9 +29,11 @@ Each method makes two passes over the images on one pool: the first meets
 cold memory (shared memory the workers meet for the first time, fresh
 work buffers), the second is the steady state of a long-running pipeline;
 both are reported. The machine is noisy, so every variant but the Manager
-dict runs ``--repeat`` times, round after round on fresh pools so that a
-change in load weighs on all alike, and medians are reported; the Manager
-dict, at ten seconds a pass, runs on one pool.
+dict runs ``--repeat`` times, round after round (polystore's on fresh pools,
+the ideal's and the others' on pools that stay up, the ideal's pass right
+after polystore's) so that a change in load weighs on all alike, and
+medians are reported; the Manager dict, at ten seconds a pass, runs on one
+pool.
 
 One more variant separates the hand-offs' cost from the schedule's: the
 pipeline's own tasks, in the same order on the same kind of pool, with every
@@ -170,28 +172,34 @@ def _no_handoff_worker(side: int, shared: bool = False) -> None:
     polystore.current_filemanager = lambda: stand_in  # type: ignore[assignment,return-value]
 
 
-def no_handoff_seconds(
-    plan: Any, workers: int, context: Any, repeat: int, shared: bool = False
-) -> float:
-    """The pipeline's own schedule (``stream``) with every hand-off left out.
+def _standing(stack: contextlib.ExitStack, plan: Any, workers: int, context: Any) -> dict[str, Any]:
+    """Passes of the ideal, the no-hand-off tasks and the floor, on pools that stay up.
 
-    Median of ``repeat`` passes after one untimed pass, on one pool. The gap
-    between this and the ideal is the schedule's (fine-grained tasks, the
-    parent's loop and fold on the same cores); between this and polystore,
-    the hand-offs'. ``shared``: the workers compute in shared memory instead
-    of private memory, which is the floor of any hand-off through shared
-    memory on this schedule: its pages, with no store code at all.
+    Returns a function per variant that runs one pass; each has run one
+    already, untimed. ``"no_handoff"``: the pipeline's own schedule
+    (``stream``) with every hand-off left out, the gap to the ideal being the
+    schedule's (fine-grained tasks, the parent's loop and fold on the same
+    cores) and to polystore the hand-offs'. ``"floor"``: the same in shared
+    memory instead of private memory, the floor of any hand-off through
+    shared memory on this schedule: its pages, with no store code at all.
+    The pools close with ``stack``.
     """
-    parent = _NoHandOff(plan.side, shared)  # it folds the projections: from shared memory too
-    times = []
-    with pipeline.StagePool(
-        workers, context, functools.partial(_no_handoff_worker, plan.side, shared)
-    ) as pool:
-        for _ in range(repeat + 1):
-            start = time.perf_counter()
-            pipeline.stream(pool, parent, plan, window=4 * workers, progress=False)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    ideal = stack.enter_context(pipeline.StagePool(workers, context))
+    runs: dict[str, Any] = {"ideal": functools.partial(_ideal_pass, ideal, plan)}
+    for name, shared in (("no_handoff", False), ("floor", True)):
+        worker = functools.partial(_no_handoff_worker, plan.side, shared)
+        pool = stack.enter_context(pipeline.StagePool(workers, context, worker))
+        parent = _NoHandOff(plan.side, shared)  # it folds the projections: from shared memory too
+        runs[name] = functools.partial(pipeline.stream, pool, parent, plan, 4 * workers, False)
+    for run in runs.values():
+        run()
+    return runs
+
+
+def _seconds(run: Any) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 _local_fm: Any = None
@@ -236,53 +244,33 @@ def _ideal_pass(pool: Any, plan: Any) -> None:
         pool.next_result()
 
 
-def ideal_seconds(plan: Any, workers: int, context: Any, repeat: int) -> float:
-    """The pipeline's compute alone, on the same kind of pool.
-
-    Each worker runs whole groups, so nothing crosses a process boundary, and
-    computes into warm buffers it reuses. After one untimed run, the median of
-    ``repeat`` runs.
-    """
-    times = []
-    with pipeline.StagePool(workers, context) as pool:
-        for run in range(repeat + 1):
-            start = time.perf_counter()
-            _ideal_pass(pool, plan)
-            if run:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved(plan: Any, workers: int, context: Any, cycles: int) -> dict[str, list[float]]:
+def interleaved(
+    plan: Any, workers: int, context: Any, cycles: int, standing: dict[str, Any]
+) -> dict[str, list[float]]:
     """Steady passes of polystore, the floor and the ideal, taken in turns: seconds of each.
 
-    All three pools stay up, and each cycle runs one pass of each, back to
-    back, after a pass of each untimed. The machine's speed drifts within
+    polystore gets a pool of its own that stays up, as the floor and the
+    ideal have (``standing``); each cycle runs one pass of each, back to
+    back, after a polystore pass untimed. The machine's speed drifts within
     seconds; a pass and the passes beside it in its cycle meet nearly the
     same machine, so the ratios within a cycle are the steadiest measure
     of what polystore adds to the floor, and the floor to the ideal.
     """
-    with contextlib.ExitStack() as stack:
-        registry = stack.enter_context(polystore.shared_registry())
+    with polystore.shared_registry() as registry:
         pipeline.reserve(registry, plan, workers)
         factory = FileManagerFactory(registry, premap=True)
-        ours = stack.enter_context(pipeline.StagePool(workers, context, factory.initializer))
-        floor_init = functools.partial(_no_handoff_worker, plan.side, True)
-        floor = stack.enter_context(pipeline.StagePool(workers, context, floor_init))
-        ideal = stack.enter_context(pipeline.StagePool(workers, context))
-        fm, stand_in = factory(), _NoHandOff(plan.side, True)
-        passes = {
-            "polystore": lambda: pipeline.stream(ours, fm, plan, 4 * workers, progress=False),
-            "floor": lambda: pipeline.stream(floor, stand_in, plan, 4 * workers, progress=False),
-            "ideal": lambda: _ideal_pass(ideal, plan),
-        }
-        times: dict[str, list[float]] = {name: [] for name in passes}
-        for cycle in range(cycles + 1):
-            for name, run in passes.items():
-                start = time.perf_counter()
-                run()
-                if cycle:
-                    times[name].append(time.perf_counter() - start)
+        with pipeline.StagePool(workers, context, factory.initializer) as ours:
+            fm = factory()
+            passes = {
+                "polystore": lambda: pipeline.stream(ours, fm, plan, 4 * workers, progress=False),
+                "floor": standing["floor"],
+                "ideal": standing["ideal"],
+            }
+            passes["polystore"]()
+            times: dict[str, list[float]] = {name: [] for name in passes}
+            for _ in range(cycles):
+                for name, run in passes.items():
+                    times[name].append(_seconds(run))
     return times
 
 
@@ -405,25 +393,39 @@ def parse_run(description: str, cycles: bool = False) -> tuple[argparse.Namespac
     return args, plan, multiprocessing.get_context(args.start_method), max(1, args.repeat)
 
 
-def main() -> None:
-    args, plan, context, repeat = parse_run(__doc__.splitlines()[0], cycles=True)
+def _measure(
+    args: argparse.Namespace, plan: Any, context: Any, repeat: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], np.ndarray]:
+    """(seconds of each variant per round, of each pass taken in turns, polystore's result).
 
-    # Round after round of every variant (on fresh pools), so that a change
-    # in the machine's load meanwhile weighs on all of them alike.
+    Round after round, polystore's variants on fresh registries and pools,
+    each ideal, no-hand-off and floor pass on its pool that stays up, the
+    ideal's right after polystore's first and second passes: a change in
+    the machine's speed meanwhile weighs on all alike.
+    """
     rounds: dict[str, list[float]] = {}
 
     def note(name: str, *seconds: float) -> None:
         for i, value in enumerate(seconds):
             rounds.setdefault(f"{name}{i}", []).append(value)
 
-    for _ in range(repeat):
-        *times, final = polystore_runs(plan, args.workers, context, 1, True)
-        note("prepared", *times)
-        note("bare", *polystore_runs(plan, args.workers, context, 1, False)[:3])
-        note("executor", *polystore_runs(plan, args.workers, context, 1, True, True)[:3])
-        note("ideal", ideal_seconds(plan, args.workers, context, 1))
-        note("no_handoff", no_handoff_seconds(plan, args.workers, context, 1))
-        note("floor", no_handoff_seconds(plan, args.workers, context, 1, shared=True))
+    with contextlib.ExitStack() as stack:
+        standing = _standing(stack, plan, args.workers, context)
+        for _ in range(repeat):
+            *times, final = polystore_runs(plan, args.workers, context, 1, True)
+            note("prepared", *times)
+            note("ideal", _seconds(standing["ideal"]))
+            note("bare", *polystore_runs(plan, args.workers, context, 1, False)[:3])
+            note("executor", *polystore_runs(plan, args.workers, context, 1, True, True)[:3])
+            note("no_handoff", _seconds(standing["no_handoff"]))
+            note("floor", _seconds(standing["floor"]))
+        turns = interleaved(plan, args.workers, context, args.cycles, standing)
+    return rounds, turns, final
+
+
+def main() -> None:
+    args, plan, context, repeat = parse_run(__doc__.splitlines()[0], cycles=True)
+    rounds, turns, final = _measure(args, plan, context, repeat)
     med = {name: statistics.median(times) for name, times in rounds.items()}
     cold, ours, setup = med["prepared0"], med["prepared1"], med["prepared2"]
     bare_cold, bare, bare_setup = med["bare0"], med["bare1"], med["bare2"]
@@ -481,9 +483,8 @@ def main() -> None:
         f"set-up before the clock (reserve + pool start): {setup:.2f} s as the example, "
         f"{bare_setup:.2f} s without reserve()/premap"
     )
-    turns = interleaved(plan, args.workers, context, args.cycles)
-    seconds = ", ".join(f"{name} {statistics.median(t):.3f} s" for name, t in turns.items())
-    print(f"steady passes taken in turns, {args.cycles} cycles ({seconds}; ratios within a cycle):")
+    each = ", ".join(f"{name} {statistics.median(t):.3f} s" for name, t in turns.items())
+    print(f"steady passes taken in turns, {args.cycles} cycles ({each}; ratios within a cycle):")
     for label, top, bottom in [
         ("polystore / ideal", "polystore", "ideal"),
         ("floor / ideal", "floor", "ideal"),
