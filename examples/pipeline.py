@@ -187,7 +187,7 @@ def _project_task(args: tuple[list[str], int, float | None]) -> str:
 # it. ProcessPoolExecutor spends about 0.3 ms of the parent's CPU on each
 # task (its queue-feeding and result threads, futures, wakeups), which on two
 # cores is taken from the workers (benchmarks/pipeline.py runs the pipeline
-# on both: its first pass took 1.29x to 2.23x its compute alone there, 1.14x
+# on both: its first pass took 1.26x to 2.23x its compute alone there, 1.14x
 # to 1.46x here). These workers read their tasks from one pipe and answer on
 # another: the parent spends about 40 us of CPU a task.
 
