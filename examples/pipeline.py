@@ -206,8 +206,7 @@ def _serve(
         reply: tuple[int, bool, Any] = (-1, True, None)
     except BaseException as exc:  # reported to the parent, which raises it
         reply = (-1, False, _shippable(exc))
-    with result_lock:
-        results.send(reply)
+    _reply(results, result_lock, reply)
     if not reply[1]:
         return
     while True:
@@ -220,8 +219,18 @@ def _serve(
             reply = (token, True, function(args))
         except BaseException as exc:  # reported to the parent, which raises it
             reply = (token, False, _shippable(exc))
-        with result_lock:
+        _reply(results, result_lock, reply)
+
+
+def _reply(results: Connection, lock: Any, reply: tuple[int, bool, Any]) -> None:
+    # send() pickles before it writes: a value that does not pickle leaves
+    # the pipe as it was, and the parent gets an error in its place.
+    with lock:
+        try:
             results.send(reply)
+        except Exception as exc:
+            problem = RuntimeError(f"a task's result could not be sent back: {exc!r}")
+            results.send((reply[0], False, problem))
 
 
 def _shippable(exc: BaseException) -> BaseException:

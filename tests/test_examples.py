@@ -141,6 +141,11 @@ def test_stage_pool_runs_tasks_and_raises_what_a_task_raised() -> None:
             pool.next_result()
         pool.submit(abs, -3)
         assert pool.next_result()[1] == 3  # the worker that raised still serves
+        pool.submit(memoryview, b"x")  # a memoryview does not pickle
+        with pytest.raises(RuntimeError, match="could not be sent back"):
+            pool.next_result()
+        pool.submit(abs, -4)
+        assert pool.next_result()[1] == 4
     assert multiprocessing.active_children() == []
 
 
