@@ -35,6 +35,9 @@ import numpy as np
 from ..exceptions import StorageError, StoreClosedError
 from . import layout as ix
 from .alloc import Allocator, unlink_quietly
+from .fast import Section as _CSection
+from .fast import hold as _hold
+from .fast import let_go as _let_go_c
 from .fast import make_ctl
 
 __all__ = ["Arena", "Meta", "lookup", "remember"]
@@ -53,12 +56,36 @@ _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 
 def fence() -> None:
     """A full memory barrier (taking and dropping a lock runs a locked instruction)."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    with _fence_lock:  # (an exception from a signal handler cannot leave it taken)
+        pass
+
+
+def _py_let_go(arena: Arena) -> None:
+    """Undo a partial :meth:`Arena.acquire`: drop the flock if taken, then the thread lock.
+
+    Each step runs even if a signal handler raises in the one before (but one
+    could raise before the first: C's ``let_go`` has no such gap).
+    """
+    try:
+        arena._holder = None
+    finally:
+        try:
+            if arena._fd >= 0:
+                _flock(arena._fd, _LOCK_UN)  # (not taken: nothing happens)
+        finally:
+            arena._lock.release()
+
+
+#: drops an arena's flock and thread lock (``fast.let_go``, or its Python twin)
+_let_go: Any = _py_let_go if _let_go_c is None else _let_go_c
 
 
 class _Section:
-    """``with arena.locked:``: a locked section that commits, or rolls back on an exception."""
+    """``with arena.locked:``: a locked section that commits, or rolls back on an exception.
+
+    Without C; ``fast.Section`` is the same in C, and lets go of the lock
+    whatever ``release()`` or ``abort()`` raise, even at their first line.
+    """
 
     __slots__ = ("arena",)
 
@@ -99,7 +126,7 @@ class Arena(Allocator):
         self.dir = directory
         self.spill_dir = ix.spill_dir_of(self.q)
         self.path = ix.ctl_path(directory, owner_pid, name)
-        self.locked = _Section(self)
+        self.locked = _Section(self) if _CSection is None else _CSection(self)
         self.handles = 0
         self.leave_when_unused = False
         self.closed = False
@@ -232,39 +259,54 @@ class Arena(Allocator):
 
         With ``blocking=False``, return ``False`` instead of waiting.
         """
-        if not self._lock.acquire(blocking):
-            return False
-        # Set at once: a view dying in this thread from here on (the garbage
-        # collector can run anywhere) defers its unpin instead of waiting for
-        # the thread lock we hold.
-        self._holder = _get_ident()
+        # Invariant kept: an exception at any point (a signal handler can
+        # raise between any two bytecodes: Ctrl-C) leaves neither the thread
+        # lock nor the flock taken, or the store would be locked for good in
+        # every process. The thread lock's owner is recorded in the same C
+        # call that takes it (fast.hold), so the handler below knows whether
+        # to let go; the flock is dropped whenever the thread lock was ours.
+        # A write counter left odd reads as a dead holder's, which the next
+        # holder handles. (Without C, one bytecode boundary stays open.)
+        me = _get_ident()
+        if self._holder == me:  # (it would wait for itself for ever)
+            raise RuntimeError(f"a locked section of store {self.name!r} is open in this thread")
         try:
+            if _hold is not None:
+                if not _hold(self, blocking):
+                    return False
+            elif self._lock.acquire(blocking):
+                self._holder = me
+            else:
+                return False
+            # From here a view dying in this thread (the garbage collector
+            # can run anywhere) defers its unpin instead of waiting for the
+            # thread lock we hold.
             if self._fd < 0 or self.closed:
                 if self.closed:
                     raise self.closed_error()
                 self._reopen()
-            _flock(self._fd, _LOCK_EX if blocking else _LOCK_EX | _LOCK_NB)
-        except BlockingIOError:
-            self._holder = None
-            self._lock.release()
-            return False
+            try:
+                _flock(self._fd, _LOCK_EX if blocking else _LOCK_EX | _LOCK_NB)
+            except BlockingIOError:
+                _let_go(self)
+                return False
+            q = self.q
+            # Tell lock-free readers a writer is in: odd, never a value seen before.
+            seq = q[_H_WSEQ]
+            q[_H_WSEQ] = seq + 2 if seq & 1 else seq + 1  # odd already: its holder died
+            fence()  # the pins read from here on include every reader that missed it
+            if q[_H_LOG_LEN] or q[ix.H_UNLINK_N]:
+                self.recover()
+            if q[_H_CLOSED] or q[_H_EPOCH] != self._epoch:
+                if q[_H_CLOSED]:
+                    self._unlock()
+                    raise self.closed_error()
+                self._prune()
+            return True
         except BaseException:
-            self._holder = None
-            self._lock.release()
+            if self._holder == me:
+                _let_go(self)
             raise
-        q = self.q
-        # Tell lock-free readers a writer is in: odd, and never a value seen before.
-        seq = q[_H_WSEQ]
-        q[_H_WSEQ] = seq + 2 if seq & 1 else seq + 1  # odd already: its holder died
-        fence()  # the pins read from here on include every reader that missed it
-        if q[_H_LOG_LEN] or q[ix.H_UNLINK_N]:
-            self.recover()
-        if q[_H_CLOSED] or q[_H_EPOCH] != self._epoch:
-            if q[_H_CLOSED]:
-                self._unlock()
-                raise self.closed_error()
-            self._prune()
-        return True
 
     def recover(self) -> None:
         """Finish what a lock holder that died left: undo its section, redo its unlinks (held)."""
@@ -298,10 +340,16 @@ class Arena(Allocator):
             self._unlock()
 
     def _unlock(self) -> None:
-        self._holder = None
-        self.q[_H_WSEQ] += 1
-        _flock(self._fd, _LOCK_UN)
-        self._lock.release()
+        # Each step runs even if a signal handler raises in the one before
+        # (see acquire).
+        try:
+            self._holder = None
+            self.q[_H_WSEQ] += 1
+        finally:
+            try:
+                _flock(self._fd, _LOCK_UN)
+            finally:
+                self._lock.release()
 
     def _prune(self) -> None:
         # Some process unlinked segments: drop our mappings of them so their
@@ -448,11 +496,24 @@ class Arena(Allocator):
         item = self._refs.pop(id(ref), None)
         if item is None or self.closed:
             return
+        if self.fast is not None and self.slot >= 0:
+            # One atomic C call, with no lock: a dead view's pin can go at any
+            # time, even inside a section of this process (which then finds
+            # the block unpinned, as it would a moment later). A signal
+            # handler that raises here cannot leave a lock taken.
+            self.fast.pin_add(self.pin_base + item[1], -1)
+        else:
+            self._unpin_deferring(item[1])
+        if self.handles <= 0 and self.leave_when_unused and not self._refs:
+            self.leave()
+
+    def _unpin_deferring(self, b: int) -> None:
+        """Unpin block ``b`` under the thread lock, or leave it for the lock's holder."""
         me = _get_ident()
         if self._holder == me:
             # The garbage collector ran inside one of our own critical
             # sections: the unpin happens when that section releases the lock.
-            self._pending.append(item[1])
+            self._pending.append(b)
             return
         # The thread lock of this store may be held by a thread of ours that
         # waits for the store lock; waiting for it while holding another
@@ -460,14 +521,12 @@ class Arena(Allocator):
         # in that case only try, and defer on failure.
         blocking = not any(other._holder == me for other in list(_arenas.values()))
         if not self._lock.acquire(blocking):
-            self._pending.append(item[1])
+            self._pending.append(b)
             return
         try:
-            self._unpin(item[1])
+            self._unpin(b)
         finally:
             self._lock.release()
-        if self.handles <= 0 and self.leave_when_unused and not self._refs:
-            self.leave()
 
 
 # -- process-wide bookkeeping ---------------------------------------------------------------

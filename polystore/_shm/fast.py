@@ -21,7 +21,16 @@ from typing import Any
 
 from . import layout as ix
 
-__all__ = ["AVAILABLE", "ENABLED", "key_parts", "make_ctl", "set_key_cache"]
+__all__ = [
+    "AVAILABLE",
+    "ENABLED",
+    "Section",
+    "hold",
+    "key_parts",
+    "let_go",
+    "make_ctl",
+    "set_key_cache",
+]
 
 try:
     from . import _fastpath
@@ -49,6 +58,15 @@ def set_key_cache(cache: dict[Any, tuple[bytes, bytes, int]]) -> None:
     if AVAILABLE:
         _fastpath.set_key_cache(cache, ix.MAX_KEY_BYTES)
 
+
+#: ``hold(arena, blocking)``: take the arena's thread lock and record its owner
+#: in one C call (``Arena.acquire``); ``None`` without C
+hold = _fastpath.hold if AVAILABLE else None
+#: ``let_go(arena)``: drop the arena's flock and thread lock in one C call;
+#: ``None`` without C
+let_go = _fastpath.let_go if AVAILABLE else None
+#: ``Section(arena)``: ``with arena.locked:`` in C (``Arena``); ``None`` without C
+Section = _fastpath.Section if AVAILABLE else None
 
 #: ``key_parts(key)``: a key's (bytes, bytes + NUL, hash) made and cached in C,
 #: ``None`` for what only the Python path decides; ``None`` itself without C

@@ -82,10 +82,8 @@ def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
     except Exception:  # torn reads can look like anything; the lock sorts it out
         return RETRY
     if b >= 0:
-        lock = a._lock
-        lock.acquire()  # also the barrier between the pin and the check below
-        a.pin_add(a.pin_base + b, 1)
-        lock.release()
+        with a._lock:  # also the barrier between the pin and the check below
+            a.pin_add(a.pin_base + b, 1)
     if hdr[_H_WSEQ] != seq:
         if b >= 0:
             a.unpin(b)
