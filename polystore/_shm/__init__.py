@@ -8,7 +8,8 @@ Layers, each using only those below it::
                             of the store's arguments
     write   read   fork     the paths: put/grow/abandon; lock-free get, pins
                             and views; forking while views are held
-    fast + _fastpath*.c     the common get, small put and create in C (optional)
+    fast + _fastpath*.c     the common get, small put and create in C, and the
+                            taking and dropping of the lock (optional)
     ───────────────────────────────────────────────────────────────────────────
     arena                   one process's view of a store: mappings, the lock
                             (`with arena.locked:` is a transaction), recovery

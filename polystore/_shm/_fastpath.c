@@ -31,7 +31,7 @@
  */
 #include "_fastpath.h"
 
-static PyObject *str_locked, *str_acquire, *str_release, *str_abort;  /* method names */
+static PyObject *str_locked;  /* interned method name */
 FP_INTERNAL PyObject *fp_test_hook;
 FP_INTERNAL long fp_kill_at, fp_steps;
 FP_INTERNAL PyObject *fp_str_dtype;
@@ -73,7 +73,7 @@ PyDoc_STRVAR(ctl_put_doc,
 
 /* -- entry points: the arena's state read in C ------------------------------ */
 
-static PyObject *s_epoch, *s_pin_base, *s_lock, *s_fd, *s_pending, *s_slot, *s_holder;
+static PyObject *s_epoch, *s_pin_base, *s_lock, *s_fd, *s_pending, *s_slot;
 
 /* Fetch n attributes of the arena into out (new references); 0, or -1 with
  * an exception and nothing held. */
@@ -565,191 +565,6 @@ arm_faults(PyObject *Py_UNUSED(module), PyObject *at)
     return PyLong_FromLong(taken);
 }
 
-/* hold(arena, blocking): arena._lock.acquire(blocking), and when it is taken,
- * arena._holder set to this thread's ident in the same C call. A Python
- * signal handler runs only between bytecodes: one that raises (Ctrl-C's
- * KeyboardInterrupt) right after a Python-level acquire() would leave the
- * lock taken with no record of its owner, which nothing could then release.
- * Here it finds the owner recorded, and Arena.acquire lets go. */
-static PyObject *
-hold(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "hold() takes the arena and blocking");
-        return NULL;
-    }
-    PyObject *lock = PyObject_GetAttr(args[0], s_lock);
-    if (lock == NULL)
-        return NULL;
-    PyObject *got = PyObject_CallMethodOneArg(lock, str_acquire, args[1]);
-    if (got == Py_True) {
-        PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-        if (me == NULL || PyObject_SetAttr(args[0], s_holder, me) < 0) {
-            Py_XDECREF(me);
-            Py_CLEAR(got);
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyObject *r = PyObject_CallMethodNoArgs(lock, str_release);
-            Py_XDECREF(r);
-            PyErr_Restore(type, value, tb);
-        }
-        else {
-            Py_DECREF(me);
-        }
-    }
-    Py_DECREF(lock);
-    return got;
-}
-
-/* let_go(arena): arena._holder = None, the flock on arena._fd dropped (when
- * there is an fd: dropping a flock not taken does nothing), arena._lock
- * released: every step, in one C call, so that no signal handler can run
- * between them (see hold). Raises the first error after doing the rest. */
-static PyObject *
-let_go(PyObject *Py_UNUSED(module), PyObject *arena)
-{
-    PyObject *type = NULL, *value = NULL, *tb = NULL;
-    if (PyObject_SetAttr(arena, s_holder, Py_None) < 0)
-        PyErr_Fetch(&type, &value, &tb);
-    PyObject *fd_obj = PyObject_GetAttr(arena, s_fd);
-    long fd = fd_obj == NULL ? -1 : PyLong_AsLong(fd_obj);
-    Py_XDECREF(fd_obj);
-    if (PyErr_Occurred()) {
-        if (type == NULL)
-            PyErr_Fetch(&type, &value, &tb);
-        else
-            PyErr_Clear();
-    }
-    if (fd >= 0 && flock((int)fd, LOCK_UN) < 0 && type == NULL) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        PyErr_Fetch(&type, &value, &tb);
-    }
-    PyObject *lock = PyObject_GetAttr(arena, s_lock);
-    PyObject *r = lock == NULL ? NULL : PyObject_CallMethodNoArgs(lock, str_release);
-    Py_XDECREF(lock);
-    Py_XDECREF(r);
-    if (r == NULL) {
-        if (type == NULL)
-            PyErr_Fetch(&type, &value, &tb);
-        else
-            PyErr_Clear();
-    }
-    if (type != NULL) {
-        PyErr_Restore(type, value, tb);
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* -- Section: ``with arena.locked:`` ------------------------------------------
- * Arena.acquire() on entry; on exit arena.release(), or arena.abort() after
- * an exception. In C, so that its __exit__ has no first bytecode at which a
- * signal handler could raise before anything runs: whatever release() or
- * abort() raise, even at their own first line, the exit finds the lock still
- * this thread's and lets go of it (let_go). A section whose commit never ran
- * leaves its journal, which the next holder rolls back, as a dead holder's. */
-typedef struct {
-    PyObject_HEAD
-    PyObject *arena;
-} Section;
-
-static PyObject *
-section_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    PyObject *arena;
-    if (!PyArg_ParseTuple(args, "O:Section", &arena))
-        return NULL;
-    Section *self = (Section *)type->tp_alloc(type, 0);
-    if (self != NULL)
-        self->arena = Py_NewRef(arena);
-    return (PyObject *)self;
-}
-
-static int
-section_traverse(Section *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->arena);
-    return 0;
-}
-
-static int
-section_clear(Section *self)
-{
-    Py_CLEAR(self->arena);
-    return 0;
-}
-
-static void
-section_dealloc(Section *self)
-{
-    PyObject_GC_UnTrack(self);
-    section_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
-static PyObject *
-section_enter(Section *self, PyObject *Py_UNUSED(arg))
-{
-    PyObject *r = PyObject_CallMethodNoArgs(self->arena, str_acquire);
-    if (r == NULL)
-        return NULL;
-    Py_DECREF(r);
-    return Py_NewRef(self->arena);
-}
-
-static PyObject *let_go(PyObject *module, PyObject *arena);
-
-static PyObject *
-section_exit(Section *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "__exit__ takes three arguments");
-        return NULL;
-    }
-    PyObject *r = PyObject_CallMethodNoArgs(self->arena, args[0] == Py_None ? str_release
-                                                                             : str_abort);
-    if (r != NULL) {
-        Py_DECREF(r);
-        Py_RETURN_FALSE;
-    }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *holder = PyObject_GetAttr(self->arena, s_holder);
-    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    int mine = holder != NULL && me != NULL && PyObject_RichCompareBool(holder, me, Py_EQ) == 1;
-    Py_XDECREF(holder);
-    Py_XDECREF(me);
-    PyErr_Clear();
-    if (mine) {
-        PyObject *done = let_go(NULL, self->arena);
-        Py_XDECREF(done);
-        PyErr_Clear();
-    }
-    PyErr_Restore(type, value, tb);
-    return NULL;
-}
-
-static PyMethodDef section_methods[] = {
-    {"__enter__", (PyCFunction)section_enter, METH_NOARGS, "arena.acquire(); the arena."},
-    {"__exit__", (PyCFunction)(void (*)(void))section_exit, METH_FASTCALL,
-     "arena.release(), or arena.abort() after an exception; the lock let go of "
-     "whatever they raise."},
-    {NULL, NULL, 0, NULL},
-};
-
-static PyTypeObject SectionType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "polystore._shm._fastpath.Section",
-    .tp_basicsize = sizeof(Section),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Section(arena): ``with arena.locked:``, a locked section (see Arena.acquire).",
-    .tp_new = section_new,
-    .tp_traverse = (traverseproc)section_traverse,
-    .tp_clear = (inquiry)section_clear,
-    .tp_dealloc = (destructor)section_dealloc,
-    .tp_methods = section_methods,
-};
-
 static PyObject *
 fault_step(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
 {
@@ -758,10 +573,10 @@ fault_step(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg))
 }
 
 static PyMethodDef module_methods[] = {
-    {"let_go", let_go, METH_O,
+    {"let_go", fp_let_go, METH_O,
      "let_go(arena): arena._holder = None, the flock on arena._fd dropped, arena._lock\n"
      "released, with no bytecode between (see Arena.acquire)."},
-    {"hold", (PyCFunction)(void (*)(void))hold, METH_FASTCALL,
+    {"hold", (PyCFunction)(void (*)(void))fp_hold, METH_FASTCALL,
      "hold(arena, blocking) -> bool\n\n"
      "arena._lock.acquire(blocking), and arena._holder set to this thread's ident\n"
      "when it is taken, with no bytecode between (see Arena.acquire)."},
@@ -850,14 +665,6 @@ PyInit__fastpath(void)
     if (PyType_Ready(&CtlType) < 0)
         return NULL;
     str_locked = PyUnicode_InternFromString("locked");
-    str_acquire = PyUnicode_InternFromString("acquire");
-    str_release = PyUnicode_InternFromString("release");
-    str_abort = PyUnicode_InternFromString("abort");
-    s_holder = PyUnicode_InternFromString("_holder");
-    if (!str_acquire || !str_release || !str_abort || !s_holder)
-        return NULL;
-    if (PyType_Ready(&SectionType) < 0)
-        return NULL;
     s_epoch = PyUnicode_InternFromString("_epoch");
     s_pin_base = PyUnicode_InternFromString("pin_base");
     s_lock = PyUnicode_InternFromString("_lock");
@@ -876,9 +683,7 @@ PyInit__fastpath(void)
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&SectionType);
-    if (PyModule_AddObject(m, "Section", (PyObject *)&SectionType) < 0) {
-        Py_DECREF(&SectionType);
+    if (fp_lock_init(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -141,4 +141,9 @@ FP_INTERNAL PyObject *fp_publish_impl(Ctl *c, PyObject *const *args);
 /* args: the arena's fd, epoch and slot, the size class */
 FP_INTERNAL PyObject *fp_take_impl(Ctl *c, PyObject *const *args);
 
+/* _fastpath_lock.c: the store's locks taken and dropped in one C call each */
+FP_INTERNAL PyObject *fp_hold(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+FP_INTERNAL PyObject *fp_let_go(PyObject *module, PyObject *arena);
+FP_INTERNAL int fp_lock_init(PyObject *module);
+
 #endif

@@ -4,7 +4,9 @@
 compiler is there) repeats the common cases of the store in C: the
 lock-free lookup and pin of a ``get`` (its value description cached, or of a
 dtype this process has met), a small ``put`` of a key's same dtype and shape
-into a free block, and the end of a ``create`` that publishes a new key.
+into a free block, and the end of a ``create`` that publishes a new key. It
+also takes and drops the store's locks (``hold``, ``let_go``, ``Section``),
+each run of steps in one call that no Python signal handler can cut in two.
 Every other case, and every error, goes through the Python paths in ``read``
 and ``write``, which define the semantics; the C code declines rather than
 decides.
