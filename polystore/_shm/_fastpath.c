@@ -392,6 +392,77 @@ ctl_pin_add(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* A long attribute of the arena, or -1 with an exception set. */
+static long long
+arena_long(PyObject *arena, const char *name)
+{
+    PyObject *v = PyObject_GetAttrString(arena, name);
+    if (v == NULL)
+        return -1;
+    long long n = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return n;
+}
+
+/* view_dead(arena, ref): the weak-reference callback of every view, as
+ * Arena._view_dead in Python, in one C call: a Python signal handler that
+ * raises (Ctrl-C) cannot come between the view's forgetting and its unpin,
+ * which would leave the block pinned until the process ends. The Python
+ * path does what C does not: a process with no row yet, the store closed,
+ * leaving the store. */
+static PyObject *
+ctl_view_dead(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "view_dead(arena, ref)");
+        return NULL;
+    }
+    PyObject *arena = args[0];
+    if (c->refs == NULL || c->buf.obj == NULL)
+        return PyObject_CallMethod(arena, "_view_dead", "O", args[1]);
+    PyObject *key = PyLong_FromVoidPtr(args[1]);
+    if (key == NULL)
+        return NULL;
+    PyObject *item = PyDict_GetItemWithError(c->refs, key);
+    if (item == NULL) {
+        Py_DECREF(key);
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    long long b = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2
+                      ? PyLong_AsLongLong(PyTuple_GET_ITEM(item, 1)) : -1;
+    long long slot = arena_long(arena, "slot");
+    long long base = arena_long(arena, "pin_base");
+    PyObject *closed = PyObject_GetAttrString(arena, "closed");
+    int is_closed = closed == NULL ? -1 : PyObject_IsTrue(closed);
+    Py_XDECREF(closed);
+    if (PyErr_Occurred() || is_closed || slot < 0 || b < 0 || b >= c->max_blocks
+            || base < 0 || base + b >= c->max_procs * c->max_blocks) {
+        /* anything unusual: the Python callback decides, the entry still there */
+        PyErr_Clear();
+        Py_DECREF(key);
+        return PyObject_CallMethod(arena, "_view_dead", "O", args[1]);
+    }
+    if (PyDict_DelItem(c->refs, key) < 0) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_DECREF(key);
+    pin_atomic(&c->pins[base + b], -1);
+    if (PyDict_GET_SIZE(c->refs) == 0) {  /* the last view: perhaps leave the store */
+        long long handles = arena_long(arena, "handles");
+        PyObject *leave = PyObject_GetAttrString(arena, "leave_when_unused");
+        int wants = leave == NULL ? -1 : PyObject_IsTrue(leave);
+        Py_XDECREF(leave);
+        if (PyErr_Occurred())
+            return NULL;
+        if (handles <= 0 && wants)
+            return PyObject_CallMethod(arena, "leave", NULL);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 ctl_release(Ctl *c, PyObject *Py_UNUSED(ignored))
 {
@@ -631,6 +702,9 @@ static PyMethodDef ctl_methods[] = {
      "pin_add(index, delta): change a count of this process's row of the pin table "
      "atomically (never below zero). With the fast path on, every change to the row goes "
      "through here, so that the lock-free get() needs no thread lock."},
+    {"view_dead", (PyCFunction)(void (*)(void))ctl_view_dead, METH_FASTCALL,
+     "view_dead(arena, ref): the weak-reference callback of a view, in one C call "
+     "(Arena.view_dead binds it to its arena)."},
     {"release", (PyCFunction)ctl_release, METH_NOARGS,
      "Give the control segment's buffer back (every later call raises ValueError)."},
     {NULL, NULL, 0, NULL},

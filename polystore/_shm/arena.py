@@ -24,6 +24,7 @@ row of the pin table, so the pins of a process that died can be taken back.
 from __future__ import annotations
 
 import fcntl
+import functools
 import mmap
 import os
 import threading
@@ -143,9 +144,12 @@ class Arena(Allocator):
         self._pending: list[int] = []
         #: decoded description of each entry's value, valid while its E_MSEQ matches
         self.meta: dict[int, Meta] = {}
-        #: the weak-reference callback of every view (made once: the C read path takes it)
-        self.view_dead = self._view_dead
         self.fast = make_ctl(self._whole, layout)
+        #: the weak-reference callback of every view (made once: the C read path
+        #: takes it); with C, one call no signal handler can cut in two
+        self.view_dead: Any = (
+            self._view_dead if self.fast is None else functools.partial(self.fast.view_dead, self)
+        )
         if self.fast is not None:
             self.fast.bind(
                 self.meta, self.ro_maps, self.rw_maps, self._refs, self.view_dead, ix.DTYPES
