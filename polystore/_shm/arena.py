@@ -344,16 +344,11 @@ class Arena(Allocator):
             self._unlock()
 
     def _unlock(self) -> None:
-        # Each step runs even if a signal handler raises in the one before
-        # (see acquire).
+        # The locks go even if a signal handler raises here (see acquire).
         try:
-            self._holder = None
             self.q[_H_WSEQ] += 1
         finally:
-            try:
-                _flock(self._fd, _LOCK_UN)
-            finally:
-                self._lock.release()
+            _let_go(self)
 
     def _prune(self) -> None:
         # Some process unlinked segments: drop our mappings of them so their
@@ -497,22 +492,13 @@ class Arena(Allocator):
         self._refs[id(ref)] = (ref, b)
 
     def _view_dead(self, ref: weakref.ref[Any]) -> None:
+        # Without C, and for what C's view_dead leaves to it (no row yet, the
+        # store closed). C's unpins at once, with no lock: a dead view's pin
+        # can go at any time, even inside a section of this process.
         item = self._refs.pop(id(ref), None)
         if item is None or self.closed:
             return
-        if self.fast is not None and self.slot >= 0:
-            # One atomic C call, with no lock: a dead view's pin can go at any
-            # time, even inside a section of this process (which then finds
-            # the block unpinned, as it would a moment later). A signal
-            # handler that raises here cannot leave a lock taken.
-            self.fast.pin_add(self.pin_base + item[1], -1)
-        else:
-            self._unpin_deferring(item[1])
-        if self.handles <= 0 and self.leave_when_unused and not self._refs:
-            self.leave()
-
-    def _unpin_deferring(self, b: int) -> None:
-        """Unpin block ``b`` under the thread lock, or leave it for the lock's holder."""
+        b = item[1]
         me = _get_ident()
         if self._holder == me:
             # The garbage collector ran inside one of our own critical
@@ -531,6 +517,8 @@ class Arena(Allocator):
             self._unpin(b)
         finally:
             self._lock.release()
+        if self.handles <= 0 and self.leave_when_unused and not self._refs:
+            self.leave()
 
 
 # -- process-wide bookkeeping ---------------------------------------------------------------
