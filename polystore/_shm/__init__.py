@@ -29,9 +29,10 @@ The invariants, and where each is kept:
 * *A locked section is all or nothing* (``tables``): every change to shared
   state is journaled before it is made; a holder that dies is rolled back by
   the next one, which also finishes the unlinks it committed (``arena``).
-* *No exception leaves the lock taken* (``arena``, and the C ``Section``,
-  ``hold`` and ``let_go``): a signal handler that raises mid-section (Ctrl-C)
-  ends it as a crash would, and the lock is let go of in every case.
+* *No exception leaves the lock taken* (``arena``, ``fork``, and the C
+  ``Section``, ``hold``, ``let_go``, ``fork_lock`` and ``fork_unlock``): a
+  signal handler that raises mid-section (Ctrl-C), or in a fork hook, ends it
+  as a crash would, and the lock is let go of in every case.
 * *A key is old or new, never a mix* (``write``): array bytes are written only
   into blocks no key names; a new description goes into a fresh entry.
 * *A block has one owner* (``alloc``): FREE on one free list, WRITING for one

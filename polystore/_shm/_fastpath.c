@@ -651,6 +651,13 @@ static PyMethodDef module_methods[] = {
      "hold(arena, blocking) -> bool\n\n"
      "arena._lock.acquire(blocking), and arena._holder set to this thread's ident\n"
      "when it is taken, with no bytecode between (see Arena.acquire)."},
+    {"fork_lock", (PyCFunction)(void (*)(void))fp_fork_lock, METH_FASTCALL,
+     "fork_lock(state, arenas, closed): before a fork, acquire() each arena and note\n"
+     "those taken in state [held, r, w], with a pipe for the child, with no bytecode\n"
+     "between a lock and its note (see polystore._shm.fork)."},
+    {"fork_unlock", (PyCFunction)(void (*)(void))fp_fork_unlock, METH_FASTCALL,
+     "fork_unlock(state, timeout_ms): in the parent after a fork, wait for the\n"
+     "child's byte, then abort() every arena held, letting go of any that raises."},
     {"_fault_step", fault_step, METH_NOARGS,
      "Tests only: one step of the Python write path, on the same count as the C "
      "steps, so that a path that runs in both dies at the step the test chose."},

@@ -144,6 +144,8 @@ FP_INTERNAL PyObject *fp_take_impl(Ctl *c, PyObject *const *args);
 /* _fastpath_lock.c: the store's locks taken and dropped in one C call each */
 FP_INTERNAL PyObject *fp_hold(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 FP_INTERNAL PyObject *fp_let_go(PyObject *module, PyObject *arena);
+FP_INTERNAL PyObject *fp_fork_lock(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+FP_INTERNAL PyObject *fp_fork_unlock(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 FP_INTERNAL int fp_lock_init(PyObject *module);
 
 #endif

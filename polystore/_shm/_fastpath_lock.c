@@ -6,10 +6,15 @@
  * a lock and the code that drops it, it would leave the lock taken for good,
  * in this process (the thread lock) or in every process (the flock). These
  * functions do each such run of steps in one C call; Arena.acquire and
- * Arena.locked use them (see arena.py and tests/test_shm_interrupts.py).
+ * Arena.locked use them, and the fork hooks (fork_lock, fork_unlock) too
+ * (see arena.py, fork.py and tests/test_shm_interrupts.py).
  */
 #define NO_IMPORT_ARRAY
 #include "_fastpath.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <time.h>
 
 static PyObject *s_lock, *s_fd, *s_holder, *str_acquire, *str_release, *str_abort;
 
@@ -195,6 +200,185 @@ static PyTypeObject SectionType = {
     .tp_dealloc = (destructor)section_dealloc,
     .tp_methods = section_methods,
 };
+
+/* -- the fork hooks' locks (polystore._shm.fork) ------------------------------
+ * A process that forks while it holds views keeps those stores locked until
+ * the child has pinned what it inherited. A handler that raised between
+ * taking those locks and noting them, or at the first line of the hook that
+ * drops them after the fork (CPython reports an exception in a fork hook and
+ * goes on), would leave them taken for good. So both hooks are C calls: the
+ * only Python code they run is Arena.acquire() and Arena.abort(), each of
+ * which lets go of its locks whatever it raises (abort() through the same
+ * fallback as Section.__exit__). The state is a list [held, r, w]: the
+ * arenas locked for the child, and the pipe of its "done". */
+
+/* abort() each arena of list held; one that raised and that this thread still
+ * holds is let go of. held is emptied. 0, or -1 with the first error set. */
+static int
+abort_all(PyObject *held)
+{
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (me == NULL)
+        PyErr_Fetch(&type, &value, &tb);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(held); i++) {
+        PyObject *arena = PyList_GET_ITEM(held, i);
+        PyObject *r = PyObject_CallMethodNoArgs(arena, str_abort);
+        if (r != NULL) {
+            Py_DECREF(r);
+            continue;
+        }
+        if (type == NULL)
+            PyErr_Fetch(&type, &value, &tb);
+        else
+            PyErr_Clear();
+        PyObject *holder = PyObject_GetAttr(arena, s_holder);
+        int mine = holder != NULL && me != NULL
+                   && PyObject_RichCompareBool(holder, me, Py_EQ) == 1;
+        Py_XDECREF(holder);
+        PyErr_Clear();
+        if (mine) {
+            PyObject *done = fp_let_go(NULL, arena);
+            Py_XDECREF(done);
+            PyErr_Clear();
+        }
+    }
+    Py_XDECREF(me);
+    if (PyList_SetSlice(held, 0, PyList_GET_SIZE(held), NULL) < 0 && type == NULL)
+        PyErr_Fetch(&type, &value, &tb);
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+fork_state(PyObject *state, PyObject **held)
+{
+    if (!PyList_Check(state) || PyList_GET_SIZE(state) != 3
+            || !PyList_Check(PyList_GET_ITEM(state, 0))) {
+        PyErr_SetString(PyExc_TypeError, "the fork state is a list [held, r, w]");
+        return -1;
+    }
+    *held = PyList_GET_ITEM(state, 0);
+    return 0;
+}
+
+static int
+set_fd(PyObject *state, Py_ssize_t i, int fd)
+{
+    PyObject *n = PyLong_FromLong(fd);
+    return n == NULL ? -1 : PyList_SetItem(state, i, n);  /* (steals n) */
+}
+
+/* fork_lock(state, arenas, closed): arena.acquire() of each of arenas, each
+ * one taken appended to state's held in the same C call; an arena that raises
+ * closed (StoreClosedError) is skipped. If any was taken, a pipe for the
+ * child's "done" goes into state. On any other error, every arena taken is
+ * let go of again (abort) and the error raised: the fork goes on with no
+ * hand-off, as it does when no pipe can be made. */
+FP_INTERNAL PyObject *
+fp_fork_lock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *held;
+    if (nargs != 3 || fork_state(args[0], &held) < 0 || !PyList_Check(args[1])) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "fork_lock() takes the state, a list, a class");
+        return NULL;
+    }
+    PyObject *arenas = args[1];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arenas); i++) {
+        PyObject *arena = PyList_GET_ITEM(arenas, i);
+        PyObject *r = PyObject_CallMethodNoArgs(arena, str_acquire);
+        if (r == NULL) {
+            if (PyErr_ExceptionMatches(args[2])) {
+                PyErr_Clear();  /* closed meanwhile: its views need nothing from us */
+                continue;
+            }
+            goto undo;
+        }
+        int taken = r == Py_True;
+        Py_DECREF(r);
+        if (taken && PyList_Append(held, arena) < 0) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyObject *done = fp_let_go(NULL, arena);  /* (no section began: nothing to undo) */
+            Py_XDECREF(done);
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+            goto undo;
+        }
+    }
+    if (PyList_GET_SIZE(held) > 0) {
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC) < 0) {  /* no pipe, no hand-off: the child's views as before */
+            if (abort_all(held) < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        if (set_fd(args[0], 1, fds[0]) < 0 || set_fd(args[0], 2, fds[1]) < 0) {
+            close(fds[0]);
+            close(fds[1]);
+            goto undo;
+        }
+    }
+    Py_RETURN_NONE;
+undo:;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (abort_all(held) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
+/* fork_unlock(state, timeout_ms): in the parent after the fork, wait up to
+ * timeout_ms for the child's byte (or the end of the pipe, if it died first),
+ * then abort() every arena of state's held and close the pipe. Signals that
+ * arrive meanwhile are handled once this call has returned. */
+FP_INTERNAL PyObject *
+fp_fork_unlock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *held;
+    long timeout_ms = nargs == 2 ? PyLong_AsLong(args[1]) : -1;
+    if (nargs != 2 || (timeout_ms < 0 && PyErr_Occurred()) || fork_state(args[0], &held) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "fork_unlock() takes the state and a timeout");
+        return NULL;
+    }
+    long r = PyLong_AsLong(PyList_GET_ITEM(args[0], 1));
+    long w = PyLong_AsLong(PyList_GET_ITEM(args[0], 2));
+    if (PyErr_Occurred())
+        return NULL;
+    if (r >= 0 && w >= 0) {
+        close((int)w);
+        struct timespec start, now;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        long left = timeout_ms;
+        struct pollfd pfd = {.fd = (int)r, .events = POLLIN};
+        int got;
+        for (;;) {
+            Py_BEGIN_ALLOW_THREADS
+            got = poll(&pfd, 1, (int)left);
+            Py_END_ALLOW_THREADS
+            if (got >= 0 || errno != EINTR)
+                break;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000
+                                 + (now.tv_nsec - start.tv_nsec) / 1000000);
+            if (left <= 0)
+                break;
+        }
+        close((int)r);
+    }
+    int failed = set_fd(args[0], 1, -1) < 0 || set_fd(args[0], 2, -1) < 0;
+    /* The parent changed nothing in these sections; whatever the journal
+     * holds is a row claim of a child that died half way: abort undoes it. */
+    if (abort_all(held) < 0 || failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
 
 FP_INTERNAL int
 fp_lock_init(PyObject *module)

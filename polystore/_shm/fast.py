@@ -69,6 +69,10 @@ hold = _fastpath.hold if AVAILABLE else None
 let_go = _fastpath.let_go if AVAILABLE else None
 #: ``Section(arena)``: ``with arena.locked:`` in C (``Arena``); ``None`` without C
 Section = _fastpath.Section if AVAILABLE else None
+#: ``fork_lock(state, arenas, closed)`` and ``fork_unlock(state, timeout_ms)``:
+#: the fork hooks' locking in C (:mod:`polystore._shm.fork`); ``None`` without C
+fork_lock = _fastpath.fork_lock if AVAILABLE else None
+fork_unlock = _fastpath.fork_unlock if AVAILABLE else None
 
 #: ``key_parts(key)``: a key's (bytes, bytes + NUL, hash) made and cached in C,
 #: ``None`` for what only the Python path decides; ``None`` itself without C

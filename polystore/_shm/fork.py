@@ -8,18 +8,28 @@ child pins the blocks of its inherited views in a row of its own (the parent's
 lock covers it, through the open file description they share), says so
 through a pipe, and only then does the parent release the lock. A fork
 without live views costs nothing extra.
+
+Invariant kept: every store the hooks lock before the fork is released by
+the parent after it, even when a signal handler raises (Ctrl-C) in either
+hook. CPython reports an exception in a fork hook and forks all the same,
+so the hooks that lock and release are C calls (``fast.fork_lock``,
+``fast.fork_unlock``) that note each lock in the same call that takes it;
+without C, a bytecode boundary stays open in each (tests/test_shm_interrupts.py).
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import select
 import threading
 import warnings
+from typing import Any
 
 from ..exceptions import StoreClosedError
 from . import arena as _arena
+from . import fast as _fast
 
 __all__ = ["FORK_HANDOFF_SECONDS", "install"]
 
@@ -29,6 +39,27 @@ _handoff: tuple[list[_arena.Arena], int, int] | None = None
 FORK_HANDOFF_SECONDS = 10.0
 
 
+#: the C hooks' state: [stores locked for the child, read end, write end of its pipe]
+_state: list[Any] = [[], -1, -1]
+
+
+def _candidates() -> list[_arena.Arena]:
+    """The stores to hold locked across a fork: those with live views not locked here already."""
+    me = threading.get_ident()
+    return [
+        arena
+        for arena in list(_arena._all_arenas)
+        if arena._refs and not arena.closed and arena._holder != me
+    ]
+
+
+def _before_fork_c() -> None:
+    # (a handler raising here has locked nothing yet)
+    lock = _fast.fork_lock
+    assert lock is not None  # (registered only with C)
+    lock(_state, _candidates(), StoreClosedError)
+
+
 def _before_fork() -> None:
     # Pins are counted per process, so the views a child inherits are pinned by
     # the parent alone, which may drop them at once. Hold each store that has
@@ -36,10 +67,7 @@ def _before_fork() -> None:
     # the child has pinned what it inherited in a row of its own.
     global _handoff
     held = []
-    me = threading.get_ident()
-    for arena in list(_arena._all_arenas):
-        if not arena._refs or arena.closed or arena._holder == me:
-            continue
+    for arena in _candidates():
         try:
             arena.acquire()
         except StoreClosedError:  # closed meanwhile: its views need nothing from us
@@ -77,6 +105,9 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _handoff
     handoff, _handoff = _handoff, None
+    if _state[0]:  # the C hooks' hand-off
+        handoff = (list(_state[0]), _state[1], _state[2])
+        _state[:] = [[], -1, -1]
     adopted: set[int] = set()
     if handoff is not None:
         held, r, w = handoff
@@ -114,9 +145,17 @@ def install() -> None:
     """Register the fork hooks (once)."""
     global _installed
     if not _installed:
-        os.register_at_fork(
-            before=_before_fork,
-            after_in_parent=_after_fork_in_parent,
-            after_in_child=_after_fork_in_child,
-        )
+        if _fast.fork_unlock is not None:
+            after = functools.partial(
+                _fast.fork_unlock, _state, int(FORK_HANDOFF_SECONDS * 1000)
+            )  # (no first bytecode: see the module's docstring)
+            os.register_at_fork(
+                before=_before_fork_c, after_in_parent=after, after_in_child=_after_fork_in_child
+            )
+        else:
+            os.register_at_fork(
+                before=_before_fork,
+                after_in_parent=_after_fork_in_parent,
+                after_in_child=_after_fork_in_child,
+            )
         _installed = True
