@@ -41,9 +41,10 @@ def write_temp(directory: str, writer: Callable[[BinaryIO], object], *, fsync: b
         NotADirectoryError: ``directory`` or one of its parents is a file.
     """
     path = os.path.join(directory, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
-    f = _create(path, directory)
     try:
-        with f:  # closing flushes, and can fail too (a full disk)
+        # Created inside the try: an exception from a signal handler (Ctrl-C)
+        # right after the file appears removes it too.
+        with _create(path, directory) as f:  # closing flushes, and can fail too (a full disk)
             writer(f)
             if fsync:
                 f.flush()

@@ -270,9 +270,9 @@ class DiskBackend(StorageBackend):
         durable: bool,
     ) -> None:
         """Move the finished temporary file ``tmp`` onto ``target`` with its metadata."""
-        directory = os.path.dirname(target)
-        sidecar = self._sidecar(target)
-        try:
+        try:  # (from its first line: a signal handler's exception removes tmp too)
+            directory = os.path.dirname(target)
+            sidecar = self._sidecar(target)
             with directory_lock(directory, self.lock_timeout):
                 _place(tmp, target, sidecar, meta, text, overwrite, durable)
         except BaseException:

@@ -162,3 +162,72 @@ def test_overwrite_false_has_one_winner_among_processes(tmp_path: Path) -> None:
     winners = [w for w, outcome in outcomes if outcome == "won"]
     assert len(outcomes) == 4 and len(winners) == 1
     assert np.array_equal(backend.load("once.npy"), np.full(1000, winners[0]))
+
+
+# A SIGALRM handler that raises every 0.2 ms (Ctrl-C's KeyboardInterrupt can
+# land between any two bytecodes) across saves, loads and file locks, every
+# other iteration after an interrupt (so that saves also finish): no lock may
+# be left taken (another process takes each at once), the file must hold one
+# of the values saved, whole, with that save's metadata, and few interrupted
+# writes may leave their temporary file (one interrupted in its own clean-up).
+STORM = r"""
+import os, signal, sys, time
+import numpy as np
+from polystore import DiskBackend, file_lock
+
+class Interrupted(Exception):
+    pass
+
+armed = False
+
+def handler(signum, frame):
+    if armed:
+        raise Interrupted
+
+root, seconds = sys.argv[1], float(sys.argv[2])
+backend = DiskBackend(root=root)
+signal.signal(signal.SIGALRM, handler)
+interrupts, saved, i, skip = 0, 0, 0, False
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+start = time.monotonic()
+while time.monotonic() - start < seconds:
+    try:
+        armed, skip = not skip, False
+        i += 1
+        backend.save(np.full(1000, float(i % 2)), "d/a.npy", metadata={"i": i})
+        saved += 1
+        backend.load("d/a.npy")
+        with file_lock(os.path.join(root, "x")):
+            pass
+        armed = False
+    # (numpy's tofile() turns an exception raised inside it into a TypeError)
+    except (Interrupted, TypeError):
+        armed, skip = False, True
+        interrupts += 1
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+left = sum(name.startswith(".polystore-tmp-") for name in os.listdir(os.path.join(root, "d")))
+print(interrupts, saved, left)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_exceptions_from_signal_handlers_leave_no_lock_taken(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", STORM, str(tmp_path), "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    interrupts, saved, left = map(int, proc.stdout.split())
+    assert interrupts > 100 and saved > 10  # the storm interrupted, and saves finished
+    assert left <= interrupts // 5, (left, interrupts)  # (it was over half before)
+    backend = DiskBackend(root=tmp_path, lock_timeout=5)
+    with file_lock(tmp_path / "x", timeout=5):
+        pass
+    value = backend.load("d/a.npy")
+    assert value.shape == (1000,) and (value == value[0]).all()
+    assert value[0] == backend.load_metadata("d/a.npy")["i"] % 2  # the file's own metadata
+    backend.save(np.arange(3.0), "d/a.npy")  # the directory's commit lock is free too
+    assert np.array_equal(backend.load("d/a.npy"), np.arange(3.0))
