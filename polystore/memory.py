@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from ._managed import resyncing
 from .base import Kind, StatResult, StorageBackend, _normalize_extensions, check_link_names
 from .exceptions import (
     MetadataNotFoundError,
@@ -141,14 +142,15 @@ class MemoryBackend(StorageBackend):
                 f"shared_dict must be a mutable mapping, got {type(shared_dict).__name__}"
             )
         self._data: MutableMapping[str, Any] = {} if shared_dict is None else shared_dict
-        self.formats = formats if formats is not None else default_formats()
-        self.shm_threshold = int(shm_threshold)
         # Whether storing a value in the mapping already copies it (a Manager
         # proxy pickles it, a shared-memory mapping says so); otherwise save()
         # copies arrays first.
         self._mapping_copies = hasattr(self._data, "_callmethod") or bool(
             getattr(self._data, "copies_on_store", False)
         )
+        self._data = resyncing(self._data)  # (a Ctrl-C mid-call leaves a proxy out of step)
+        self.formats = formats if formats is not None else default_formats()
+        self.shm_threshold = int(shm_threshold)
         self._owns_store = False
         if store == "auto":
             store = None
@@ -182,10 +184,8 @@ class MemoryBackend(StorageBackend):
                 "to another; build it with shared_dict=multiprocessing.Manager().dict() "
                 "or use polystore.shared_registry()"
             )
-        return (
-            _rebuild,
-            (self._data, self.formats, self.store, self.shm_threshold),
-        )
+        data = getattr(self._data, "proxy", self._data)  # (Resyncing: the proxy itself)
+        return (_rebuild, (data, self.formats, self.store, self.shm_threshold))
 
     # -- helpers ------------------------------------------------------------
     def _kind_of(self, vpath: str) -> Kind | None:

@@ -12,6 +12,7 @@ import pytest
 from test_memory import RawMapping
 
 from polystore import FileManager, MemoryBackend
+from polystore._managed import Resyncing
 from polystore.testing import BackendTests, assert_same_value
 
 pytestmark = pytest.mark.timeout(120)
@@ -113,3 +114,96 @@ def test_queries_never_read_stored_values() -> None:
     backend.is_file("d/1.npy")
     backend.is_dir("d")
     assert counting.value_reads == 0
+
+
+class _CutAfterSend:
+    """A proxy's connection whose exchange is cut after the request went out (Ctrl-C in recv)."""
+
+    def __init__(self, conn: Any, exc: BaseException) -> None:
+        self.conn, self.exc = conn, exc
+
+    def send(self, obj: Any) -> None:
+        self.conn.send(obj)
+
+    def recv(self) -> Any:
+        raise self.exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("from a signal handler")])
+def test_an_interrupted_manager_call_leaves_the_mapping_in_step(
+    manager: Any, exc: BaseException
+) -> None:
+    proxy = manager.dict({"a": 1, "b": 2})
+    mapping = Resyncing(proxy)
+    assert mapping["a"] == 1
+    conn = proxy._tls.connection
+    with pytest.raises(KeyError):
+        mapping["missing"]  # the manager's own answer: the connection is kept
+    assert proxy._tls.connection is conn
+    proxy._tls.connection = _CutAfterSend(conn, exc)
+    with pytest.raises(type(exc)):
+        mapping["a"]  # its answer is left unread on that connection
+    # through the bare proxy, the next call would read "a"'s answer as its own
+    assert mapping["b"] == 2
+    assert proxy._tls.connection is not conn
+
+
+STORM = r"""
+import signal, sys, time
+import multiprocessing
+import numpy as np
+from polystore import MemoryBackend
+
+class Interrupted(Exception):
+    pass
+
+armed, count = False, 0
+
+def handler(signum, frame):
+    global count
+    if armed:
+        count += 1
+        raise KeyboardInterrupt if count % 2 else Interrupted
+
+if __name__ == "__main__":
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        backend = MemoryBackend(shared_dict=manager.dict(), store=None)
+        backend.save(np.zeros(10), "a.npy")
+        backend.save(np.ones(10), "b.npy")
+        signal.signal(signal.SIGALRM, handler)
+        interrupts = wrong = 0
+        skip = False
+        signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+        start = time.monotonic()
+        while time.monotonic() - start < float(sys.argv[1]):
+            try:
+                armed, skip = not skip, False
+                a, b = backend.load("a.npy"), backend.load("b.npy")
+                armed = False
+                wrong += not ((a == 0).all() and (b == 1).all())
+            except (KeyboardInterrupt, Interrupted):
+                armed, skip = False, True
+                interrupts += 1
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        print(interrupts, wrong)
+"""
+
+
+def test_a_manager_dict_under_a_storm_of_interrupts_reads_right_and_never_hangs(
+    tmp_path: Any,
+) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "storm.py"  # (spawn imports the main module from a file)
+    script.write_text(STORM)
+    proc = subprocess.run(
+        [sys.executable, str(script), "1.5"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    interrupts, wrong = map(int, proc.stdout.split())
+    assert interrupts > 50 and wrong == 0
