@@ -46,7 +46,9 @@ schedule: the same tasks computing in a store's kind of pages (files in
 Last, the steady passes of polystore, the floor and the ideal are taken in
 turns on pools that stay up (``--cycles`` of each): the ratios within a
 cycle, a second or so apart, are the steadiest measure this machine gives
-of what polystore adds to the floor and the floor to the ideal.
+of what polystore adds to the floor and the floor to the ideal. A second
+polystore registry and pool, made after the first, runs in the same turns:
+the ratio of the two (A/A) shows what the placement of memory alone does.
 Run: ``python benchmarks/pipeline.py [--images N --side S]``.
 """
 
@@ -255,22 +257,28 @@ def interleaved(
     seconds; a pass and the passes beside it in its cycle meet nearly the
     same machine, so the ratios within a cycle are the steadiest measure
     of what polystore adds to the floor, and the floor to the ideal.
+    ``"polystore B"`` is the same on a second registry and pool, made after
+    the first: the two differ only in where their memory lies.
     """
-    with polystore.shared_registry() as registry:
-        pipeline.reserve(registry, plan, workers)
-        factory = FileManagerFactory(registry, premap=True)
-        with pipeline.StagePool(workers, context, factory.initializer) as ours:
-            fm = factory()
-            passes = {
-                "polystore": lambda: pipeline.stream(ours, fm, plan, 4 * workers, progress=False),
-                "floor": standing["floor"],
-                "ideal": standing["ideal"],
-            }
-            passes["polystore"]()
-            times: dict[str, list[float]] = {name: [] for name in passes}
-            for _ in range(cycles):
-                for name, run in passes.items():
-                    times[name].append(_seconds(run))
+    passes: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        # A second registry of the same code, made after the first: the
+        # ratio of the two (A/A) is what the placement of their memory
+        # alone does, the noise floor of the other ratios.
+        for name in ("polystore", "polystore B"):
+            registry = stack.enter_context(polystore.shared_registry())
+            pipeline.reserve(registry, plan, workers)
+            factory = FileManagerFactory(registry, premap=True)
+            pool = stack.enter_context(pipeline.StagePool(workers, context, factory.initializer))
+            passes[name] = functools.partial(
+                pipeline.stream, pool, factory(), plan, 4 * workers, False
+            )
+            passes[name]()
+        passes["floor"], passes["ideal"] = standing["floor"], standing["ideal"]
+        times: dict[str, list[float]] = {name: [] for name in passes}
+        for _ in range(cycles):
+            for name, run in passes.items():
+                times[name].append(_seconds(run))
     return times
 
 
@@ -489,11 +497,12 @@ def main() -> None:
         ("polystore / ideal", "polystore", "ideal"),
         ("floor / ideal", "floor", "ideal"),
         ("polystore / floor", "polystore", "floor"),
+        ("polystore / B (A/A)", "polystore", "polystore B"),
     ]:
         ratios = sorted(t / u for t, u in zip(turns[top], turns[bottom], strict=True))
         quarter = len(ratios) // 4
         print(
-            f"  {label:18} median {statistics.median(ratios):.2f}x, middle half "
+            f"  {label:19} median {statistics.median(ratios):.2f}x, middle half "
             f"{ratios[quarter]:.2f}x to {ratios[-1 - quarter]:.2f}x, "
             f"all {ratios[0]:.2f}x to {ratios[-1]:.2f}x"
         )
