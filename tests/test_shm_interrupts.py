@@ -63,7 +63,8 @@ with polystore.SharedArrayStore() as store:
                 else:
                     store.put(f"k{i}", value)
                     store.delete(f"k{i}")
-                    store.put(f"k{i}", value)
+                    with store.create(f"k{i}", value.shape, value.dtype) as out:
+                        out[:] = value
             armed = False
         except (Interrupted, KeyError):
             armed = False
@@ -71,7 +72,7 @@ with polystore.SharedArrayStore() as store:
     signal.setitimer(signal.ITIMER_REAL, 0, 0)
     for pid in children:
         assert os.waitpid(pid, 0)[1] == 0, "a child did not see its view"
-    del held
+    held = view = out = None  # (a view left bound by an interrupted iteration)
     arena = store._arena
     assert not arena._lock.locked(), "the thread lock was left taken"
     if arena.fast is not None and arena.slot >= 0:  # (C's callback: no view keeps its pin)

@@ -392,6 +392,46 @@ ctl_pin_add(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* pin_tracked(base, index, b): pin count index of this process's row, and
+ * watch base (which every view of block b keeps alive) so that its death
+ * unpins, in one C call: a signal handler that raised between a Python-level
+ * pin and its watch would leave the block pinned for the life of the process
+ * (create(), write.py). On failure the pin is dropped again. */
+static PyObject *
+ctl_pin_tracked(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "pin_tracked(base, index, block)");
+        return NULL;
+    }
+    if (!ctl_live(c))
+        return NULL;
+    long long index = PyLong_AsLongLong(args[1]);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index >= c->max_procs * c->max_blocks) {
+        PyErr_Format(PyExc_IndexError, "pin_tracked(%lld): no such count", index);
+        return NULL;
+    }
+    if (c->refs == NULL || c->view_dead == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "pin_tracked(): the arena is not bound");
+        return NULL;
+    }
+    pin_atomic(&c->pins[index], 1);
+    PyObject *ref = PyWeakref_NewRef(args[0], c->view_dead);
+    PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
+    PyObject *entry = id == NULL ? NULL : PyTuple_Pack(2, ref, args[2]);
+    int stored = entry == NULL ? -1 : PyDict_SetItem(c->refs, id, entry);
+    Py_XDECREF(entry);
+    Py_XDECREF(id);
+    Py_XDECREF(ref);
+    if (stored < 0) {
+        pin_atomic(&c->pins[index], -1);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* A long attribute of the arena, or -1 with an exception set. */
 static long long
 arena_long(PyObject *arena, const char *name)
@@ -709,6 +749,9 @@ static PyMethodDef ctl_methods[] = {
      "pin_add(index, delta): change a count of this process's row of the pin table "
      "atomically (never below zero). With the fast path on, every change to the row goes "
      "through here, so that the lock-free get() needs no thread lock."},
+    {"pin_tracked", (PyCFunction)(void (*)(void))ctl_pin_tracked, METH_FASTCALL,
+     "pin_tracked(base, index, block): pin_add(index, 1) and watch base so that its "
+     "death unpins block (Arena.track), in one C call."},
     {"view_dead", (PyCFunction)(void (*)(void))ctl_view_dead, METH_FASTCALL,
      "view_dead(arena, ref): the weak-reference callback of a view, in one C call "
      "(Arena.view_dead binds it to its arena)."},

@@ -486,6 +486,19 @@ class Arena(Allocator):
         with self._lock:
             self._unpin(b)
 
+    def hold_view(self, view_base: Any, b: int) -> None:
+        """Pin block ``b`` for a view whose base is ``view_base``, until it dies (:meth:`track`).
+
+        With C, in one call (``Ctl.pin_tracked``): an exception from a signal
+        handler between the pin and the watch would leave the block pinned
+        for the life of the process.
+        """
+        if self.fast is not None:
+            self.fast.pin_tracked(view_base, self.pin_base + b, b)
+        else:
+            self.pin_add(self.pin_base + b, 1)
+            self.track(view_base, b)
+
     def track(self, view_base: Any, b: int) -> None:
         """Unpin block ``b`` when ``view_base``, which every view of it keeps alive, dies."""
         ref = weakref.ref(view_base, self.view_dead)

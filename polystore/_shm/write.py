@@ -174,8 +174,7 @@ class create:
             item = a.rw_maps.get(s)
             mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
             arr = np.frombuffer(mm, dtype, self.count, off)
-            a.pin_add(a.pin_base + b, 1)  # held like a view: unpinned when the array dies
-            a.track(arr.base, b)
+            a.hold_view(arr.base, b)  # pinned like a view: unpinned when the array dies
             if len(shape) != 1:
                 arr = arr.reshape(shape, order=order)
         except BaseException:
