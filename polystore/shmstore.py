@@ -571,12 +571,12 @@ class SharedArrayStore:
         a = self._live()
         if LOCK_FREE_GET and a.slot >= 0:
             fast = a.fast
-            if fast is not None:  # the same read in C, if the value's description is cached
-                found = fast.get(a, kbz, h)
-                if found is None:
+            if fast is not None:  # the same read and view in C, if the description is cached
+                got = fast.get(a, kbz, h)
+                if got is None:
                     raise KeyError(key)
-                if found is not False:
-                    return view_of(a, *found)
+                if got is not False:
+                    return got
             found = get_optimistic(a, kbz, h)
             if found is None:
                 raise KeyError(key)

@@ -189,10 +189,11 @@ def test_a_get_while_a_writer_holds_the_lock_goes_to_python(c_store: SharedArray
         assert a.fast.get(a, kbz, h) is False
     finally:
         a.release()
-    found = a.fast.get(a, kbz, h)
-    assert isinstance(found, tuple)
-    assert a.pins[a.pin_base + found[1]] == 1  # pinned once, for the caller
-    a.unpin(found[1])
+    view, flags = a.fast.get(a, kbz, h)  # the view, pinned and watched in the same call
+    assert np.array_equal(view, np.arange(10.0)) and flags == 0
+    assert a.pins_np[a.slot].sum() == 1  # pinned once, for the view
+    del view
+    assert not a.pins_np.any()  # unpinned when it died
     # another epoch (segments unlinked meanwhile): Python prunes its mappings first
     a._epoch += 1
     assert a.fast.get(a, kbz, h) is False

@@ -39,22 +39,20 @@ FP_INTERNAL PyObject *fp_str_C, *fp_str_F;
 
 PyDoc_STRVAR(ctl_get_doc,
 "get(arena, kbz, hash) -> tuple | None | False\n\n"
-"Look a key up and pin its block without the store lock (a seqlock read).\n"
-"Returns (meta, block, segment, generation, offset) with the block pinned in\n"
-"this process's row of the pin table; None if the key is absent; False when\n"
-"the Python path must decide (a writer was busy or got in the way, the store\n"
-"changed, or the value's description is neither cached in arena.meta nor of\n"
-"a dtype text in layout.DTYPES).\n"
+"Look a key up and pin its block without the store lock (a seqlock read), then\n"
+"make the read-only view of the block, tracked as Arena.track() does (unpinned\n"
+"once no view is left), all in this one call: (view, the value's flags). None\n"
+"if the key is absent; False, with nothing pinned, when the Python path must\n"
+"decide (a writer was busy or got in the way, the store changed, the value's\n"
+"description is neither cached in arena.meta nor of a dtype text in\n"
+"layout.DTYPES, a process without a row in the pin table, an empty value, or\n"
+"a segment not mapped for reading at its current generation).\n"
 "arena is the store's polystore._shm.arena.Arena in this process.");
 
 PyDoc_STRVAR(ctl_view_doc,
 "view(arena, key) -> ndarray | None | False\n\n"
-"get() of a key found in the key cache, then the read-only view of the pinned\n"
-"block, tracked as Arena.track() does (unpinned once no view is left). None\n"
-"if the key is absent; False, with nothing pinned, when the Python path must\n"
-"decide (as for get(), and for a key not in the cache, a process without a\n"
-"row in the pin table, an empty value, or a segment not mapped for reading\n"
-"at its current generation).");
+"get() of a key found in the key cache, returning the view alone; False also\n"
+"for a key not in the cache.");
 
 PyDoc_STRVAR(ctl_put_doc,
 "put_small(arena, key, array[, absent[, present]]) -> bool\n\n"

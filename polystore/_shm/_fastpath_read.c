@@ -246,21 +246,6 @@ drop_pin(Ctl *c, int32_t *pin)
         pin_atomic(pin, -1);
 }
 
-FP_INTERNAL PyObject *
-fp_get_impl(Ctl *c, PyObject *const *args)
-{
-    Found found;
-    int status = lookup_and_pin(c, args, &found);
-    if (status != GOT)
-        return not_got(status);
-    PyObject *r = Py_BuildValue("(OLLLL)", found.meta, (long long)found.b,
-                                (long long)found.s, (long long)found.gen, (long long)found.off);
-    Py_DECREF(found.meta);
-    if (r == NULL && found.pin != NULL)  /* out of memory: nothing will unpin it */
-        drop_pin(c, found.pin);
-    return r;
-}
-
 /* The view of a pinned block, as view_of() in read.py makes it. Once
  * *tracked is set, the weak reference unpins the block when the view's base
  * dies, so a failure after that (making the array) leaves the pin to it. */
@@ -333,8 +318,11 @@ make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, i
     return view;
 }
 
-FP_INTERNAL PyObject *
-fp_view_impl(Ctl *c, PyObject *const *args)
+/* The view of a key's value, pinned and tracked in this one C call (so that
+ * no signal handler can raise between the pin and the watch); with_flags:
+ * (view, the value's flags) instead. */
+static PyObject *
+view_impl(Ctl *c, PyObject *const *args, int with_flags)
 {
     Found found;
     int status = lookup_and_pin(c, args, &found);
@@ -353,6 +341,8 @@ fp_view_impl(Ctl *c, PyObject *const *args)
     Py_INCREF(callback);
     int tracked = 0;
     PyObject *view = make_view(&found, ro_maps, refs, callback, &tracked);
+    if (with_flags && view != NULL && view != Py_False)  /* meta: (..., flags, dt) */
+        Py_SETREF(view, PyTuple_Pack(2, view, PyTuple_GET_ITEM(found.meta, 5)));
     Py_DECREF(found.meta);
     Py_DECREF(ro_maps);
     Py_DECREF(refs);
@@ -360,6 +350,18 @@ fp_view_impl(Ctl *c, PyObject *const *args)
     if (!tracked && (view == NULL || view == Py_False))
         drop_pin(c, found.pin);
     return view;
+}
+
+FP_INTERNAL PyObject *
+fp_view_impl(Ctl *c, PyObject *const *args)
+{
+    return view_impl(c, args, 0);
+}
+
+FP_INTERNAL PyObject *
+fp_get_impl(Ctl *c, PyObject *const *args)
+{
+    return view_impl(c, args, 1);
 }
 
 /* Whether the key (its bytes and NUL, its hash) is in the store, read as

@@ -149,16 +149,18 @@ def view_of(
         empty = np.empty(shape, dtype, order=order)
         empty.flags.writeable = False
         return empty, flags
+    tracked = False
     try:
         item = a.ro_maps.get(s)
         mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
         view = np.frombuffer(mm, dtype, count, off)
-    except BaseException:
-        a.unpin(b)
-        raise
-    # Every view derived from `view` keeps view.base alive: when it dies,
-    # no view of the block is left in this process.
-    a.track(view.base, b)
+        # Every view derived from `view` keeps view.base alive: when it dies,
+        # no view of the block is left in this process.
+        a.track(view.base, b)
+        tracked = True
+    finally:
+        if not tracked:  # (an exception, a signal handler's too, before the watch began)
+            a.unpin(b)
     if len(shape) != 1:
         view = view.reshape(shape, order=order)
     return view, flags
