@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,52 @@ def test_interrupts_across_the_filemanager_leave_no_lock_and_no_pin() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) > 100  # the storm did interrupt
+
+
+LIFE_STORM = r"""
+import signal, sys, time
+import numpy as np
+import polystore
+
+class Interrupted(Exception):
+    pass
+
+armed = False
+
+def handler(signum, frame):
+    if armed:
+        raise Interrupted
+
+directory, seconds = sys.argv[1], float(sys.argv[2])
+signal.signal(signal.SIGALRM, handler)
+interrupts, skip = 0, False
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+start = time.monotonic()
+while time.monotonic() - start < seconds:
+    try:
+        armed, skip = not skip, False
+        with polystore.SharedArrayStore(directory=directory) as store:
+            store.put("a", np.arange(1000.0))
+        armed = False
+    except Interrupted:
+        armed, skip = False, True
+        interrupts += 1
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print("interrupts", interrupts)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_stores_made_and_closed_under_interrupts_leave_no_file_once_the_process_ends(
+    tmp_path: Path,
+) -> None:
+    # A store is noted before its control file exists and forgotten once all
+    # its files are gone: a creation or a close cut short by an exception
+    # leaves its files to the exit of the process at worst.
+    proc = subprocess.run(
+        [sys.executable, "-c", LIFE_STORM, str(tmp_path), "2"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) > 100  # the storm did interrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -229,18 +229,8 @@ class Arena(Allocator):
                 self.set(ix.H_CLOSED, 1)
         except StoreClosedError:
             pass  # closed already; still make sure no file remains
-        prefix = f"{ix.PREFIX}{self.owner_pid}-{self.name}."
-        paths = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.startswith(prefix)]
-        if self.spill_dir is not None and os.path.isdir(self.spill_dir):
-            paths += [
-                os.path.join(self.spill_dir, n)
-                for n in os.listdir(self.spill_dir)
-                if n.startswith(prefix) and not n.endswith(".ctl")
-            ]
-        # Data segments first: a control file whose data is gone would look
-        # like the remains of a crashed owner to `python -m polystore gc`.
-        for path in sorted(paths, key=lambda n: n.endswith(".ctl")):
-            unlink_quietly(path)
+        remove_files(self.dir, self.owner_pid, self.name, self.spill_dir)
+        _created.pop((self.dir, self.name), None)
         self.shutdown()
 
     def drop_handle(self, explicit: bool) -> None:
@@ -547,9 +537,50 @@ def _forget(arena: Arena) -> None:
         del _arenas[key]
 
 
+#: the stores this process created and has not removed: (directory, name) ->
+#: spill directory. Invariant kept: a store is noted before its control file
+#: is made and forgotten only once destroy() has unlinked all its files, so
+#: whatever an exception (a signal handler's too) left between the two,
+#: creation or removal cut short, goes when the process ends (_leave_all).
+_created: dict[tuple[str, str], str | None] = {}
+
+
+def note_created(directory: str, name: str, spill_dir: str | None) -> None:
+    """Note a store this process is about to create (see ``_created``)."""
+    _register_exit_hook()
+    _created[(directory, name)] = spill_dir
+
+
+def forget_created(directory: str, name: str) -> None:
+    """Forget a store noted by :func:`note_created` that this process did not create."""
+    _created.pop((directory, name), None)
+
+
+def remove_files(directory: str, owner_pid: int, name: str, spill_dir: str | None) -> None:
+    """Unlink every file of a store: its data segments (spilled ones too), then its control file."""
+    prefix = f"{ix.PREFIX}{owner_pid}-{name}."
+    paths = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
+    if spill_dir is not None and os.path.isdir(spill_dir):
+        paths += [
+            os.path.join(spill_dir, n)
+            for n in os.listdir(spill_dir)
+            if n.startswith(prefix) and not n.endswith(".ctl")
+        ]
+    # Data segments first: a control file whose data is gone would look
+    # like the remains of a crashed owner to `python -m polystore gc`.
+    for path in sorted(paths, key=lambda n: n.endswith(".ctl")):
+        unlink_quietly(path)
+
+
 def _leave_all() -> None:
     for arena in list(_arenas.values()):
         arena.leave()
+    me = os.getpid()  # (a forked child inherits its parent's notes, not its stores)
+    for (directory, name), spill_dir in list(_created.items()):
+        try:
+            remove_files(directory, me, name, spill_dir)
+        except OSError:
+            pass  # (the directory went away)
 
 
 def _register_exit_hook() -> None:

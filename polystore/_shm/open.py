@@ -18,8 +18,8 @@ import numpy as np
 from ..exceptions import StorageError, StoreClosedError, StoreNotFoundError
 from . import fork as _fork
 from . import layout as ix
-from .alloc import reserve_memory
-from .arena import Arena, lookup, remember
+from .alloc import reserve_memory, unlink_quietly
+from .arena import Arena, forget_created, lookup, note_created, remember
 
 __all__ = ["create_store", "open_store", "owners_of"]
 
@@ -70,18 +70,27 @@ def create_store(
     )
     pid, start = ix.my_identity()
     path = ix.ctl_path(directory, pid, name)
+    # Noted before the file exists: an exception at any point from here on
+    # (a signal handler's too) leaves it to the exit of this process at worst.
+    note_created(directory, name, spill_dir)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     except FileExistsError:  # another user's, with our pid (another pid namespace)
+        forget_created(directory, name)
         msg = f"{path} exists and belongs to another user; choose another name"
         raise StorageError(msg) from None
+    except BaseException:
+        unlink_quietly(path)  # (ours if it exists: made by the call just cut short)
+        forget_created(directory, name)
+        raise
     try:
         os.ftruncate(fd, layout.size)  # sparse: only the pages backed cost memory
         reserve_memory(fd, 0, layout.fixed_size, directory)
         arena = Arena(directory, pid, name, fd, layout)
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        unlink_quietly(path)
+        forget_created(directory, name)
         raise
     # Nobody can attach before the magic number is written: no journal needed.
     h = arena.q
