@@ -368,3 +368,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="how long the shared-memory kill soak runs (tests/test_shm_soak.py); "
         "the default keeps CI short, run 300 or more before a release",
     )
+    parser.addoption(
+        "--storm-seconds",
+        type=float,
+        default=1.0,
+        help="how long each storm of exceptions from a signal handler runs "
+        "(tests/test_shm_interrupts.py and the disk's and the Manager dict's); "
+        "the default keeps CI short, run 10 or more before a release",
+    )
+
+
+@pytest.fixture
+def storm_seconds(request: pytest.FixtureRequest) -> str:
+    """The length of an interrupt storm, as the storm scripts take it (``--storm-seconds``)."""
+    return str(request.config.getoption("--storm-seconds"))

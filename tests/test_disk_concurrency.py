@@ -211,12 +211,14 @@ print(interrupts, saved, left)
 
 
 @pytest.mark.timeout(90)
-def test_exceptions_from_signal_handlers_leave_no_lock_taken(tmp_path: Path) -> None:
+def test_exceptions_from_signal_handlers_leave_no_lock_taken(
+    tmp_path: Path, storm_seconds: str
+) -> None:
     import subprocess
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", STORM, str(tmp_path), "2"],
+        [sys.executable, "-c", STORM, str(tmp_path), storm_seconds],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -193,7 +193,7 @@ if __name__ == "__main__":
 
 
 def test_a_manager_dict_under_a_storm_of_interrupts_reads_right_and_never_hangs(
-    tmp_path: Any,
+    tmp_path: Any, storm_seconds: str
 ) -> None:
     import subprocess
     import sys
@@ -201,7 +201,7 @@ def test_a_manager_dict_under_a_storm_of_interrupts_reads_right_and_never_hangs(
     script = tmp_path / "storm.py"  # (spawn imports the main module from a file)
     script.write_text(STORM)
     proc = subprocess.run(
-        [sys.executable, str(script), "1.5"],
+        [sys.executable, str(script), storm_seconds],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

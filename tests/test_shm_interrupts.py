@@ -4,11 +4,14 @@ A Python signal handler runs between two bytecodes of the main thread, and
 KeyboardInterrupt is the one every user meets. Raised between taking a lock
 and the ``try`` that drops it, it would leave the store locked for good: in
 this process, or, for the store's flock, in every process. A storm of
-SIGALRM every 0.2 ms, each raising, runs across gets, puts and deletes,
-and across forks made while a view is held (the fork hooks lock the store
-until the child has pinned what it inherited); the store must stay usable
-and whole, no view that died meanwhile may keep its block pinned, and every
-child must find its inherited view intact.
+SIGALRM every 0.2 ms, each raising, runs across gets, puts, creates and
+deletes, across forks made while a view is held (the fork hooks lock the
+store until the child has pinned what it inherited), across a FileManager's
+calls on the shared registry's backends, and across stores being made and
+closed; the store must stay usable and whole, no view that died meanwhile
+may keep its block pinned, every child must find its inherited view intact,
+and no store's file may outlive the process. ``--storm-seconds`` sets the
+length of each storm (1 s by default, for CI).
 """
 
 from __future__ import annotations
@@ -89,11 +92,13 @@ with polystore.SharedArrayStore() as store:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("mode", ["get", "write", "fork"])
-def test_exceptions_from_signal_handlers_never_leave_the_store_locked(mode: str) -> None:
+def test_exceptions_from_signal_handlers_never_leave_the_store_locked(
+    mode: str, storm_seconds: str
+) -> None:
     if mode == "fork" and not _shm_fast.AVAILABLE:
         pytest.skip("without C, the fork hooks keep a bytecode boundary open")
     proc = subprocess.run(
-        [sys.executable, "-c", STORM, mode, "2"],
+        [sys.executable, "-c", STORM, mode, storm_seconds],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,7 +137,7 @@ with polystore.shared_registry() as registry:
                 with fm.create_array(f"e/{i % 3}.npy", value.shape, value.dtype,
                                      backend=backend) as out:
                     out[:] = value
-                for _ in range(4):  # (loads, where a pin and its watch once came apart)
+                for _ in range(12):  # (loads, where a pin and its watch once came apart)
                     view = fm.load(f"d/{i % 3}.npy", backend=backend)
                 fm.list_files("d", backend=backend)
                 fm.delete(f"e/{i % 3}.npy", backend=backend)
@@ -157,13 +162,13 @@ with polystore.shared_registry() as registry:
 
 
 @pytest.mark.timeout(90)
-def test_interrupts_across_the_filemanager_leave_no_lock_and_no_pin() -> None:
+def test_interrupts_across_the_filemanager_leave_no_lock_and_no_pin(storm_seconds: str) -> None:
     # Saves (a file and its metadata), blocks made in place, loads, listings
     # and deletes on the memory and shm backends of a shared registry.
     if not _shm_fast.AVAILABLE:
         pytest.skip("without C, a bytecode boundary stays open between a pin and its watch")
     proc = subprocess.run(
-        [sys.executable, "-c", FM_STORM, "2"],
+        [sys.executable, "-c", FM_STORM, storm_seconds],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,15 +210,15 @@ print("interrupts", interrupts)
 
 @pytest.mark.timeout(90)
 def test_stores_made_and_closed_under_interrupts_leave_no_file_once_the_process_ends(
-    tmp_path: Path,
+    tmp_path: Path, storm_seconds: str
 ) -> None:
     # A store is noted before its control file exists and forgotten once all
     # its files are gone: a creation or a close cut short by an exception
     # leaves its files to the exit of the process at worst.
     proc = subprocess.run(
-        [sys.executable, "-c", LIFE_STORM, str(tmp_path), "2"],
+        [sys.executable, "-c", LIFE_STORM, str(tmp_path), storm_seconds],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 100  # the storm did interrupt
+    assert int(proc.stdout.split()[-1]) > 20  # the storm did interrupt (a store takes ms)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
