@@ -65,7 +65,6 @@ from ._shm.read import (
     contains_optimistic,
     get_locked,
     get_optimistic,
-    view_of,
 )
 from .exceptions import ShmFullError, StorageError, StoreClosedError, StoreNotFoundError
 from .formats import ArraySpec, array_spec
@@ -577,16 +576,15 @@ class SharedArrayStore:
                     raise KeyError(key)
                 if got is not False:
                     return got
-            found = get_optimistic(a, kbz, h)
-            if found is None:
+            got = get_optimistic(a, kbz, h)
+            if got is None:
                 raise KeyError(key)
-            if found is not RETRY:
-                meta, b, s, gen, off = found
-                return view_of(a, meta, b, s, gen, off)
-        found = get_locked(a, kbz, h)
-        if found is None:
+            if got is not RETRY:
+                return got
+        got = get_locked(a, kbz, h)
+        if got is None:
             raise KeyError(key)
-        return view_of(a, *found)
+        return got
 
     def info(self, key: str) -> EntryInfo:
         """Shape, dtype, size and kind of ``key``'s value, without mapping it.

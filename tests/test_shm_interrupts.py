@@ -4,8 +4,8 @@ A Python signal handler runs between two bytecodes of the main thread, and
 KeyboardInterrupt is the one every user meets. Raised between taking a lock
 and the ``try`` that drops it, it would leave the store locked for good: in
 this process, or, for the store's flock, in every process. A storm of
-SIGALRM every 0.2 ms, each raising, runs across gets, puts, creates and
-deletes, across forks made while a view is held (the fork hooks lock the
+SIGALRM every 0.2 ms, each raising, runs across gets (in C, and in Python
+after segments were unlinked), puts, creates and deletes, across forks made while a view is held (the fork hooks lock the
 store until the child has pinned what it inherited), across a FileManager's
 calls on the shared registry's backends, and across stores being made and
 closed; the store must stay usable and whole, no view that died meanwhile
@@ -42,7 +42,11 @@ def handler(signum, frame):
 mode, seconds = sys.argv[1], float(sys.argv[2])
 value = np.arange(20_000, dtype=np.float64)
 signal.signal(signal.SIGALRM, handler)
-with polystore.SharedArrayStore() as store:
+# "unlink": no idle memory kept, so each delete of a large value unlinks its
+# segment and the next get takes the Python path (the store changed epoch)
+large = np.ones(3 << 17)
+kwargs = {"cache_bytes": 0} if mode == "unlink" else {}
+with polystore.SharedArrayStore(**kwargs) as store:
     for i in range(4):
         store.put(f"k{i}", value)
     interrupts = 0
@@ -59,6 +63,10 @@ with polystore.SharedArrayStore() as store:
                 if mode == "get":
                     view = store.get(f"k{i}")
                     del view
+                elif mode == "unlink":  # each put frees a large block, whose segment goes
+                    view = store.get(f"k{i}")
+                    del view
+                    store.put(f"large{i % 2}", large)
                 elif mode == "fork":  # with a view held: the fork hook locks the store
                     pid = os.fork()
                     if pid == 0:
@@ -91,7 +99,7 @@ with polystore.SharedArrayStore() as store:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["get", "write", "fork"])
+@pytest.mark.parametrize("mode", ["get", "write", "unlink", "fork"])
 def test_exceptions_from_signal_handlers_never_leave_the_store_locked(
     mode: str, storm_seconds: str
 ) -> None:

@@ -27,7 +27,6 @@ __all__ = [
     "get_optimistic",
     "make_meta",
     "read_meta",
-    "view_of",
 ]
 
 _EQ, _BLK, _SEG = ix.ENT_SIZE // 8, ix.BLK_FIELDS, ix.SEG_FIELDS
@@ -53,12 +52,16 @@ def make_meta(
 
 
 def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
-    """Look a key up and pin its block without the store lock (see the module docstring).
+    """A key's value read without the store lock (see the module docstring).
 
-    Returns (meta, block, segment, generation, offset), ``None`` if the key
-    is absent, or ``RETRY`` when a writer was busy or got in the way (then
-    the caller takes the lock). A seqlock: the write counter was even and
-    unchanged around the reads, so they saw no locked section.
+    Returns (read-only view, flags), ``None`` if the key is absent, or
+    ``RETRY`` when a writer was busy or got in the way (then the caller
+    takes the lock). A seqlock: the write counter was even and unchanged
+    around the reads, so they saw no locked section. The view is made
+    before the block is pinned, and with C pinned and watched in one call
+    (``Ctl.pin_tracked``), so that no exception, a signal handler's
+    included, can leave a pin that nothing drops; a view the check then
+    rejects unpins as it dies.
     """
     try:
         hdr = a.h
@@ -74,31 +77,29 @@ def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
         fresh = meta is None or meta[0] != a.eq[k + _E_MSEQ]
         if meta is None or fresh:
             meta = read_meta(a, e)
-        s = gen = off = 0
+        view = None
         if b >= 0:
             k = b * _BLK
             s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-            gen = a.sq[s * _SEG + _S_GEN]
+            view = _view(a, meta, s, a.sq[s * _SEG + _S_GEN], off)
     except Exception:  # torn reads can look like anything; the lock sorts it out
         return RETRY
-    if b >= 0:
-        with a._lock:  # also the barrier between the pin and the check below
-            a.pin_add(a.pin_base + b, 1)
+    if view is not None:
+        if a.fast is not None:  # pinned and watched in one C call; its atomic add is the barrier
+            a.fast.pin_tracked(view.base, a.pin_base + b, b)
+        else:
+            with a._lock:  # the row's other writers, and the barrier before the check below
+                a.pin_add(a.pin_base + b, 1)
+            a.track(view.base, b)  # (without C, a handler raising just before leaves the pin)
     if hdr[_H_WSEQ] != seq:
-        if b >= 0:
-            a.unpin(b)
         return RETRY
     if fresh:
         a.meta[e] = meta
-    return meta, b, s, gen, off
+    return _shaped(view, meta), meta[5]
 
 
 def get_locked(a: _arena.Arena, kbz: bytes, h: int) -> Any:
-    """What :func:`get_optimistic` finds, under the lock: None if absent.
-
-    (meta, block, segment, generation, offset) for :func:`view_of`, the
-    block pinned by this process.
-    """
+    """What :func:`get_optimistic` finds, under the lock: (view, flags), or None if absent."""
     with a.locked:
         e = a.find(kbz, h)[1]
         if e < 0:
@@ -109,15 +110,15 @@ def get_locked(a: _arena.Arena, kbz: bytes, h: int) -> Any:
         if meta is None or meta[0] != a.eq[k + _E_MSEQ]:
             meta = read_meta(a, e)
             a.meta[e] = meta
-        s = gen = off = 0
+        view = None
         if b >= 0:
             if a.slot < 0:
                 a.my_slot()
-            a.pin_add(a.pin_base + b, 1)  # pin: only this process writes its row
             k = b * _BLK
             s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-            gen = a.sq[s * _SEG + _S_GEN]
-    return meta, b, s, gen, off
+            view = _view(a, meta, s, a.sq[s * _SEG + _S_GEN], off)
+            a.hold_view(view.base, b)  # pin and watch: only this process writes its row
+    return _shaped(view, meta), meta[5]
 
 
 def contains_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
@@ -140,30 +141,23 @@ def contains_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
     return found if hdr[_H_WSEQ] == seq else RETRY
 
 
-def view_of(
-    a: _arena.Arena, meta: _arena.Meta, b: int, s: int, gen: int, off: int
-) -> tuple[np.ndarray[Any, Any], int]:
-    """The read-only view of pinned block ``b`` (a new empty array for ``b == -1``)."""
-    _, dtype, shape, count, order, flags, _ = meta
-    if b < 0:
+def _view(a: _arena.Arena, meta: _arena.Meta, s: int, gen: int, off: int) -> np.ndarray[Any, Any]:
+    """A flat read-only array over a value's bytes in segment ``s``; nothing pinned yet."""
+    item = a.ro_maps.get(s)
+    mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
+    # Every view derived from this one keeps its base alive: when that dies,
+    # no view of the block is left in this process (Arena.track).
+    return np.frombuffer(mm, meta[1], meta[3], off)
+
+
+def _shaped(view: np.ndarray[Any, Any] | None, meta: _arena.Meta) -> np.ndarray[Any, Any]:
+    """``view`` in the value's shape and order; a new empty array for an empty value."""
+    _, dtype, shape, _, order, _, _ = meta
+    if view is None:
         empty = np.empty(shape, dtype, order=order)
         empty.flags.writeable = False
-        return empty, flags
-    tracked = False
-    try:
-        item = a.ro_maps.get(s)
-        mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
-        view = np.frombuffer(mm, dtype, count, off)
-        # Every view derived from `view` keeps view.base alive: when it dies,
-        # no view of the block is left in this process.
-        a.track(view.base, b)
-        tracked = True
-    finally:
-        if not tracked:  # (an exception, a signal handler's too, before the watch began)
-            a.unpin(b)
-    if len(shape) != 1:
-        view = view.reshape(shape, order=order)
-    return view, flags
+        return empty
+    return view if len(shape) == 1 else view.reshape(shape, order=order)
 
 
 def read_meta(a: _arena.Arena, e: int) -> _arena.Meta:
