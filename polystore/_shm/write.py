@@ -629,11 +629,17 @@ def grow(a: _arena.Arena, cls: int) -> int:
 
 
 def _abandon_reservation(a: _arena.Arena, s: int, gen: int, path: str) -> None:
+    live = False
     try:
         with a.locked:
             k = s * ix.SEG_FIELDS
-            if a.sq[k + ix.S_STATE] == ix.SEG_CREATING and a.sq[k + ix.S_GEN] == gen:
-                a.drop_reservation(s)
+            if a.sq[k + ix.S_GEN] == gen:
+                if a.sq[k + ix.S_STATE] == ix.SEG_CREATING:
+                    a.drop_reservation(s)
+                # An exception (a signal handler's) after the section that made
+                # it live committed: its file is the store's now, not ours to remove.
+                live = a.sq[k + ix.S_STATE] == ix.SEG_LIVE
     except StoreClosedError:
         pass  # the owner closed the store and took the reservation with it
-    unlink_quietly(path)
+    if not live:
+        unlink_quietly(path)
