@@ -5,13 +5,14 @@ KeyboardInterrupt is the one every user meets. Raised between taking a lock
 and the ``try`` that drops it, it would leave the store locked for good: in
 this process, or, for the store's flock, in every process. A storm of
 SIGALRM every 0.2 ms, each raising, runs across gets (in C, and in Python
-after segments were unlinked), puts, creates and deletes, across forks made while a view is held (the fork hooks lock the
-store until the child has pinned what it inherited), across a FileManager's
-calls on the shared registry's backends, and across stores being made and
-closed; the store must stay usable and whole, no view that died meanwhile
-may keep its block pinned, every child must find its inherited view intact,
-and no store's file may outlive the process. ``--storm-seconds`` sets the
-length of each storm (1 s by default, for CI).
+after segments were unlinked), puts, creates and deletes, across forks made
+while a view is held (the fork hooks lock the store until the child has
+pinned what it inherited), across a FileManager's calls on the shared
+registry's backends, and across stores being made and closed; the store
+must stay usable and whole, no view that died meanwhile may keep its block
+pinned, every child must find its inherited view intact, and no store's
+file may outlive the process. ``--storm-seconds`` sets the length of each
+storm (1 s by default, for CI).
 """
 
 from __future__ import annotations
