@@ -21,11 +21,12 @@ import json
 import os
 import socket
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ._shm.keys import key_parts
+from ._shm.write import GuardedExit
 from .base import StorageBackend, UnavailableBackend
 from .exceptions import UnsupportedFormatError, os_error
 from .formats import ArraySpec, FormatRegistry, NpyFormat, array_spec, normalize_metadata
@@ -172,8 +173,12 @@ def _ancestry_of(parents: tuple[str, ...]) -> tuple[list[Any], list[tuple[Any, s
     return [key_parts(p + "/") for p in parents], [(key_parts(p), p) for p in parents]
 
 
-class _Translated:
-    """A create block whose publish reports a file in the way of a directory as the backend does."""
+class _Translated(GuardedExit):
+    """A create block whose publish reports a file in the way of a directory as the backend does.
+
+    Its exit, like the block's, is guarded (``write.GuardedExit``): cut short
+    at its first line, it still gives the block back.
+    """
 
     __slots__ = ("backend", "block", "vpath")
 
@@ -183,13 +188,19 @@ class _Translated:
     def __enter__(self) -> Any:
         return self.block.__enter__()
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+    def _fallback(self) -> None:
+        self.block._fallback()
+
+    def _finish(self, exc_type: Any, exc: Any, tb: Any) -> Any:
         try:
             return self.block.__exit__(exc_type, exc, tb)
         except FileExistsError as found:
             if exc_type is not None:  # (the block's own exception goes on as it was)
                 raise
             raise self.backend._in_the_way(found, self.vpath, self.vpath) from None
+
+    if TYPE_CHECKING or GuardedExit is object:
+        __exit__ = _finish
 
 
 class SharedMemoryBackend(MemoryBackend):

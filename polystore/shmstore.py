@@ -688,7 +688,7 @@ class SharedArrayStore:
         taken: list[int] = []
         try:
             while len(taken) * ix.CLASS_SIZES[cls] < nbytes:
-                taken.append(_shm_write.grow(a, cls))
+                _shm_write.grow(a, cls, taken)
         finally:
             if taken:
                 with a.locked:

@@ -283,7 +283,7 @@ def test_c_writes_decline_unless_the_related_keys_are_as_required(
     shape, dt, nbytes = (8, 8), ix.encode_dtype(np.dtype(np.float64)), 512
     parts = key("new")
     c_store.put_bytes("new.meta", b"{}")
-    b = _shm_write.take(a, ix.class_of(nbytes), 0)
+    b = _shm_write.take(a, ix.class_of(nbytes), 0, [])
 
     def publish(absent: tuple[Any, ...], present: tuple[Any, ...]) -> bool:
         return a.fast.publish(a, parts[1], parts[2], b, nbytes, dt, shape, 0, absent, present)
@@ -317,13 +317,13 @@ def test_take_and_publish_in_c_decline_what_python_must_decide(
 
     def declines() -> None:
         before = (a.h.tolist(), a.blk_np.copy())
-        assert a.fast.take(a, cls) == -1
+        assert a.fast.take(a, cls, []) == -1
         assert publish(0) is False  # (block 0 is not this process's: refused anyway)
         assert a.h.tolist() == before[0]  # nothing changed, not even the counter
         assert np.array_equal(a.blk_np, before[1])
 
     # no free block of the class, or a class out of range: Python decides
-    assert a.fast.take(a, ix.N_CLASSES) == -1 and a.fast.take(a, -1) == -1
+    assert a.fast.take(a, ix.N_CLASSES, []) == -1 and a.fast.take(a, -1, []) == -1
     with a._lock:  # another thread of this process is in the store
         declines()
     a.q[ix.H_WSEQ] += 1  # a lock holder died inside a section
@@ -342,13 +342,15 @@ def test_take_and_publish_in_c_decline_what_python_must_decide(
     finally:
         os.close(other)
     # all clear: a block taken in C is this process's to fill, and published in C
-    b = a.fast.take(a, cls)
-    assert b >= 0 and a.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.WRITING
+    taken: list[int] = []
+    b = a.fast.take(a, cls, taken)
+    assert b >= 0 and taken == [b]  # noted in the same call that takes it
+    assert a.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.WRITING
     assert a.bq[b * ix.BLK_FIELDS + ix.B_OWNER] == a.slot
     assert publish(b) is True and "new" in c_store
     assert a.bq[b * ix.BLK_FIELDS + ix.B_STATE] == ix.LIVE
     assert c_store.get("new").shape == shape
-    b2 = a.fast.take(a, cls)
+    b2 = a.fast.take(a, cls, [])
     assert publish(b2) is False  # the key exists now: Python replaces it
     _shm_write.abandon(a, b2)
     assert not problems(a)

@@ -306,8 +306,12 @@ ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 ctl_take(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (check_nargs(nargs, 2, "take", "the arena and the size class") < 0)
+    if (check_nargs(nargs, 3, "take", "the arena, the size class and a list") < 0)
         return NULL;
+    if (!PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "take(): the block goes into a list");
+        return NULL;
+    }
     PyObject *got[5];
     int busy;
     if (quiet_arena(args[0], got, &busy) < 0)
@@ -318,6 +322,11 @@ ctl_take(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     } else {
         PyObject *inner[4] = {got[0], got[1], got[2], args[1]};
         r = fp_take_impl(c, inner);
+        /* The block is this process's from here: into the caller's list in this
+         * same call, so that an exception (a signal handler's) before the
+         * caller sees the result cannot lose it (write.take). */
+        if (r != NULL && PyLong_AsLongLong(r) >= 0 && PyList_Append(args[2], r) < 0)
+            Py_CLEAR(r);
     }
     drop(got, 5);
     return r;
@@ -722,10 +731,11 @@ static PyMethodDef ctl_methods[] = {
     {"get", (PyCFunction)(void (*)(void))ctl_get, METH_FASTCALL, ctl_get_doc},
     {"view", (PyCFunction)(void (*)(void))ctl_view, METH_FASTCALL, ctl_view_doc},
     {"take", (PyCFunction)(void (*)(void))ctl_take, METH_FASTCALL,
-     "take(arena, cls) -> int\n\n"
+     "take(arena, cls, into) -> int\n\n"
      "Take the block at the head of size class cls's free list for this process\n"
-     "to fill (WRITING), in one journaled section under the flock; -1, having\n"
-     "changed nothing, when the list is empty or in the cases publish() declines."},
+     "to fill (WRITING), in one journaled section under the flock, and append it\n"
+     "to the list into in the same call; -1, having changed nothing, when the list\n"
+     "is empty or in the cases publish() declines."},
     {"contains", (PyCFunction)ctl_contains, METH_O,
      "contains(key) -> bool | None\n\n"
      "Whether key is in the store, looked up without the lock (a seqlock read);\n"

@@ -17,6 +17,7 @@
 #include <time.h>
 
 static PyObject *s_lock, *s_fd, *s_holder, *str_acquire, *str_release, *str_abort;
+static PyObject *str_finish, *str_fallback;
 
 /* hold(arena, blocking): arena._lock.acquire(blocking), and when it is taken,
  * arena._holder set to this thread's ident in the same C call. A Python
@@ -380,6 +381,48 @@ fp_fork_unlock(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* -- ExitGuard: a context manager whose __exit__ has no first bytecode -------
+ * A Python __exit__ that a signal handler's exception cuts short at its first
+ * line runs none of its clean-up: a create() block's taken block would stay
+ * this process's until it ends. ExitGuard.__exit__ is C: it calls
+ * self._finish(exc_type, exc, tb), and if that raises, self._fallback() (whose
+ * own errors are dropped) before raising the first error. A base for
+ * write.create. */
+static PyObject *
+guard_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__ takes three arguments");
+        return NULL;
+    }
+    PyObject *r = PyObject_CallMethodObjArgs(self, str_finish, args[0], args[1], args[2], NULL);
+    if (r != NULL)
+        return r;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *done = PyObject_CallMethodNoArgs(self, str_fallback);
+    Py_XDECREF(done);
+    PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
+static PyMethodDef guard_methods[] = {
+    {"__exit__", (PyCFunction)(void (*)(void))guard_exit, METH_FASTCALL,
+     "self._finish(exc_type, exc, tb); self._fallback() if that raised."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GuardType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "polystore._shm._fastpath.ExitGuard",
+    .tp_basicsize = sizeof(PyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "A base for context managers whose __exit__ must start: see _finish, _fallback.",
+    .tp_new = PyType_GenericNew,
+    .tp_methods = guard_methods,
+};
+
 FP_INTERNAL int
 fp_lock_init(PyObject *module)
 {
@@ -389,8 +432,18 @@ fp_lock_init(PyObject *module)
     str_acquire = PyUnicode_InternFromString("acquire");
     str_release = PyUnicode_InternFromString("release");
     str_abort = PyUnicode_InternFromString("abort");
-    if (!s_lock || !s_fd || !s_holder || !str_acquire || !str_release || !str_abort)
+    str_finish = PyUnicode_InternFromString("_finish");
+    str_fallback = PyUnicode_InternFromString("_fallback");
+    if (!s_lock || !s_fd || !s_holder || !str_acquire || !str_release || !str_abort || !str_finish
+            || !str_fallback)
         return -1;
+    if (PyType_Ready(&GuardType) < 0)
+        return -1;
+    Py_INCREF(&GuardType);
+    if (PyModule_AddObject(module, "ExitGuard", (PyObject *)&GuardType) < 0) {
+        Py_DECREF(&GuardType);
+        return -1;
+    }
     if (PyType_Ready(&SectionType) < 0)
         return -1;
     Py_INCREF(&SectionType);

@@ -69,6 +69,9 @@ hold = _fastpath.hold if AVAILABLE else None
 let_go = _fastpath.let_go if AVAILABLE else None
 #: ``Section(arena)``: ``with arena.locked:`` in C (``Arena``); ``None`` without C
 Section = _fastpath.Section if AVAILABLE else None
+#: a base whose C ``__exit__`` calls ``_finish``, then ``_fallback`` if that
+#: raised (``write.create``); ``None`` without C
+ExitGuard = _fastpath.ExitGuard if AVAILABLE else None
 #: ``fork_lock(state, arenas, closed)`` and ``fork_unlock(state, timeout_ms)``:
 #: the fork hooks' locking in C (:mod:`polystore._shm.fork`); ``None`` without C
 fork_lock = _fastpath.fork_lock if AVAILABLE else None

@@ -27,18 +27,30 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
 from ..exceptions import ShmFullError, StorageError, StoreClosedError
 from . import arena as _arena
+from . import fast as _fast
 from . import faults as _faults
 from . import layout as ix
 from .alloc import unlink_quietly
 from .read import make_meta as _meta
 
-__all__ = ["SMALL_PUT", "Related", "abandon", "commit", "create", "grow", "put", "remove", "take"]
+__all__ = [
+    "SMALL_PUT",
+    "GuardedExit",
+    "Related",
+    "abandon",
+    "commit",
+    "create",
+    "grow",
+    "put",
+    "remove",
+    "take",
+]
 
 #: puts up to this size copy while holding the store lock (one lock round trip)
 SMALL_PUT = ix.SMALL_PUT
@@ -76,19 +88,20 @@ def put(
             raise FileExistsError(errno.EEXIST, "key exists", key)
         if nbytes == 0:
             return _install(a, i, e, parts, -1, value)
-        b = a.pop_free(cls)
-        if b >= 0 and nbytes <= SMALL_PUT:
-            # Copied while holding the lock: one lock round trip, and a
-            # rollback gives the block back if this process dies here.
-            if _faults.kill_at:
-                _faults.step()
-            _copy(a, b, arr, src, nbytes)
-            if _faults.kill_at:
-                _faults.step()
-            return _install(a, i, e, parts, b, value)
-    if b < 0:
-        b = take(a, cls, timeout)
+        if nbytes <= SMALL_PUT:
+            b = a.pop_free(cls)
+            if b >= 0:
+                # Copied while holding the lock: one lock round trip, and a
+                # rollback gives the block back if this process dies here.
+                if _faults.kill_at:
+                    _faults.step()
+                _copy(a, b, arr, src, nbytes)
+                if _faults.kill_at:
+                    _faults.step()
+                return _install(a, i, e, parts, b, value)
+    mine: list[int] = []  # the block taken, noted by take() as it takes it
     try:
+        b = take(a, cls, timeout, mine)
         if _faults.kill_at:
             _faults.step()
         _copy(a, b, arr, src, nbytes)  # outside the lock: no one else sees b
@@ -96,11 +109,22 @@ def put(
             _faults.step()
         _publish(a, key, parts, b, value, overwrite)
     except BaseException:
-        abandon(a, b)
+        for b in mine:
+            abandon(a, b)
         raise
 
 
-class create:
+#: the base of context managers whose __exit__ is ``_finish``, with
+#: ``_fallback`` run if that raises, even at its first line (``fast.ExitGuard``;
+#: without C, a subclass sets ``__exit__ = _finish`` and one bytecode stays open)
+GuardedExit: type
+if TYPE_CHECKING or _fast.ExitGuard is None:  # noqa: SIM108 (a ternary defeats mypy's narrowing)
+    GuardedExit = object
+else:
+    GuardedExit = _fast.ExitGuard
+
+
+class create(GuardedExit):
     """Yield a writable array in a block of its own; publish it under ``key`` on exit.
 
     The block is WRITING and owned by this process while the caller fills
@@ -168,8 +192,9 @@ class create:
         if self.nbytes == 0:
             self.arr = np.empty(shape, dtype, order=order)
             return self.arr
-        b = take(a, ix.class_of(self.nbytes), self.timeout)
+        mine: list[int] = []  # the block taken, noted by take() as it takes it
         try:
+            b = take(a, ix.class_of(self.nbytes), self.timeout, mine)
             s, gen, off = a.block_location(b)
             item = a.rw_maps.get(s)
             mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, True)
@@ -178,12 +203,21 @@ class create:
             if len(shape) != 1:
                 arr = arr.reshape(shape, order=order)
         except BaseException:
-            abandon(a, b)
+            for b in mine:
+                abandon(a, b)
             raise
         self.b, self.arr = b, arr
         return arr
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+    # With C, __exit__ is ExitGuard's: it calls _finish and, if that raised
+    # (even at its first line, where a signal handler's exception would skip
+    # every clean-up below), _fallback, so that the block taken is never left
+    # this process's. Without C, _finish is __exit__ (one bytecode stays open).
+    def _fallback(self) -> None:
+        if self.b >= 0:
+            abandon(self.a, self.b)  # (a block published already is left alone)
+
+    def _finish(self, exc_type: object, exc: object, tb: object) -> None:
         a, b, arr = self.a, self.b, self.arr
         assert arr is not None
         try:
@@ -223,6 +257,9 @@ class create:
             raise
         finally:
             arr.flags.writeable = False
+
+    if TYPE_CHECKING or GuardedExit is object:
+        __exit__ = _finish
 
 
 def _copy(
@@ -334,15 +371,14 @@ def commit(
     """
     installs: list[Install] = [] if filled is None else [filled]
     described = [(parts, arr, *_describe(a.name, arr, flags)) for parts, arr, flags in puts]
-    mine = []  # blocks taken here (the caller frees ``filled``'s if this raises)
+    mine: list[int] = []  # blocks taken here (the caller frees ``filled``'s if this raises)
     deadline = None if timeout is None else time.monotonic() + timeout  # for all the values
     try:
         for parts, arr, src, value in described:
             b = -1
             if value[0]:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                b = take(a, ix.class_of(value[0]), 0.0 if timeout == 0 else left)
-                mine.append(b)
+                b = take(a, ix.class_of(value[0]), 0.0 if timeout == 0 else left, mine)
                 if _faults.kill_at:
                     _faults.step()
                 _copy(a, b, arr, src, value[0])  # outside the lock: no one else sees b
@@ -547,21 +583,28 @@ def abandon(a: _arena.Arena, b: int) -> None:
         return  # the owner closed the store: the block went with it
 
 
-def take(a: _arena.Arena, cls: int, timeout: float | None) -> int:
+def take(a: _arena.Arena, cls: int, timeout: float | None, into: list[int]) -> int:
     """A block of class ``cls`` for this process to fill, waiting up to ``timeout`` s for room.
 
     With no room (``max_bytes`` reached, or the file system full) it tries
     again, less and less often, until other processes free enough or the
     time is up (``None``: no limit); ``0`` fails at once. A value that can
     never fit under ``max_bytes`` fails at once too.
+
+    Invariant kept: the block is appended to ``into`` as it becomes this
+    process's (in the same C call, or right after the section that took
+    it), so a caller whose ``try`` began before the call gives it back
+    (:func:`abandon`) whatever is raised, a signal handler's exception
+    included. (In Python a section's last bytecode stays open: a block kept
+    until the process ends, never one given back twice.)
     """
     fast = a.fast
     if fast is not None and a.slot >= 0:  # a free block at hand: taken in C
-        b = fast.take(a, cls)
+        b = fast.take(a, cls, into)
         if b >= 0:
             return b
     try:
-        return grow(a, cls)
+        return grow(a, cls, into)
     except ShmFullError:
         limit = a.h[ix.H_MAX_BYTES] if a.spill_dir is None else 0
         if timeout == 0 or (limit and ix.segment_shape(cls)[1] > limit):
@@ -571,43 +614,46 @@ def take(a: _arena.Arena, cls: int, timeout: float | None) -> int:
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            return grow(a, cls)  # the last try raises ShmFullError if still full
+            return grow(a, cls, into)  # the last try raises ShmFullError if still full
         time.sleep(delay if deadline is None else min(delay, deadline - now))
         delay = min(2 * delay, 0.05)
         try:
-            return grow(a, cls)
+            return grow(a, cls, into)
         except ShmFullError:
             continue
 
 
-def grow(a: _arena.Arena, cls: int) -> int:
+def grow(a: _arena.Arena, cls: int, into: list[int]) -> int:
     """Take a block of class ``cls``, creating a segment if need be (takes the lock).
 
     Three steps, each safe to die after: a locked section records the
     new segment as being created by this process; its file is created
     and backed without the lock; a second section makes it live. A
     process killed in between leaves a reservation that the reaper
-    drops, unlinking the file.
+    drops, unlinking the file. The block goes into ``into`` (see :func:`take`).
     """
+    reserved: tuple[int, int, list[int]] | None = None
     with a.locked:
         a.my_slot()
         b = a.pop_free(cls)
-        if b >= 0:
-            return b
-        # New memory is needed. Looking at other processes costs a read of
-        # /proc per process, so it is done here, not for every block taken
-        # (benchmarks/pipeline.py: a third of a warm create_array).
-        if not ix.is_alive(a.owner_pid, a.h[ix.H_START]):
-            # Nobody would remove a new segment but `python -m polystore gc`.
-            raise StorageError(
-                f"the owner (pid {a.owner_pid}) of shared array store {a.name!r} "
-                "died; the store takes no more memory"
-            )
-        a.reap()  # the pins and blocks of dead processes may hold what we need
-        b = a.pop_free(cls)
-        if b >= 0:
-            return b
-        s, gen, descs = a.reserve_segment(cls)
+        if b < 0:
+            # New memory is needed. Looking at other processes costs a read of
+            # /proc per process, so it is done here, not for every block taken
+            # (benchmarks/pipeline.py: a third of a warm create_array).
+            if not ix.is_alive(a.owner_pid, a.h[ix.H_START]):
+                # Nobody would remove a new segment but `python -m polystore gc`.
+                raise StorageError(
+                    f"the owner (pid {a.owner_pid}) of shared array store {a.name!r} "
+                    "died; the store takes no more memory"
+                )
+            a.reap()  # the pins and blocks of dead processes may hold what we need
+            b = a.pop_free(cls)
+            if b < 0:
+                reserved = a.reserve_segment(cls)
+    if reserved is None:
+        into.append(b)
+        return b
+    s, gen, descs = reserved
     path = a.seg_file(s, gen)
     try:
         if _faults.kill_at:
@@ -622,13 +668,16 @@ def grow(a: _arena.Arena, cls: int) -> int:
             for d in descs[1:]:
                 a.push_free(d)
     except BaseException:
-        _abandon_reservation(a, s, gen, path)
+        if _abandon_reservation(a, s, gen, path):
+            into.append(descs[0])  # live after all: the caller gives its block back
         raise
+    into.append(descs[0])
     a.rw_maps[s] = (gen, mm)
     return descs[0]
 
 
-def _abandon_reservation(a: _arena.Arena, s: int, gen: int, path: str) -> None:
+def _abandon_reservation(a: _arena.Arena, s: int, gen: int, path: str) -> bool:
+    """Drop segment ``s``'s reservation and its file; ``True`` if it was made live meanwhile."""
     live = False
     try:
         with a.locked:
@@ -643,3 +692,4 @@ def _abandon_reservation(a: _arena.Arena, s: int, gen: int, path: str) -> None:
         pass  # the owner closed the store and took the reservation with it
     if not live:
         unlink_quietly(path)
+    return live
