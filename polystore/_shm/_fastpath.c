@@ -377,6 +377,20 @@ ctl_bind(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* The count of index (a Python int) in the pin table, or NULL with IndexError. */
+static int32_t *
+pin_at(Ctl *c, PyObject *index_obj, const char *name)
+{
+    long long index = PyLong_AsLongLong(index_obj);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index < 0 || index >= c->max_procs * c->max_blocks) {
+        PyErr_Format(PyExc_IndexError, "%s(%lld): no such count", name, index);
+        return NULL;
+    }
+    return &c->pins[index];
+}
+
 static PyObject *
 ctl_pin_add(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -386,16 +400,17 @@ ctl_pin_add(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!ctl_live(c))
         return NULL;
-    long long index = PyLong_AsLongLong(args[0]);
     long delta = PyLong_AsLong(args[1]);
-    if (PyErr_Occurred())
+    if (delta == -1 && PyErr_Occurred())
         return NULL;
-    if (index < 0 || index >= c->max_procs * c->max_blocks || delta < INT32_MIN
-            || delta > INT32_MAX) {
-        PyErr_Format(PyExc_IndexError, "pin_add(%lld, %ld): no such count", index, delta);
+    if (delta < INT32_MIN || delta > INT32_MAX) {
+        PyErr_Format(PyExc_IndexError, "pin_add(): a delta of %ld", delta);
         return NULL;
     }
-    pin_atomic(&c->pins[index], (int32_t)delta);
+    int32_t *pin = pin_at(c, args[0], "pin_add");
+    if (pin == NULL)
+        return NULL;
+    pin_atomic(pin, (int32_t)delta);
     Py_RETURN_NONE;
 }
 
@@ -413,27 +428,17 @@ ctl_pin_tracked(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!ctl_live(c))
         return NULL;
-    long long index = PyLong_AsLongLong(args[1]);
-    if (index == -1 && PyErr_Occurred())
+    int32_t *pin = pin_at(c, args[1], "pin_tracked");
+    long long b = pin == NULL ? -1 : PyLong_AsLongLong(args[2]);
+    if (pin == NULL || (b == -1 && PyErr_Occurred()))
         return NULL;
-    if (index < 0 || index >= c->max_procs * c->max_blocks) {
-        PyErr_Format(PyExc_IndexError, "pin_tracked(%lld): no such count", index);
-        return NULL;
-    }
     if (c->refs == NULL || c->view_dead == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "pin_tracked(): the arena is not bound");
         return NULL;
     }
-    pin_atomic(&c->pins[index], 1);
-    PyObject *ref = PyWeakref_NewRef(args[0], c->view_dead);
-    PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
-    PyObject *entry = id == NULL ? NULL : PyTuple_Pack(2, ref, args[2]);
-    int stored = entry == NULL ? -1 : PyDict_SetItem(c->refs, id, entry);
-    Py_XDECREF(entry);
-    Py_XDECREF(id);
-    Py_XDECREF(ref);
-    if (stored < 0) {
-        pin_atomic(&c->pins[index], -1);
+    pin_atomic(pin, 1);
+    if (fp_watch(c->refs, c->view_dead, args[0], b) < 0) {
+        pin_atomic(pin, -1);
         return NULL;
     }
     Py_RETURN_NONE;

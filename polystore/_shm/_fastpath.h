@@ -131,6 +131,7 @@ FP_INTERNAL int fp_item_of(PyObject *dict, int64_t key, PyObject **out);
 FP_INTERNAL int fp_mapping_at(PyObject *maps, int64_t s, int64_t gen, PyObject **mm);
 /* args: the key's bytes and NUL, its hash, the arena's epoch and pin row base */
 FP_INTERNAL PyObject *fp_get_impl(Ctl *c, PyObject *const *args);
+FP_INTERNAL int fp_watch(PyObject *refs, PyObject *callback, PyObject *base, int64_t b);
 FP_INTERNAL PyObject *fp_view_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL PyObject *fp_contains_impl(Ctl *c, PyObject *kbz, PyObject *hash);
 /* args: the arena's fd, the key's bytes and NUL, its hash, the epoch, the array */

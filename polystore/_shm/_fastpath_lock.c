@@ -95,6 +95,33 @@ fp_let_go(PyObject *Py_UNUSED(module), PyObject *arena)
     Py_RETURN_NONE;
 }
 
+/* arena.<method>() (release or abort). If it raises, even at its first line,
+ * and this thread still holds the arena's lock, the lock is let go of
+ * (let_go); the error stays set. A section whose commit never ran leaves its
+ * journal to the next holder, as a dead holder's. A new reference, or NULL. */
+static PyObject *
+call_or_let_go(PyObject *arena, PyObject *method)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(arena, method);
+    if (r != NULL)
+        return r;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *holder = PyObject_GetAttr(arena, s_holder);
+    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    int mine = holder != NULL && me != NULL && PyObject_RichCompareBool(holder, me, Py_EQ) == 1;
+    Py_XDECREF(holder);
+    Py_XDECREF(me);
+    PyErr_Clear();
+    if (mine) {
+        PyObject *done = fp_let_go(NULL, arena);
+        Py_XDECREF(done);
+        PyErr_Clear();
+    }
+    PyErr_Restore(type, value, tb);
+    return NULL;
+}
+
 /* -- Section: ``with arena.locked:`` ------------------------------------------
  * Arena.acquire() on entry; on exit arena.release(), or arena.abort() after
  * an exception. In C, so that its __exit__ has no first bytecode at which a
@@ -158,27 +185,11 @@ section_exit(Section *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "__exit__ takes three arguments");
         return NULL;
     }
-    PyObject *r = PyObject_CallMethodNoArgs(self->arena, args[0] == Py_None ? str_release
-                                                                             : str_abort);
-    if (r != NULL) {
-        Py_DECREF(r);
-        Py_RETURN_FALSE;
-    }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *holder = PyObject_GetAttr(self->arena, s_holder);
-    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    int mine = holder != NULL && me != NULL && PyObject_RichCompareBool(holder, me, Py_EQ) == 1;
-    Py_XDECREF(holder);
-    Py_XDECREF(me);
-    PyErr_Clear();
-    if (mine) {
-        PyObject *done = fp_let_go(NULL, self->arena);
-        Py_XDECREF(done);
-        PyErr_Clear();
-    }
-    PyErr_Restore(type, value, tb);
-    return NULL;
+    PyObject *r = call_or_let_go(self->arena, args[0] == Py_None ? str_release : str_abort);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
 }
 
 static PyMethodDef section_methods[] = {
@@ -213,18 +224,14 @@ static PyTypeObject SectionType = {
  * fallback as Section.__exit__). The state is a list [held, r, w]: the
  * arenas locked for the child, and the pipe of its "done". */
 
-/* abort() each arena of list held; one that raised and that this thread still
- * holds is let go of. held is emptied. 0, or -1 with the first error set. */
+/* abort() each arena of list held (call_or_let_go). held is emptied. 0, or
+ * -1 with the first error set. */
 static int
 abort_all(PyObject *held)
 {
     PyObject *type = NULL, *value = NULL, *tb = NULL;
-    PyObject *me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (me == NULL)
-        PyErr_Fetch(&type, &value, &tb);
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(held); i++) {
-        PyObject *arena = PyList_GET_ITEM(held, i);
-        PyObject *r = PyObject_CallMethodNoArgs(arena, str_abort);
+        PyObject *r = call_or_let_go(PyList_GET_ITEM(held, i), str_abort);
         if (r != NULL) {
             Py_DECREF(r);
             continue;
@@ -233,18 +240,7 @@ abort_all(PyObject *held)
             PyErr_Fetch(&type, &value, &tb);
         else
             PyErr_Clear();
-        PyObject *holder = PyObject_GetAttr(arena, s_holder);
-        int mine = holder != NULL && me != NULL
-                   && PyObject_RichCompareBool(holder, me, Py_EQ) == 1;
-        Py_XDECREF(holder);
-        PyErr_Clear();
-        if (mine) {
-            PyObject *done = fp_let_go(NULL, arena);
-            Py_XDECREF(done);
-            PyErr_Clear();
-        }
     }
-    Py_XDECREF(me);
     if (PyList_SetSlice(held, 0, PyList_GET_SIZE(held), NULL) < 0 && type == NULL)
         PyErr_Fetch(&type, &value, &tb);
     if (type != NULL) {

@@ -246,7 +246,23 @@ drop_pin(Ctl *c, int32_t *pin)
         pin_atomic(pin, -1);
 }
 
-/* The view of a pinned block, as view_of() in read.py makes it. Once
+/* Watch base, which every view of block b keeps alive: refs[id(ref)] = (ref, b)
+ * for a weak reference to base whose callback unpins b when base dies, as
+ * Arena.track() does. 0, or -1 with an exception set (nothing watched). */
+FP_INTERNAL int
+fp_watch(PyObject *refs, PyObject *callback, PyObject *base, int64_t b)
+{
+    PyObject *ref = PyWeakref_NewRef(base, callback);
+    PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
+    PyObject *entry = id == NULL ? NULL : Py_BuildValue("(OL)", ref, (long long)b);
+    int stored = entry == NULL ? -1 : PyDict_SetItem(refs, id, entry);
+    Py_XDECREF(entry);
+    Py_XDECREF(id);
+    Py_XDECREF(ref);
+    return stored;
+}
+
+/* The view of a pinned block, as get_optimistic() in read.py makes it. Once
  * *tracked is set, the weak reference unpins the block when the view's base
  * dies, so a failure after that (making the array) leaves the pin to it. */
 static PyObject *
@@ -291,14 +307,7 @@ make_view(Found *found, PyObject *ro_maps, PyObject *refs, PyObject *callback, i
         return Py_NewRef(Py_False);
     }
     char *data = (char *)mapped_buf->buf + found->off;
-    PyObject *ref = PyWeakref_NewRef(base, callback);
-    PyObject *id = ref == NULL ? NULL : PyLong_FromVoidPtr(ref);
-    PyObject *entry = id == NULL ? NULL : Py_BuildValue("(OL)", ref, (long long)found->b);
-    int stored = entry == NULL ? -1 : PyDict_SetItem(refs, id, entry);
-    Py_XDECREF(entry);
-    Py_XDECREF(id);
-    Py_XDECREF(ref);
-    if (stored < 0) {
+    if (fp_watch(refs, callback, base, found->b) < 0) {
         Py_DECREF(base);
         return NULL;
     }
