@@ -77,11 +77,7 @@ def get_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
         fresh = meta is None or meta[0] != a.eq[k + _E_MSEQ]
         if meta is None or fresh:
             meta = read_meta(a, e)
-        view = None
-        if b >= 0:
-            k = b * _BLK
-            s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-            view = _view(a, meta, s, a.sq[s * _SEG + _S_GEN], off)
+        view = None if b < 0 else _view(a, meta, b)
     except Exception:  # torn reads can look like anything; the lock sorts it out
         return RETRY
     if view is not None:
@@ -114,9 +110,7 @@ def get_locked(a: _arena.Arena, kbz: bytes, h: int) -> Any:
         if b >= 0:
             if a.slot < 0:
                 a.my_slot()
-            k = b * _BLK
-            s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
-            view = _view(a, meta, s, a.sq[s * _SEG + _S_GEN], off)
+            view = _view(a, meta, b)
             a.hold_view(view.base, b)  # pin and watch: only this process writes its row
     return _shaped(view, meta), meta[5]
 
@@ -141,8 +135,11 @@ def contains_optimistic(a: _arena.Arena, kbz: bytes, h: int) -> Any:
     return found if hdr[_H_WSEQ] == seq else RETRY
 
 
-def _view(a: _arena.Arena, meta: _arena.Meta, s: int, gen: int, off: int) -> np.ndarray[Any, Any]:
-    """A flat read-only array over a value's bytes in segment ``s``; nothing pinned yet."""
+def _view(a: _arena.Arena, meta: _arena.Meta, b: int) -> np.ndarray[Any, Any]:
+    """A flat read-only array over the value's bytes in block ``b``; nothing pinned yet."""
+    k = b * _BLK
+    s, off = a.bq[k + _B_SEG], a.bq[k + _B_OFF]
+    gen = a.sq[s * _SEG + _S_GEN]
     item = a.ro_maps.get(s)
     mm = item[1] if item is not None and item[0] == gen else a.map_segment(s, gen, False)
     # Every view derived from this one keeps its base alive: when that dies,
