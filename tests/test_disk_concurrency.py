@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from storms import PRELUDE, run_storm
 
 from polystore.disk import DiskBackend
 from polystore.exceptions import LockTimeoutError
@@ -170,23 +171,16 @@ def test_overwrite_false_has_one_winner_among_processes(tmp_path: Path) -> None:
 # be left taken (another process takes each at once), the file must hold one
 # of the values saved, whole, with that save's metadata, and few interrupted
 # writes may leave their temporary file (one interrupted in its own clean-up).
-STORM = r"""
+STORM = (
+    PRELUDE
+    + r"""
 import os, signal, sys, time
 import numpy as np
 from polystore import DiskBackend, file_lock
 
-class Interrupted(Exception):
-    pass
-
-armed = False
-
-def handler(signum, frame):
-    if armed:
-        raise Interrupted
 
 root, seconds = sys.argv[1], float(sys.argv[2])
 backend = DiskBackend(root=root)
-signal.signal(signal.SIGALRM, handler)
 interrupts, saved, i, skip = 0, 0, 0, False
 signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
 start = time.monotonic()
@@ -208,21 +202,14 @@ signal.setitimer(signal.ITIMER_REAL, 0, 0)
 left = sum(name.startswith(".polystore-tmp-") for name in os.listdir(os.path.join(root, "d")))
 print(interrupts, saved, left)
 """
+)
 
 
 @pytest.mark.timeout(90)
 def test_exceptions_from_signal_handlers_leave_no_lock_taken(
     tmp_path: Path, storm_seconds: str
 ) -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", STORM, str(tmp_path), storm_seconds],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    interrupts, saved, left = map(int, proc.stdout.split())
+    interrupts, saved, left = map(int, run_storm(STORM, str(tmp_path), storm_seconds))
     assert interrupts > 100 and saved > 10  # the storm interrupted, and saves finished
     assert left <= interrupts // 5, (left, interrupts)  # (it was over half before)
     backend = DiskBackend(root=tmp_path, lock_timeout=5)

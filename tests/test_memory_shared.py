@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from storms import run_storm
 from test_memory import RawMapping
 
 from polystore import FileManager, MemoryBackend
@@ -195,15 +196,7 @@ if __name__ == "__main__":
 def test_a_manager_dict_under_a_storm_of_interrupts_reads_right_and_never_hangs(
     tmp_path: Any, storm_seconds: str
 ) -> None:
-    import subprocess
-    import sys
-
     script = tmp_path / "storm.py"  # (spawn imports the main module from a file)
     script.write_text(STORM)
-    proc = subprocess.run(
-        [sys.executable, str(script), storm_seconds],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    interrupts, wrong = map(int, proc.stdout.split())
+    interrupts, wrong = map(int, run_storm(script, storm_seconds))
     assert interrupts > 50 and wrong == 0

@@ -17,11 +17,10 @@ must find its inherited view intact, and no store's file may outlive the process
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from storms import PRELUDE, run_storm
 
 from polystore._shm import fast as _shm_fast
 
@@ -115,32 +114,19 @@ def test_exceptions_from_signal_handlers_never_leave_the_store_locked(
 ) -> None:
     if mode == "fork" and not _shm_fast.AVAILABLE:
         pytest.skip("without C, the fork hooks keep a bytecode boundary open")
-    proc = subprocess.run(
-        [sys.executable, "-c", STORM, mode, storm_seconds],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 100  # the storm did interrupt
+    assert int(run_storm(STORM, mode, storm_seconds)[-1]) > 100  # the storm did interrupt
 
 
-FM_STORM = r"""
-import gc, signal, sys, time
+FM_STORM = (
+    PRELUDE
+    + r"""
+import gc, sys, time
 import numpy as np
 import polystore
 from polystore import FileManagerFactory
 from polystore._shm.check import problems
 
-class Interrupted(Exception):
-    pass
-
-armed = False
-
-def handler(signum, frame):
-    if armed:
-        raise Interrupted
-
 value = np.arange(20_000, dtype=np.float64)
-signal.signal(signal.SIGALRM, handler)
 with polystore.shared_registry() as registry:
     fm = FileManagerFactory(registry)()
     interrupts, i, skip = 0, 0, False
@@ -177,6 +163,7 @@ with polystore.shared_registry() as registry:
         assert problems(arena) == [], problems(arena)
     print("interrupts", interrupts)
 """
+)
 
 
 @pytest.mark.timeout(90)
@@ -185,30 +172,17 @@ def test_interrupts_across_the_filemanager_leave_no_lock_and_no_pin(storm_second
     # and deletes on the memory and shm backends of a shared registry.
     if not _shm_fast.AVAILABLE:
         pytest.skip("without C, a bytecode boundary stays open between a pin and its watch")
-    proc = subprocess.run(
-        [sys.executable, "-c", FM_STORM, storm_seconds],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 100  # the storm did interrupt
+    assert int(run_storm(FM_STORM, storm_seconds)[-1]) > 100  # the storm did interrupt
 
 
-LIFE_STORM = r"""
-import signal, sys, time
+LIFE_STORM = (
+    PRELUDE
+    + r"""
+import sys, time
 import numpy as np
 import polystore
 
-class Interrupted(Exception):
-    pass
-
-armed = False
-
-def handler(signum, frame):
-    if armed:
-        raise Interrupted
-
 directory, seconds = sys.argv[1], float(sys.argv[2])
-signal.signal(signal.SIGALRM, handler)
 interrupts, skip = 0, False
 signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
 start = time.monotonic()
@@ -224,6 +198,7 @@ while time.monotonic() - start < seconds:
 signal.setitimer(signal.ITIMER_REAL, 0, 0)
 print("interrupts", interrupts)
 """
+)
 
 
 @pytest.mark.timeout(90)
@@ -233,10 +208,6 @@ def test_stores_made_and_closed_under_interrupts_leave_no_file_once_the_process_
     # A store is noted before its control file exists and forgotten once all
     # its files are gone: a creation or a close cut short by an exception
     # leaves its files to the exit of the process at worst.
-    proc = subprocess.run(
-        [sys.executable, "-c", LIFE_STORM, str(tmp_path), storm_seconds],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split()[-1]) > 20  # the storm did interrupt (a store takes ms)
+    interrupts = int(run_storm(LIFE_STORM, str(tmp_path), storm_seconds)[-1])
+    assert interrupts > 20  # the storm did interrupt (a store takes ms)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
