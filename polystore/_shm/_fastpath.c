@@ -17,6 +17,8 @@
  *   Ctl.take(): a block off a free list for create() or a large put;
  *   Ctl.publish(): the end of create() for a new key: a value made in place
  *       installed in a fresh entry, journaled (a pipeline's hand-off);
+ *   Ctl.remove(): a key and its companion removed together (a file's delete
+ *       with its metadata), journaled;
  *   Ctl.pin_add(): the one way this process changes its row of the pin
  *       table while the fast path is on (an atomic add), which is what lets
  *       the read path pin without the store's thread lock.
@@ -327,6 +329,30 @@ ctl_take(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
          * caller sees the result cannot lose it (write.take). */
         if (r != NULL && PyLong_AsLongLong(r) >= 0 && PyList_Append(args[2], r) < 0)
             Py_CLEAR(r);
+    }
+    drop(got, 5);
+    return r;
+}
+
+static PyObject *
+ctl_remove(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "remove() takes the arena, a key's bytes and NUL and "
+                        "its hash, and perhaps its companion's");
+        return NULL;
+    }
+    PyObject *got[5];
+    int busy;
+    if (quiet_arena(args[0], got, &busy) < 0)
+        return NULL;
+    PyObject *r;
+    if (busy) {
+        r = Py_NewRef(Py_None);
+    } else {
+        PyObject *inner[6] = {got[0], got[1], args[1], args[2],
+                              nargs == 5 ? args[3] : NULL, nargs == 5 ? args[4] : NULL};
+        r = fp_remove_impl(c, inner);
     }
     drop(got, 5);
     return r;
@@ -741,6 +767,12 @@ static PyMethodDef ctl_methods[] = {
      "to fill (WRITING), in one journaled section under the flock, and append it\n"
      "to the list into in the same call; -1, having changed nothing, when the list\n"
      "is empty or in the cases publish() declines."},
+    {"remove", (PyCFunction)(void (*)(void))ctl_remove, METH_FASTCALL,
+     "remove(arena, kbz, hash[, ckbz, chash]) -> bool | None\n\n"
+     "Remove a key and, if present, its companion (a file's metadata) in one\n"
+     "journaled section under the flock, freeing their blocks (retiring those a\n"
+     "view pins): True if removed, False if the key is absent (nothing changed),\n"
+     "None if declined (the lock busy, a segment to evict, anything unusual)."},
     {"contains", (PyCFunction)ctl_contains, METH_O,
      "contains(key) -> bool | None\n\n"
      "Whether key is in the store, looked up without the lock (a seqlock read);\n"

@@ -42,6 +42,7 @@ enum {
     F_H_PROC_HW, F_H_LOG_LEN, F_H_UNLINK_N, F_H_CLASS0, F_B_STATE, F_B_NEXT,
     F_B_PREV, F_B_OWNER, F_S_USED, F_FREE, F_LIVE, F_RETIRED, F_LOG_RECORDS,
     F_F_FORTRAN, F_H_ENT_FREE, F_E_NEXT, F_H_NKEYS, F_WRITING, F_H_IDLE, F_S_SIZE,
+    F_H_CACHE_BYTES, F_S_STAMP, F_S_SPILL,
     N_FIELDS
 };
 
@@ -141,6 +142,9 @@ FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL PyObject *fp_publish_impl(Ctl *c, PyObject *const *args);
 /* args: the arena's fd, epoch and slot, the size class */
 FP_INTERNAL PyObject *fp_take_impl(Ctl *c, PyObject *const *args);
+/* args: the arena's fd and epoch, a key's bytes and NUL and its hash, and
+ * its companion's (or NULL, NULL) */
+FP_INTERNAL PyObject *fp_remove_impl(Ctl *c, PyObject *const *args);
 
 /* _fastpath_lock.c: the store's locks taken and dropped in one C call each */
 FP_INTERNAL PyObject *fp_hold(PyObject *module, PyObject *const *args, Py_ssize_t nargs);

@@ -55,6 +55,9 @@ class Ctl:
         absent: tuple[tuple[bytes, bytes, int], ...] = (),
         present: tuple[tuple[bytes, bytes, int], ...] = (),
     ) -> bool: ...
+    def remove(
+        self, arena: Any, kbz: bytes, hash: int, ckbz: bytes = ..., chash: int = ...
+    ) -> bool | None: ...
     def bind(
         self,
         meta: dict[int, Any],

@@ -504,3 +504,235 @@ fp_publish_impl(Ctl *c, PyObject *const *args)
         return NULL;
     return PyBool_FromLong(done);
 }
+
+/* -- removing a key, and its companion (a file's delete) --------------------- */
+
+/* What removing an entry does to its block, found before the first store. */
+typedef struct {
+    int64_t e, slot_hash, b, s;
+    int busy;  /* the block is pinned: RETIRED rather than freed */
+} Doomed;
+
+/* Fill d for entry e, checking its block. 1 if the C path can remove it, 0
+ * to decline (a block in a state only the Python path handles). */
+static int
+check_doomed(Ctl *c, int64_t e, int64_t hash, Doomed *d)
+{
+    const int64_t *f = c->f;
+    const int64_t *eq = (const int64_t *)(c->eb + e * f[F_ENT_SIZE]);
+    d->e = e;
+    d->slot_hash = hash;
+    d->b = eq[f[F_E_BLOCK]];
+    d->s = -1;
+    d->busy = 0;
+    if (d->b == -1)
+        return 1;  /* a value with no data: nothing to give back */
+    if (d->b < 0 || d->b >= c->max_blocks)
+        return 0;
+    const int64_t *blk = c->bq + d->b * f[F_BLK_FIELDS];
+    d->s = blk[f[F_B_SEG]];
+    if (blk[f[F_B_STATE]] != f[F_LIVE] || d->s < 0 || d->s >= c->max_segs
+            || blk[f[F_B_CLS]] < 0 || blk[f[F_B_CLS]] >= c->n_classes)
+        return 0;
+    d->busy = pinned(c, d->b);
+    return 1;
+}
+
+/* Slots from i to the next empty one (the run a removal at i can shift). */
+static int64_t
+run_from(Ctl *c, int64_t i)
+{
+    int64_t n = 0;
+    while (n <= c->mask && c->ht[i] != 0) {
+        n++;
+        i = (i + 1) & c->mask;
+    }
+    return n;
+}
+
+/* The slot of the index that names entry e of a key with this hash, or -1. */
+static int64_t
+slot_of(Ctl *c, int64_t e, int64_t hash)
+{
+    int64_t want = hash << 32 | (e + 1), i = hash & c->mask;
+    for (int64_t probe = 0; probe <= c->mask && c->ht[i] != 0; probe++) {
+        if (c->ht[i] == want)
+            return i;
+        i = (i + 1) & c->mask;
+    }
+    return -1;
+}
+
+/* Under the store lock, checks done: remove the key in slot i (entry d->e),
+ * as Tables.remove() and write.remove() do: empty the slot and shift back
+ * the keys after it whose probe runs crossed it, free the entry, then free
+ * the block (or retire it while a view pins it). Every store journaled. */
+static void
+remove_locked(Ctl *c, const Doomed *d, int64_t i)
+{
+    const int64_t *f = c->f;
+    int64_t *h = c->h, mask = c->mask;
+    log_set(c, &c->ht[i], 0);
+    int64_t j = i;
+    for (int64_t probe = 0; probe < mask; probe++) {
+        j = (j + 1) & mask;
+        int64_t v = c->ht[j];
+        if (v == 0)
+            break;
+        int64_t home = (v >> 32) & mask;
+        /* the key in j stays if its home lies cyclically in (i, j] */
+        int stays = i <= j ? (i < home && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            log_set(c, &c->ht[i], v);
+            log_set(c, &c->ht[j], 0);
+            i = j;
+        }
+    }
+    log_set(c, &h[f[F_H_NKEYS]], h[f[F_H_NKEYS]] - 1);
+    int64_t *eq = (int64_t *)(c->eb + d->e * f[F_ENT_SIZE]);
+    log_set(c, &eq[f[F_E_NEXT]], h[f[F_H_ENT_FREE]]);
+    log_set(c, &h[f[F_H_ENT_FREE]], d->e);
+    if (d->b < 0)
+        return;
+    int64_t *blk = c->bq + d->b * f[F_BLK_FIELDS];
+    if (d->busy) {
+        log_set(c, &blk[f[F_B_STATE]], f[F_RETIRED]);
+        return;
+    }
+    int64_t *head = &h[f[F_H_CLASS0] + blk[f[F_B_CLS]]];
+    int64_t first = *head;
+    log_set(c, &blk[f[F_B_STATE]], f[F_FREE]);
+    log_set(c, &blk[f[F_B_OWNER]], -1);
+    log_set(c, &blk[f[F_B_PREV]], -1);
+    log_set(c, &blk[f[F_B_NEXT]], first);
+    if (first >= 0)
+        log_set(c, &c->bq[first * f[F_BLK_FIELDS] + f[F_B_PREV]], d->b);
+    log_set(c, head, d->b);
+    int64_t *seg = c->sq + d->s * f[F_SEG_FIELDS];
+    int64_t used = seg[f[F_S_USED]] - 1;
+    log_set(c, &seg[f[F_S_USED]], used);
+    if (used == 0) {  /* idle now: into the reuse cache, stamped for eviction order */
+        log_set(c, &h[f[F_H_IDLE]], h[f[F_H_IDLE]] + seg[f[F_S_SIZE]]);
+        log_set(c, &seg[f[F_S_STAMP]], h[f[F_H_SEQ]]);
+    }
+}
+
+/* Under the store lock, with an empty journal: remove entries d[0..n) (n is
+ * 1 or 2, different entries). Every check comes before the first store; the
+ * Python path (write.remove, then Arena.release) takes what C declines: a
+ * segment that goes idle beyond the cache, or spilled, must be evicted when
+ * the section ends. 1 if done, 0 if declined.
+ *
+ * Invariant kept: a key and its companion (a file and its metadata) go in
+ * one journaled section, so a kill at any point leaves both (rolled back by
+ * the next lock holder) or neither. */
+static int
+remove_all_locked(Ctl *c, Doomed *d, int n)
+{
+    const int64_t *f = c->f;
+    int64_t *h = c->h;
+    int64_t idle = h[f[F_H_IDLE]], records = 0;
+    for (int k = 0; k < n; k++) {
+        int64_t i = slot_of(c, d[k].e, d[k].slot_hash);
+        if (i < 0)
+            return 0;
+        records += 2 * run_from(c, i) + 16;
+        int frees = d[k].b >= 0 && !d[k].busy;
+        int with_next = k == 0 && n == 2 && d[1].b >= 0 && !d[1].busy && d[1].s == d[0].s;
+        if (!frees || (k == 1 && d[0].b >= 0 && !d[0].busy && d[0].s == d[1].s))
+            continue;  /* (two blocks of one segment are counted together, at k = 0) */
+        int64_t *seg = c->sq + d[k].s * f[F_SEG_FIELDS];
+        int64_t freed = 1 + with_next;
+        if (seg[f[F_S_USED]] < freed)
+            return 0;
+        if (seg[f[F_S_USED]] == freed) {
+            if (seg[f[F_S_SPILL]])
+                return 0;
+            idle += seg[f[F_S_SIZE]];
+        }
+    }
+    if (idle > h[f[F_H_CACHE_BYTES]] || records > f[F_LOG_RECORDS])
+        return 0;
+    for (int k = 0; k < n; k++) {
+        /* (the second key's slot may have moved back with the first removal) */
+        int64_t i = slot_of(c, d[k].e, d[k].slot_hash);
+        if (i < 0)
+            return -1;  /* only a corrupt index: left to the next holder's rollback */
+        remove_locked(c, &d[k], i);
+    }
+    fp_step();
+    __atomic_store_n(&h[f[F_H_LOG_LEN]], 0, __ATOMIC_RELEASE);  /* the commit */
+    return 1;
+}
+
+/* The key's parts (bytes and NUL, hash) from two arguments: 1, or 0 if they
+ * are not of a valid key. */
+static int
+parse_key(Ctl *c, PyObject *kbz, PyObject *hash_obj, int64_t *hash)
+{
+    if (!PyBytes_Check(kbz) || !PyLong_Check(hash_obj) || !key_ok(c, PyBytes_GET_SIZE(kbz)))
+        return 0;
+    *hash = PyLong_AsLongLong(hash_obj);
+    if (*hash < 0 || *hash > 0x7FFFFFFF) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+FP_INTERNAL PyObject *
+fp_remove_impl(Ctl *c, PyObject *const *args)
+{
+    if (c->meta == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
+        return NULL;
+    }
+    if (!ctl_live(c))
+        return NULL;
+    int fd = PyLong_AsLong(args[0]);
+    int64_t epoch = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    int64_t hash, chash = 0;
+    int with_companion = args[4] != NULL;
+    if (fd < 0 || !parse_key(c, args[2], args[3], &hash)
+            || (with_companion && !parse_key(c, args[4], args[5], &chash)))
+        Py_RETURN_NONE;
+    int64_t wseq;
+    int begun = begin_section(c, fd, epoch, &wseq);
+    if (begun <= 0)
+        return begun < 0 ? NULL : Py_NewRef(Py_None);
+    int done = 0;  /* 1 removed, 2 absent, 0 declined, -1 left for a rollback */
+    int64_t e = fp_find(c, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]), hash);
+    int64_t ce = -1;
+    if (e == -1) {
+        done = 2;
+    } else if (e >= 0 && with_companion) {
+        ce = fp_find(c, PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4]), chash);
+    }
+    Doomed d[2];
+    if (e >= 0 && ce != -2 && ce != e && check_doomed(c, e, hash, &d[0])
+            && (ce < 0 || check_doomed(c, ce, chash, &d[1])))
+        done = remove_all_locked(c, d, ce >= 0 ? 2 : 1);
+    if (end_section(c, fd, wseq) < 0)
+        return NULL;
+    if (done == 1) {
+        /* this process's cached descriptions of the freed entries */
+        for (int k = 0; k < (ce >= 0 ? 2 : 1); k++) {
+            PyObject *key = PyLong_FromLongLong(d[k].e);
+            if (key == NULL)
+                return NULL;
+            int gone = PyDict_DelItem(c->meta, key);
+            Py_DECREF(key);
+            if (gone < 0) {
+                if (!PyErr_ExceptionMatches(PyExc_KeyError))
+                    return NULL;
+                PyErr_Clear();
+            }
+        }
+        Py_RETURN_TRUE;
+    }
+    if (done == 2)
+        Py_RETURN_FALSE;
+    Py_RETURN_NONE;
+}
