@@ -326,19 +326,20 @@ class SharedArrayStore:
         overwrite: bool,
         timeout: float | None,
         extra: Callable[[], _shm_write.Related] | None = None,
+        translate: Callable[[FileExistsError], BaseException] | None = None,
     ) -> contextlib.AbstractContextManager[np.ndarray[Any, Any]]:
         """:meth:`create` of an array ``spec`` already checked (the backends' way in).
 
         ``extra``: called when the block ends, it returns the keys that
         change in the same step as the array is published (a file's
         metadata and directories; see :meth:`_related`), which must not
-        include ``key`` itself.
+        include ``key`` itself. ``translate``: what to raise instead of a
+        ``FileExistsError`` from publishing (a backend's own error).
         """
         parts = key_parts(key)
         dims, dt, order = spec
         if len(dims) > ix.MAX_NDIM:
             raise ValueError(f"shape {dims} has more than {ix.MAX_NDIM} dimensions")
-        ix.encode_dtype(dt)  # refuses descriptions too long to keep
         a = self._live()
         nbytes = math.prod(dims) * dt.itemsize
         limit = (a.spill_dir is None and a.h[ix.H_MAX_BYTES]) or ix.CLASS_SIZES[-1]
@@ -349,7 +350,7 @@ class SharedArrayStore:
             )
         flags = ix.F_FORTRAN if order == "F" and len(dims) > 1 else 0
         return _shm_write.create(
-            a, key, parts, dims, dt, flags, overwrite, check_timeout(timeout), extra
+            a, key, parts, dims, dt, flags, overwrite, check_timeout(timeout), extra, translate
         )
 
     @staticmethod

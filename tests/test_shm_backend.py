@@ -137,3 +137,28 @@ def test_a_backend_over_a_store_in_another_directory_pickles_with_it(tmp_path: P
         assert clone.array_store.directory == str(tmp_path)
         assert_same_value(clone.load("a.npy"), np.arange(4))
         clone.close()
+
+
+def test_an_npy_file_loads_as_a_read_only_view_of_the_store() -> None:
+    # The shm backend reads .npy files straight from the store; the general
+    # way (links, errors, options) must still answer as it did.
+    with SharedMemoryBackend() as backend:
+        backend.save(np.arange(6.0), "d/saved.npy")
+        with backend.create_array("d/made.npy", (6,), np.float64) as out:
+            out[:] = 1.0
+        backend.create_symlink("d/saved.npy", "d/link.npy")
+        for name in ("saved", "made", "link"):
+            value = backend.load(f"d/{name}.npy")
+            assert not value.flags.writeable
+            assert np.shares_memory(value, backend.array_store.get("/d/saved.npy")) == (
+                name != "made"
+            )
+            with pytest.raises(ValueError, match="read-only"):
+                value[0] = 5.0
+        assert_same_value(backend.load("d/saved.npy", allow_pickle=False), np.arange(6.0))
+        with pytest.raises(FileNotFoundError):
+            backend.load("d/missing.npy")
+        with pytest.raises(IsADirectoryError):
+            backend.load("d.npy/../d")
+        backend.save("text", "d/odd.npy.txt")
+        assert backend.load("d/odd.npy.txt") == "text"

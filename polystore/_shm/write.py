@@ -154,6 +154,7 @@ class create(GuardedExit):
         "parts",
         "shape",
         "timeout",
+        "translate",
     )  # fmt: skip
 
     def __init__(
@@ -167,8 +168,9 @@ class create(GuardedExit):
         overwrite: bool,
         timeout: float | None,
         extra: Callable[[], Related] | None = None,
+        translate: Callable[[FileExistsError], BaseException] | None = None,
     ) -> None:
-        self.extra = extra
+        self.extra, self.translate = extra, translate
         self.a, self.key, self.parts, self.shape = a, key, parts, shape
         self.dtype, self.flags, self.overwrite, self.timeout = dtype, flags, overwrite, timeout
         self.dt = ix.encode_dtype(dtype)
@@ -251,9 +253,11 @@ class create(GuardedExit):
                 commit(a, rel.puts, rel.removals, self.timeout, filled, conflicts, None, rel.ensure)
             else:
                 _publish(a, self.key, self.parts, b, value, self.overwrite)
-        except BaseException:
+        except BaseException as exc:
             if b >= 0:
                 abandon(a, b)
+            if self.translate is not None and isinstance(exc, FileExistsError):
+                raise self.translate(exc) from None  # (the caller's words for it)
             raise
         finally:
             arr.flags.writeable = False
