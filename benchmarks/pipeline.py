@@ -380,10 +380,13 @@ def polystore_runs(
     return med(firsts), med(seconds), med(setups), final
 
 
-def parse_run(description: str, cycles: bool = False) -> tuple[argparse.Namespace, Any, Any, int]:
+def parse_run(
+    description: str, cycles: bool = False, first: bool = False
+) -> tuple[argparse.Namespace, Any, Any, int]:
     """The command line of a pipeline benchmark: (arguments, plan, start context, repeat).
 
-    ``cycles``: also take ``--cycles`` (:func:`interleaved`).
+    ``cycles``: also take ``--cycles`` (:func:`interleaved`); ``first``: also
+    take ``--first`` (time the first pass instead of the steady one).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--images", type=int, default=64)
@@ -395,6 +398,10 @@ def parse_run(description: str, cycles: bool = False) -> tuple[argparse.Namespac
     if cycles:
         parser.add_argument(
             "--cycles", type=int, default=15, help="steady passes of each, taken in turns"
+        )
+    if first:
+        parser.add_argument(
+            "--first", action="store_true", help="time the first pass, not the steady one"
         )
     args = parser.parse_args()
     plan = pipeline.Plan(args.images, args.side, args.group)
