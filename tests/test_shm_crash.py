@@ -435,6 +435,49 @@ def test_a_kill_at_every_step_leaves_the_store_whole(
         assert kills == steps if sc.before is None else kills > steps // 2
 
 
+def _no_free_entry(store: SharedArrayStore) -> None:
+    """_base, then fillers until every entry handed out is in use: a new key takes a fresh one."""
+    _base(store)
+    a = store._arena
+    n = 0
+    while a.h[ix.H_ENT_FREE] >= 0:
+        store.put(f"z{n}", value(300 + n, 7, 8))
+        n += 1
+    assert a.h[ix.H_ENT_HW] < a.h[ix.H_ENT_BACKED], "no backed entry left to test with"
+
+
+@pytest.mark.skipif(not _shm_fast.AVAILABLE, reason="the C fast path is not built")
+def test_a_kill_at_every_step_of_a_publish_into_a_never_used_entry() -> None:
+    # With no freed entry, C publishes a new key into the next entry never
+    # handed out (past the high-water mark, memory behind it): a kill at
+    # any step leaves the key absent and the mark as it was, or both new.
+    sc = Scenario(
+        "fresh entry", _no_free_entry, _create("c", 104, 1, N_SMALL), {"c": (104, {None, 1})}
+    )
+
+    def fresh() -> SharedArrayStore:
+        store = SharedArrayStore(max_keys=24, max_blocks=1024, max_segs=64)
+        sc.setup(store)
+        return store
+
+    with fresh() as store:
+        hw = store._arena.h[ix.H_ENT_HW]
+        status, in_python, in_c = _in_child(store, sc, -1, True)
+        assert status == 0 and in_c > 0, (status, in_python, in_c)  # (Python: the child's row)
+        assert store._arena.h[ix.H_ENT_HW] == hw + 1  # published in C, in a fresh entry
+        _survivor_checks(store, sc, "completed")
+    steps = in_python + in_c
+    for at in range(1, steps + 1):
+        with fresh() as store:
+            hw = store._arena.h[ix.H_ENT_HW]
+            status, _, _ = _in_child(store, sc, at, True)
+            assert status == -signal.SIGKILL
+            label = f"killed at step {at} of {steps}"
+            _survivor_checks(store, sc, label)
+            # (the checks' probe key took the next fresh entry, then freed it)
+            assert store._arena.h[ix.H_ENT_HW] == hw + 1 + ("c" in store), label
+
+
 def test_a_kill_while_rolling_back_leaves_the_work_to_the_next_holder() -> None:
     with SharedArrayStore(max_keys=24, max_blocks=1024, max_segs=64) as store:
         _base(store)

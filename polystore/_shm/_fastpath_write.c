@@ -339,8 +339,8 @@ fp_put_impl(Ctl *c, PyObject *const *args)
 
 /* Under the store lock, with an empty journal: install block b, which this
  * process filled in place (WRITING, owned by row slot), under a key that is
- * absent (slot i of the index, from fp_find), in a fresh entry from the free
- * list, as _install() in write.py does for a new key. Every check comes
+ * absent (slot i of the index, from fp_find), in a fresh entry (freed, or
+ * never used and backed), as _install() in write.py does for a new key. Every check comes
  * before the first store. Returns 1 if done, 0 if declined.
  *
  * Invariant kept: the entry is written in full before the index slot that
@@ -356,9 +356,13 @@ publish_locked(Ctl *c, int64_t i, int64_t slot, const char *kbz, Py_ssize_t n, i
     int64_t *blk = c->bq + b * f[F_BLK_FIELDS];
     if (blk[f[F_B_STATE]] != f[F_WRITING] || blk[f[F_B_OWNER]] != slot)
         return 0;
-    int64_t e = h[f[F_H_ENT_FREE]];
-    if (e < 0 || e >= c->max_keys)
-        return 0;  /* a new entry record to back: the Python path */
+    /* A freed entry, else the next never handed out if memory is behind it
+     * (Tables.new_entry; backing more is the Python path's). */
+    int64_t e = h[f[F_H_ENT_FREE]], fresh = e < 0;
+    if (fresh)
+        e = h[f[F_H_ENT_HW]];
+    if (e < 0 || e >= c->max_keys || (fresh && e >= h[f[F_H_ENT_BACKED]]))
+        return 0;
     int ndim = (int)PyTuple_GET_SIZE(shape);
     Py_ssize_t dlen = PyBytes_GET_SIZE(dt);
     int64_t extents[NPY_MAXDIMS];
@@ -373,10 +377,13 @@ publish_locked(Ctl *c, int64_t i, int64_t slot, const char *kbz, Py_ssize_t n, i
     char *eb = c->eb + e * f[F_ENT_SIZE];
     int64_t seq = h[f[F_H_SEQ]] + 1;
     log_set(c, &h[f[F_H_SEQ]], seq);
-    log_set(c, &h[f[F_H_ENT_FREE]], eq[f[F_E_NEXT]]);
-    /* The fresh entry, unjournaled as Tables.fill_entry() does: nothing names
-     * it yet, and a rollback puts it back on the free list, whose rest hangs
-     * on the link (E_NEXT) left alone here. */
+    if (fresh)
+        log_set(c, &h[f[F_H_ENT_HW]], e + 1);
+    else
+        log_set(c, &h[f[F_H_ENT_FREE]], eq[f[F_E_NEXT]]);
+    /* The entry, unjournaled as Tables.fill_entry() does: nothing names it
+     * yet, and a rollback puts it back on the free list, whose rest hangs on
+     * the link (E_NEXT) left alone here, or past the high-water mark. */
     fp_step();
     memcpy(eb + f[F_E_KEY], kbz, n);
     memcpy(eb + f[F_E_DTYPE], PyBytes_AS_STRING(dt), dlen);

@@ -52,7 +52,7 @@ _FIELDS = (
     ix.H_PROC_HW, ix.H_LOG_LEN, ix.H_UNLINK_N, ix.H_CLASS0, ix.B_STATE, ix.B_NEXT,
     ix.B_PREV, ix.B_OWNER, ix.S_USED, ix.FREE, ix.LIVE, ix.RETIRED, ix.LOG_RECORDS,
     ix.F_FORTRAN, ix.H_ENT_FREE, ix.E_NEXT, ix.H_NKEYS, ix.WRITING, ix.H_IDLE, ix.S_SIZE,
-    ix.H_CACHE_BYTES, ix.S_STAMP, ix.S_SPILL,
+    ix.H_CACHE_BYTES, ix.S_STAMP, ix.S_SPILL, ix.H_ENT_HW, ix.H_ENT_BACKED,
 )  # fmt: skip
 
 
