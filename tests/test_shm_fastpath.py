@@ -449,6 +449,8 @@ OPS = st.lists(
         # update: put one key and remove another (in C when that one is absent)
         st.tuples(st.just("update"), KEYS, st.tuples(VALUES, KEYS)),
         st.tuples(st.just("rename"), KEYS, KEYS),
+        # a file's delete: a key and its companion (metadata) in one section
+        st.tuples(st.just("remove_with"), KEYS, KEYS),
     ),
     max_size=40,
 )
@@ -492,6 +494,8 @@ def _run(store: SharedArrayStore, ops: list[tuple[str, Any, Any]]) -> list[Any]:
             elif op == "rename":
                 store.rename(key, arg)
                 out.append(None)
+            elif op == "remove_with":
+                out.append(store._remove_with(key, arg) if arg != key else None)
             else:
                 held.clear()
         except KeyError:
