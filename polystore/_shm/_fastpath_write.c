@@ -663,8 +663,8 @@ remove_all_locked(Ctl *c, Doomed *d, int n)
     for (int k = 0; k < n; k++) {
         /* (the second key's slot may have moved back with the first removal) */
         int64_t i = slot_of(c, d[k].e, d[k].slot_hash);
-        if (i < 0)
-            return -1;  /* only a corrupt index: left to the next holder's rollback */
+        if (i < 0)  /* only a corrupt index: left to the next holder's rollback */
+            return -1;
         remove_locked(c, &d[k], i);
     }
     fp_step();
@@ -721,6 +721,14 @@ fp_remove_impl(Ctl *c, PyObject *const *args)
     if (e >= 0 && ce != -2 && ce != e && check_doomed(c, e, hash, &d[0])
             && (ce < 0 || check_doomed(c, ce, chash, &d[1])))
         done = remove_all_locked(c, d, ce >= 0 ? 2 : 1);
+    if (done == -1) {
+        /* Half done: leave it as a dead holder would, the write counter odd
+         * (lock-free readers go to the lock) and the journal uncommitted,
+         * for the next holder (Arena.acquire) to roll back. */
+        if (flock(fd, LOCK_UN) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        Py_RETURN_NONE;
+    }
     if (end_section(c, fd, wseq) < 0)
         return NULL;
     if (done == 1) {
