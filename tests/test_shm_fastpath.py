@@ -357,6 +357,44 @@ def test_take_and_publish_in_c_decline_what_python_must_decide(
 
 
 @needs_c
+def test_a_remove_in_c_declines_what_python_must_decide(c_store: SharedArrayStore) -> None:
+    a = c_store._arena
+    for key in ("k", "other"):  # "other" keeps the segment of "k" in use
+        c_store.put(key, np.arange(1000.0))
+    _, kbz, h = keys.key_parts("k")
+    b = a.eq[a.find(kbz, h)[1] * (ix.ENT_SIZE // 8) + ix.E_BLOCK]
+    head = ix.H_CLASS0 + a.bq[b * ix.BLK_FIELDS + ix.B_CLS]
+
+    def declines() -> None:
+        before = [v for i, v in enumerate(a.h.tolist()) if i != ix.H_WSEQ]
+        tables = (a.ht_np.copy(), a.blk_np.copy())
+        assert a.fast.remove(a, kbz, h) is None
+        assert [v for i, v in enumerate(a.h.tolist()) if i != ix.H_WSEQ] == before
+        assert np.array_equal(a.ht_np, tables[0]) and np.array_equal(a.blk_np, tables[1])
+        assert a.h[ix.H_WSEQ] % 2 == 0 and a.h[ix.H_LOG_LEN] == 0
+
+    with a._lock:  # another thread of this process is in the store
+        declines()
+    saved = a.q[head]
+    a.q[head] = a.layout.max_blocks + 5  # a free list whose head it cannot check
+    declines()
+    a.q[head] = saved
+    a.q[b * ix.BLK_FIELDS + ix.B_STATE + a.B0] = ix.RETIRED  # a block not LIVE
+    declines()
+    a.q[b * ix.BLK_FIELDS + ix.B_STATE + a.B0] = ix.LIVE
+    cache = a.q[ix.H_CACHE_BYTES]
+    c_store.delete("other")  # now removing "k" leaves its segment idle ...
+    a.q[ix.H_CACHE_BYTES] = 0  # ... beyond the cache: Python evicts it
+    declines()
+    a.q[ix.H_CACHE_BYTES] = cache
+    # an absent key: False with nothing changed; all clear: removed in C
+    assert a.fast.remove(a, *keys.key_parts("absent")[1:]) is False
+    assert a.fast.remove(a, kbz, h, *keys.key_parts("k")[1:]) is None  # itself as companion
+    assert a.fast.remove(a, kbz, h) is True and "k" not in c_store
+    assert not problems(a)
+
+
+@needs_c
 def test_a_view_in_c_declines_what_python_must_make(c_store: SharedArrayStore) -> None:
     c_store.put("k", np.arange(10.0))
     c_store.put("empty", np.zeros((0, 3)))

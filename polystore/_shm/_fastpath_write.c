@@ -542,7 +542,8 @@ check_doomed(Ctl *c, int64_t e, int64_t hash, Doomed *d)
             || blk[f[F_B_CLS]] < 0 || blk[f[F_B_CLS]] >= c->n_classes)
         return 0;
     d->busy = pinned(c, d->b);
-    return 1;
+    /* the head of its free list, which a freed block goes in front of */
+    return d->busy || c->h[f[F_H_CLASS0] + blk[f[F_B_CLS]]] < c->max_blocks;
 }
 
 /* Slots from i to the next empty one (the run a removal at i can shift). */
