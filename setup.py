@@ -30,6 +30,7 @@ def fast_path() -> list[Extension]:
                 "polystore/_shm/_fastpath.c",
                 "polystore/_shm/_fastpath_read.c",
                 "polystore/_shm/_fastpath_write.c",
+                "polystore/_shm/_fastpath_keys.c",
                 "polystore/_shm/_fastpath_lock.c",
             ],
             depends=["polystore/_shm/_fastpath.h"],

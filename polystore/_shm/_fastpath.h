@@ -1,9 +1,11 @@
 /*
- * polystore._shm._fastpath: declarations shared by its three files.
+ * polystore._shm._fastpath: declarations shared by its files.
  *
  *   _fastpath.c        the module, the Ctl type and its entry points
  *   _fastpath_read.c   the lock-free lookup, pin and view (get)
- *   _fastpath_write.c  the small put into a free block, journaled
+ *   _fastpath_write.c  a locked section's helpers; the small put, journaled
+ *   _fastpath_keys.c   take a block, publish a new key, remove keys
+ *   _fastpath_lock.c   the store's locks and the fork hooks
  *
  * See _fastpath.c for what the module is for.
  */
@@ -135,8 +137,18 @@ FP_INTERNAL PyObject *fp_get_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL int fp_watch(PyObject *refs, PyObject *callback, PyObject *base, int64_t b);
 FP_INTERNAL PyObject *fp_view_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL PyObject *fp_contains_impl(Ctl *c, PyObject *kbz, PyObject *hash);
+/* _fastpath_write.c: a locked section in C. fp_begin_section takes the flock
+ * without waiting (1 begun, 0 declined, -1 error); fp_end_section ends it;
+ * fp_log_set is a journaled store; fp_guards_hold checks the keys that must
+ * be absent and present; fp_pinned says whether a view pins block b. */
+FP_INTERNAL int fp_begin_section(Ctl *c, int fd, int64_t epoch, int64_t *wseq);
+FP_INTERNAL int fp_end_section(Ctl *c, int fd, int64_t wseq);
+FP_INTERNAL void fp_log_set(Ctl *c, int64_t *p, int64_t v);
+FP_INTERNAL int fp_guards_hold(Ctl *c, PyObject *absent, PyObject *present);
+FP_INTERNAL int fp_pinned(Ctl *c, int64_t b);
 /* args: the arena's fd, the key's bytes and NUL, its hash, the epoch, the array */
 FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
+/* _fastpath_keys.c */
 /* args: the arena's fd, epoch and slot, the key's bytes and NUL, its hash, the
  * block, its value's nbytes, dtype text, shape and flags */
 FP_INTERNAL PyObject *fp_publish_impl(Ctl *c, PyObject *const *args);
