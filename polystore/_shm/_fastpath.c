@@ -248,6 +248,34 @@ quiet_arena(PyObject *arena, PyObject **got, int *busy)
     return 0;
 }
 
+/* impl(c, inner), inner being the arena's fd, epoch and slot followed by
+ * rest[0..n) (NULL for an argument not given), when no thread of this process
+ * is in the store (quiet_arena); `declined` otherwise. The entry point of
+ * every write in C. */
+static PyObject *
+call_quiet(Ctl *c, PyObject *arena, PyObject *(*impl)(Ctl *, PyObject *const *),
+           PyObject *const *rest, int n, PyObject *declined)
+{
+    PyObject *got[5];
+    int busy;
+    if (quiet_arena(arena, got, &busy) < 0)
+        return NULL;
+    PyObject *r;
+    if (busy) {
+        r = Py_NewRef(declined);
+    } else {
+        PyObject *inner[12] = {got[0], got[1], got[2]};
+        for (int j = 0; j < n && j < 9; j++)
+            inner[3 + j] = rest[j];
+        r = impl(c, inner);
+    }
+    drop(got, 5);
+    return r;
+}
+
+/* args[i] if given, else NULL */
+#define OPTIONAL(i) (nargs > (i) ? args[i] : NULL)
+
 static PyObject *
 ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -259,22 +287,9 @@ ctl_put_small(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
     PyObject *parts = key_parts(args[1], c->f[F_E_DTYPE] - c->f[F_E_KEY] - 1);
     if (parts == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_False);
-    PyObject *got[5];
-    int busy;
-    if (quiet_arena(args[0], got, &busy) < 0) {
-        Py_DECREF(parts);
-        return NULL;
-    }
-    PyObject *r;
-    if (busy) {
-        r = Py_NewRef(Py_False);
-    } else {
-        PyObject *inner[7] = {got[0], PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2),
-                              got[1], args[2], nargs > 3 ? args[3] : NULL,
-                              nargs > 4 ? args[4] : NULL};
-        r = fp_put_impl(c, inner);
-    }
-    drop(got, 5);
+    PyObject *rest[5] = {PyTuple_GET_ITEM(parts, 1), PyTuple_GET_ITEM(parts, 2), args[2],
+                         OPTIONAL(3), OPTIONAL(4)};
+    PyObject *r = call_quiet(c, args[0], fp_put_impl, rest, 5, Py_False);
     Py_DECREF(parts);
     return r;
 }
@@ -288,21 +303,9 @@ ctl_publish(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
                         "and perhaps the key parts that must be absent and present");
         return NULL;
     }
-    PyObject *got[5];
-    int busy;
-    if (quiet_arena(args[0], got, &busy) < 0)
-        return NULL;
-    PyObject *r;
-    if (busy) {
-        r = Py_NewRef(Py_False);
-    } else {
-        PyObject *inner[12] = {got[0], got[1], got[2], args[1], args[2], args[3], args[4],
-                               args[5], args[6], args[7],
-                               nargs > 8 ? args[8] : NULL, nargs > 9 ? args[9] : NULL};
-        r = fp_publish_impl(c, inner);
-    }
-    drop(got, 5);
-    return r;
+    PyObject *rest[9] = {args[1], args[2], args[3], args[4], args[5], args[6], args[7],
+                         OPTIONAL(8), OPTIONAL(9)};
+    return call_quiet(c, args[0], fp_publish_impl, rest, 9, Py_False);
 }
 
 static PyObject *
@@ -314,23 +317,16 @@ ctl_take(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "take(): the block goes into a list");
         return NULL;
     }
-    PyObject *got[5];
-    int busy;
-    if (quiet_arena(args[0], got, &busy) < 0)
+    PyObject *none_taken = PyLong_FromLong(-1);
+    if (none_taken == NULL)
         return NULL;
-    PyObject *r;
-    if (busy) {
-        r = PyLong_FromLong(-1);
-    } else {
-        PyObject *inner[4] = {got[0], got[1], got[2], args[1]};
-        r = fp_take_impl(c, inner);
-        /* The block is this process's from here: into the caller's list in this
-         * same call, so that an exception (a signal handler's) before the
-         * caller sees the result cannot lose it (write.take). */
-        if (r != NULL && PyLong_AsLongLong(r) >= 0 && PyList_Append(args[2], r) < 0)
-            Py_CLEAR(r);
-    }
-    drop(got, 5);
+    PyObject *r = call_quiet(c, args[0], fp_take_impl, &args[1], 1, none_taken);
+    Py_DECREF(none_taken);
+    /* The block is this process's from here: into the caller's list in this
+     * same call, so that an exception (a signal handler's) before the caller
+     * sees the result cannot lose it (write.take). */
+    if (r != NULL && PyLong_AsLongLong(r) >= 0 && PyList_Append(args[2], r) < 0)
+        Py_CLEAR(r);
     return r;
 }
 
@@ -342,21 +338,11 @@ ctl_remove(Ctl *c, PyObject *const *args, Py_ssize_t nargs)
                         "its hash, and perhaps its companion's");
         return NULL;
     }
-    PyObject *got[5];
-    int busy;
-    if (quiet_arena(args[0], got, &busy) < 0)
-        return NULL;
-    PyObject *r;
-    if (busy) {
-        r = Py_NewRef(Py_None);
-    } else {
-        PyObject *inner[6] = {got[0], got[1], args[1], args[2],
-                              nargs == 5 ? args[3] : NULL, nargs == 5 ? args[4] : NULL};
-        r = fp_remove_impl(c, inner);
-    }
-    drop(got, 5);
-    return r;
+    PyObject *rest[4] = {args[1], args[2], OPTIONAL(3), OPTIONAL(4)};
+    return call_quiet(c, args[0], fp_remove_impl, rest, 4, Py_None);
 }
+
+#undef OPTIONAL
 
 /* -- the type and the module ------------------------------------------------- */
 

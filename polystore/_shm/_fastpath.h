@@ -84,6 +84,19 @@ ctl_live(Ctl *c)
     return 1;
 }
 
+/* ctl_live, and Ctl.bind() called (the arena's dicts are at hand). */
+static inline int
+ctl_bound(Ctl *c)
+{
+    if (!ctl_live(c))
+        return 0;
+    if (c->meta == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
+        return 0;
+    }
+    return 1;
+}
+
 static inline int
 key_ok(Ctl *c, Py_ssize_t n)
 {
@@ -146,7 +159,12 @@ FP_INTERNAL int fp_end_section(Ctl *c, int fd, int64_t wseq);
 FP_INTERNAL void fp_log_set(Ctl *c, int64_t *p, int64_t v);
 FP_INTERNAL int fp_guards_hold(Ctl *c, PyObject *absent, PyObject *present);
 FP_INTERNAL int fp_pinned(Ctl *c, int64_t b);
-/* args: the arena's fd, the key's bytes and NUL, its hash, the epoch, the array */
+/* *hash from a key's bytes and NUL and its hash as key_parts makes them: 1, or
+ * 0 if they are not those of a key an entry can hold. */
+FP_INTERNAL int fp_parse_key(Ctl *c, PyObject *kbz, PyObject *hash_obj, int64_t *hash);
+/* The write entry points' args start with the arena's fd, epoch and slot. */
+/* args: fd, epoch, slot, the key's bytes and NUL, its hash, the array, and the
+ * key parts that must be absent and present (or NULL) */
 FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
 /* _fastpath_keys.c */
 /* args: the arena's fd, epoch and slot, the key's bytes and NUL, its hash, the
@@ -154,8 +172,8 @@ FP_INTERNAL PyObject *fp_put_impl(Ctl *c, PyObject *const *args);
 FP_INTERNAL PyObject *fp_publish_impl(Ctl *c, PyObject *const *args);
 /* args: the arena's fd, epoch and slot, the size class */
 FP_INTERNAL PyObject *fp_take_impl(Ctl *c, PyObject *const *args);
-/* args: the arena's fd and epoch, a key's bytes and NUL and its hash, and
- * its companion's (or NULL, NULL) */
+/* args: fd, epoch, slot, a key's bytes and NUL and its hash, and its
+ * companion's (or NULL, NULL) */
 FP_INTERNAL PyObject *fp_remove_impl(Ctl *c, PyObject *const *args);
 
 /* _fastpath_lock.c: the store's locks taken and dropped in one C call each */

@@ -349,50 +349,31 @@ remove_all_locked(Ctl *c, Doomed *d, int n)
     return 1;
 }
 
-/* The key's parts (bytes and NUL, hash) from two arguments: 1, or 0 if they
- * are not of a valid key. */
-static int
-parse_key(Ctl *c, PyObject *kbz, PyObject *hash_obj, int64_t *hash)
-{
-    if (!PyBytes_Check(kbz) || !PyLong_Check(hash_obj) || !key_ok(c, PyBytes_GET_SIZE(kbz)))
-        return 0;
-    *hash = PyLong_AsLongLong(hash_obj);
-    if (*hash < 0 || *hash > 0x7FFFFFFF) {
-        PyErr_Clear();
-        return 0;
-    }
-    return 1;
-}
-
 FP_INTERNAL PyObject *
 fp_remove_impl(Ctl *c, PyObject *const *args)
 {
-    if (c->meta == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
-        return NULL;
-    }
-    if (!ctl_live(c))
+    if (!ctl_bound(c))
         return NULL;
     int fd = PyLong_AsLong(args[0]);
     int64_t epoch = PyLong_AsLongLong(args[1]);
     if (PyErr_Occurred())
         return NULL;
+    PyObject *kbz = args[3], *ckbz = args[5];
     int64_t hash, chash = 0;
-    int with_companion = args[4] != NULL;
-    if (fd < 0 || !parse_key(c, args[2], args[3], &hash)
-            || (with_companion && !parse_key(c, args[4], args[5], &chash)))
+    if (fd < 0 || !fp_parse_key(c, kbz, args[4], &hash)
+            || (ckbz != NULL && !fp_parse_key(c, ckbz, args[6], &chash)))
         Py_RETURN_NONE;
     int64_t wseq;
     int begun = fp_begin_section(c, fd, epoch, &wseq);
     if (begun <= 0)
         return begun < 0 ? NULL : Py_NewRef(Py_None);
     int done = 0;  /* 1 removed, 2 absent, 0 declined, -1 left for a rollback */
-    int64_t e = fp_find(c, PyBytes_AS_STRING(args[2]), PyBytes_GET_SIZE(args[2]), hash);
+    int64_t e = fp_find(c, PyBytes_AS_STRING(kbz), PyBytes_GET_SIZE(kbz), hash);
     int64_t ce = -1;
     if (e == -1) {
         done = 2;
-    } else if (e >= 0 && with_companion) {
-        ce = fp_find(c, PyBytes_AS_STRING(args[4]), PyBytes_GET_SIZE(args[4]), chash);
+    } else if (e >= 0 && ckbz != NULL) {
+        ce = fp_find(c, PyBytes_AS_STRING(ckbz), PyBytes_GET_SIZE(ckbz), chash);
     }
     Doomed d[2];
     if (e >= 0 && ce != -2 && ce != e && check_doomed(c, e, hash, &d[0])

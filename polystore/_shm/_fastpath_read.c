@@ -130,12 +130,8 @@ lookup_and_pin(Ctl *c, PyObject *const *args, Found *out)
         PyErr_SetString(PyExc_TypeError, "kbz must be bytes");
         return FAILED;
     }
-    if (!ctl_live(c))
+    if (!ctl_bound(c))
         return FAILED;
-    if (c->meta == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
-        return FAILED;
-    }
     const char *kbz = PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
     int64_t hash = PyLong_AsLongLong(args[1]);

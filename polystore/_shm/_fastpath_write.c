@@ -136,6 +136,19 @@ fp_begin_section(Ctl *c, int fd, int64_t epoch, int64_t *wseq)
  * directories there, no file in their place), since C installs only when
  * there is nothing to do for them, checked in the same section. */
 FP_INTERNAL int
+fp_parse_key(Ctl *c, PyObject *kbz, PyObject *hash_obj, int64_t *hash)
+{
+    if (!PyBytes_Check(kbz) || !PyLong_Check(hash_obj) || !key_ok(c, PyBytes_GET_SIZE(kbz)))
+        return 0;
+    *hash = PyLong_AsLongLong(hash_obj);
+    if (*hash < 0 || *hash > 0x7FFFFFFF) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+FP_INTERNAL int
 fp_guards_hold(Ctl *c, PyObject *absent, PyObject *present)
 {
     PyObject *lists[2] = {absent, present};
@@ -149,18 +162,11 @@ fp_guards_hold(Ctl *c, PyObject *absent, PyObject *present)
             PyObject *parts = PyTuple_GET_ITEM(keys, j);
             if (!PyTuple_Check(parts) || PyTuple_GET_SIZE(parts) != 3)
                 return 0;
-            PyObject *kbz = PyTuple_GET_ITEM(parts, 1), *h = PyTuple_GET_ITEM(parts, 2);
-            if (!PyBytes_Check(kbz) || !PyLong_Check(h))
+            PyObject *kbz = PyTuple_GET_ITEM(parts, 1);
+            int64_t hash;
+            if (!fp_parse_key(c, kbz, PyTuple_GET_ITEM(parts, 2), &hash))
                 return 0;
-            int64_t hash = PyLong_AsLongLong(h);
-            if (hash < 0 || hash > 0x7FFFFFFF) {
-                PyErr_Clear();
-                return 0;
-            }
-            Py_ssize_t n = PyBytes_GET_SIZE(kbz);
-            if (!key_ok(c, n))
-                return 0;
-            int64_t e = fp_find(c, PyBytes_AS_STRING(kbz), n, hash);
+            int64_t e = fp_find(c, PyBytes_AS_STRING(kbz), PyBytes_GET_SIZE(kbz), hash);
             if (e == -2 || (e >= 0) != want)
                 return 0;
         }
@@ -280,33 +286,29 @@ swap_locked(Ctl *c, int64_t e, Py_buffer *src, PyObject *dtype, PyObject *meta,
 FP_INTERNAL PyObject *
 fp_put_impl(Ctl *c, PyObject *const *args)
 {
-    if (!PyBytes_Check(args[1])) {
+    if (!PyBytes_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError, "kbz must be bytes");
         return NULL;
     }
-    if (c->meta == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Ctl.bind() was not called");
-        return NULL;
-    }
-    if (!ctl_live(c))
+    if (!ctl_bound(c))
         return NULL;
     int fd = PyLong_AsLong(args[0]);
-    const char *kbz = PyBytes_AS_STRING(args[1]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
-    int64_t hash = PyLong_AsLongLong(args[2]);
-    int64_t epoch = PyLong_AsLongLong(args[3]);
+    int64_t epoch = PyLong_AsLongLong(args[1]);
+    const char *kbz = PyBytes_AS_STRING(args[3]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[3]);
+    int64_t hash = PyLong_AsLongLong(args[4]);
     if (PyErr_Occurred())
         return NULL;
     if (fd < 0 || !key_ok(c, n))
         Py_RETURN_FALSE;
-    PyObject *dtype = PyObject_GetAttr(args[4], fp_str_dtype);
+    PyObject *dtype = PyObject_GetAttr(args[5], fp_str_dtype);
     if (dtype == NULL) {
         PyErr_Clear();  /* not an array: the Python path converts it */
         Py_RETURN_FALSE;
     }
     Py_buffer src;
     /* C_CONTIGUOUS asks for the shape too, so no tuple is made for it */
-    if (PyObject_GetBuffer(args[4], &src, PyBUF_C_CONTIGUOUS) < 0) {
+    if (PyObject_GetBuffer(args[5], &src, PyBUF_C_CONTIGUOUS) < 0) {
         PyErr_Clear();
         Py_DECREF(dtype);
         Py_RETURN_FALSE;
@@ -322,7 +324,7 @@ fp_put_impl(Ctl *c, PyObject *const *args)
     int done = begun;
     if (begun > 0) {
         int64_t e = fp_find(c, kbz, n, hash);
-        done = e >= 0 && fp_guards_hold(c, args[5], args[6])
+        done = e >= 0 && fp_guards_hold(c, args[6], args[7])
                    ? swap_locked(c, e, &src, dtype, c->meta, c->rw_maps) : 0;
         /* an error of the copy stays set through the unlock */
         if (fp_end_section(c, fd, wseq) < 0 && done >= 0)
