@@ -300,21 +300,12 @@ class SharedMemoryBackend(MemoryBackend):
     ) -> contextlib.AbstractContextManager[Any]:
         # MemoryBackend's, without its generator: every file is made in
         # place here, and the store's block is the context manager itself.
-        # Each line of it runs with the caches cold after the last array a
-        # pipeline wrote, so the checks are inlined rather than called (the
-        # create_array rows of benchmarks/pipeline_breakdown.py).
+        # It runs with the caches cold after the last array a pipeline wrote
+        # (the create_array rows of benchmarks/pipeline_breakdown.py).
         text = as_str(path)
         spec = array_spec(shape, dtype, order)
         vpath = virtual(text)
-        # MemoryBackend._check_new_file, with the store's lookups called directly
-        has = self._shm.__contains__
-        if vpath == "/" or (not has(vpath) and has(vpath + "/")):
-            raise os_error(IsADirectoryError, text)
-        if not overwrite and has(vpath):
-            raise os_error(FileExistsError, text)
-        for parent in virtual_parents(vpath):  # (a file there: no directory can be under it)
-            if has(parent):
-                raise os_error(NotADirectoryError, vpath, f"{parent!r} is a file")
+        self._check_new_file(text, overwrite, vpath)
         fmt = self.formats.for_path(text)
         if (kwargs and set(kwargs) != {"timeout"}) or type(fmt) is not NpyFormat:
             return super().create_array(
